@@ -1,0 +1,61 @@
+# igpt — two commands set everything up on a fresh machine:
+#   make demo   train the default model if missing, then open the completion demo
+#   make test   install what the tests need (incl. Debian's Chromium when root) and run them all
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/pip install --quiet -c requirements/constraints.txt
+RUNS   ?= runs
+DEFAULT_RUN := digits
+
+.PHONY: demo test dashboard notebooks bench install install-dev browser default-run clean help
+
+help:
+	@echo "make demo        train the default digits model if missing (~2 min on CPU), open http://127.0.0.1:7860"
+	@echo "make test        run the whole test suite (installs dev tools and Chromium first)"
+	@echo "make dashboard   open the probe dashboard on http://127.0.0.1:8501"
+	@echo "make notebooks   open JupyterLab on the teaching notebooks"
+	@echo "make bench       run the side-by-side benchmarks against Hugging Face (prints JSON)"
+
+# torch first, pinned to the CPU build; then the package with its extras, all from the constraints file.
+$(VENV)/.installed-base: pyproject.toml requirements/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) torch
+	$(PIP) -e ".[apps,notebooks]"
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed-base
+	$(PIP) -e ".[apps,notebooks,dev]"
+	touch $@
+
+install: $(VENV)/.installed-base
+install-dev: $(VENV)/.installed-dev
+
+# Browser tests drive Debian's Chromium (Playwright cannot download browsers here).
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "browser tests need /usr/bin/chromium: sudo apt-get install chromium"; exit 1; fi; fi
+
+default-run: $(VENV)/.installed-base
+	$(BIN)/igpt train --runs-dir $(RUNS) --dataset digits --preset tiny --colors 16 --steps 300 \
+	  --name $(DEFAULT_RUN) --skip-existing
+
+demo: default-run
+	$(BIN)/igpt demo --runs-dir $(RUNS)
+
+dashboard: default-run
+	$(BIN)/igpt dashboard --runs-dir $(RUNS)
+
+notebooks: $(VENV)/.installed-base
+	$(BIN)/jupyter lab notebooks $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
+
+test: $(VENV)/.installed-dev browser
+	$(BIN)/python -m pytest
+
+bench: $(VENV)/.installed-dev
+	@for script in benchmarks/*.py; do echo "== $$script"; OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python $$script || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache

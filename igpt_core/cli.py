@@ -1,0 +1,342 @@
+"""`igpt`: one command, with sub-commands for every step of the method. `igpt SUBCOMMAND --help` explains each.
+
+Errors caused by input are printed as one line (`error: ...`) with exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from .errors import IgptError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _runs_dir(args) -> Path:
+    from .runs import default_runs_dir
+
+    return Path(args.runs_dir) if args.runs_dir else default_runs_dir()
+
+
+def _emit(args, result: dict, text: str) -> None:
+    print(json.dumps(result, indent=2, default=str) if getattr(args, "json", False) else text)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+# -- train / runs / data ----------------------------------------------------------------------------
+
+
+def cmd_train(args) -> None:
+    from .runs import open_run
+    from .train import TrainConfig, check_resume, start_run, train
+
+    overrides = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except ValueError:
+            raise IgptError(f"--set {item!r}: the value must be a number, true/false or a quoted string") from None
+    tc = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None})
+    name = args.name or f"{args.dataset.replace(':', '-').replace('/', '-').strip('-')}-{args.preset}-{args.objective}"
+    runs_dir = _runs_dir(args)
+    if args.skip_existing and (runs_dir / name / "run.json").exists() and open_run(name, runs_dir).checkpoints():
+        run = open_run(name, runs_dir)
+        if tc.steps in run.checkpoints():
+            _emit(args, run.summary(), f"run {name!r} is already trained ({run.path}); nothing to do")
+            return
+    if args.resume:
+        run = open_run(name, runs_dir)
+        check_resume(run, args.dataset, args.preset, args.objective, args.colors, tc, overrides)
+    else:
+        if not args.json:
+            print(f"fitting a {args.colors}-colour palette on {args.dataset} and creating run {name!r} ...", file=sys.stderr)
+        run = start_run(name, args.dataset, args.preset, args.objective, args.colors, args.resolution, tc,
+                        overrides, runs_dir, args.data_dir, overwrite=args.overwrite)
+    try:
+        summary = train(run, resume=args.resume, progress=not args.json, data_dir=args.data_dir)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: state saved; continue with the same command plus --resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    base = summary["unigram_val_loss"]
+    text = (f"trained {run.name!r} in {summary['seconds']:.0f} s ({summary['tokens_per_second']:,.0f} tokens/s)\n"
+            f"  validation: {summary['val_loss']:.3f} nats/token = {summary['val_bpd']:.3f} bits/dim "
+            f"(colour-frequency baseline {base:.3f} nats/token)\n"
+            f"  checkpoints at steps {summary['checkpoints']}\n  run folder: {run.path}")
+    _emit(args, summary, text)
+
+
+def cmd_runs(args) -> None:
+    from .runs import list_runs
+
+    rows = []
+    for run in list_runs(_runs_dir(args)):
+        try:
+            rows.append(run.summary())
+        except IgptError as err:
+            rows.append({"name": run.name, "error": str(err)})
+    if args.json:
+        _emit(args, rows, "")
+        return
+    if not rows:
+        print(f"no runs under {_runs_dir(args)}/ — make one with `igpt train --dataset digits --preset tiny`")
+        return
+    header = f"{'name':24} {'dataset':14} {'objective':9} {'preset':6} {'res':>4} {'steps':>6} {'best val bits/dim':>17}"
+    print(header)
+    for r in rows:
+        if "error" in r:
+            print(f"{r['name']:24} (unreadable: {r['error']})")
+            continue
+        bpd = "-" if r["best_val_bpd"] is None else f"{r['best_val_bpd']:.3f}"
+        print(f"{r['name']:24} {str(r['dataset'])[:14]:14} {r['objective']:9} {str(r['preset']):6} "
+              f"{r['resolution']:>4} {r['steps']:>6} {bpd:>17}")
+
+
+def cmd_data(args) -> None:
+    import numpy as np
+
+    from .data import load_dataset
+    from .render import grid, save_png
+
+    data = load_dataset(args.dataset, args.split, data_dir=args.data_dir, download=args.download)
+    out = Path(args.out or f"{args.dataset.replace(':', '-').replace('/', '-')}-{args.split}.png")
+    picks = np.random.default_rng(0).choice(len(data), size=min(32, len(data)), replace=False)
+    save_png(grid([list(data.images[picks[i : i + 8]]) for i in range(0, len(picks), 8)]), out)
+    counts = None
+    if data.labels is not None:
+        counts = {data.classes[c]: int(n) for c, n in zip(*np.unique(data.labels, return_counts=True))}
+    result = {"dataset": args.dataset, "split": args.split, "images": len(data), "resolution": data.resolution,
+              "labelled": data.labels is not None, "classes": data.classes, "class_counts": counts, "examples_png": str(out)}
+    labels = f"{len(data.classes)} classes: {', '.join(data.classes[:12])}{' ...' if len(data.classes) > 12 else ''}" \
+        if data.classes else "unlabelled"
+    _emit(args, result, f"{args.dataset} [{args.split}]: {len(data)} images, {data.resolution}×{data.resolution}, "
+                        f"{labels}\nexamples: {out}")
+
+
+# -- sampling and likelihood ------------------------------------------------------------------------
+
+
+def _load(args):
+    from .runs import open_run
+    from .train import pick_device
+
+    run = open_run(args.run, _runs_dir(args))
+    model, palette, _ = run.load(args.step, device=pick_device(args.device))
+    return run, model, palette
+
+
+def cmd_sample(args) -> None:
+    from .images import load_image, resize
+    from .render import completion_grid, grid, hide_rows, save_png
+    from .sample import complete, unconditional
+
+    run, model, palette = _load(args)
+    size = model.config.image_size
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    out = Path(args.out)
+    if args.unconditional:
+        ids = unconditional(model, args.n, **options)
+        save_png(grid([list(palette.decode(ids, size))]), out)
+        _emit(args, {"run": run.name, "samples": args.n, "out": str(out)}, f"{args.n} samples -> {out}")
+        return
+    if not args.image:
+        raise IgptError("give --image PATH to complete (or --unconditional for samples from nothing)")
+    keep = size // 2 if args.keep_rows is None else args.keep_rows
+    resized = resize(load_image(args.image), size)
+    ids = palette.encode(resized[None], size)[0]
+    seen = palette.decode(ids[None], size)[0]  # what the model sees: the palette's colours
+    samples = palette.decode(complete(model, ids, keep, args.n, **options), size)
+    save_png(completion_grid(resized, seen, hide_rows(seen, keep), samples), out)
+    _emit(args, {"run": run.name, "keep_rows": keep, "samples": args.n, "out": str(out)},
+          f"{args.n} completions of {args.image} from its first {keep} of {size} rows -> {out}")
+
+
+def cmd_score(args) -> None:
+    import torch
+
+    from .data import load_dataset
+    from .likelihood import score
+
+    run, model, palette = _load(args)
+    size = model.config.image_size
+    data = load_dataset(args.dataset or run.info["dataset"], args.split, data_dir=args.data_dir, resolution=size)
+    images = data.images[: args.limit] if args.limit else data.images
+    result = score(model, torch.from_numpy(palette.encode(images, size)))
+    result.update(run=run.name, dataset=data.name, split=args.split)
+    _emit(args, result, f"{run.name} on {data.name} [{args.split}], {result['images']} images: "
+                        f"{result['nats_per_token']:.4f} nats/token = {result['bits_per_dim']:.4f} bits/dim "
+                        f"({result['bits_per_subpixel']:.4f} per RGB sub-pixel)\nnote: {result['note']}")
+
+
+def cmd_surprise(args) -> None:
+    import numpy as np
+
+    from .images import load_image
+    from .likelihood import surprise_map
+    from .render import grid, heatmap, save_png
+
+    run, model, palette = _load(args)
+    size = model.config.image_size
+    ids = palette.encode(load_image(args.image)[None], size)
+    nll = surprise_map(model, ids[0])
+    save_png(grid([[palette.decode(ids, size)[0], heatmap(nll)]], labels=["model's view", "surprise (nats)"]), args.out)
+    worst = np.unravel_index(nll.argmax(), nll.shape)
+    _emit(args, {"run": run.name, "mean_nats": float(nll.mean()), "max_nats": float(nll.max()),
+                 "most_surprising_pixel": [int(worst[0]), int(worst[1])], "out": args.out, "nll": nll.tolist()},
+          f"mean {nll.mean():.3f} nats/pixel, most surprising pixel (row {worst[0]}, col {worst[1]}) at "
+          f"{nll.max():.2f} nats -> {args.out}")
+
+
+# -- apps -------------------------------------------------------------------------------------------
+
+
+def _app(args, script: Path, command: list[str]) -> None:
+    """Run an app from the source checkout with this runs folder; apps are not part of igpt_core."""
+    if not script.exists():
+        raise IgptError(f"{script} not found: the apps ship with the source checkout; run from a clone of igpt")
+    env = dict(os.environ, IGPT_RUNS_DIR=str(_runs_dir(args).resolve()))
+    raise SystemExit(subprocess.call(command, env=env))
+
+
+def cmd_demo(args) -> None:
+    script = REPO / "apps" / "demo.py"
+    _app(args, script, [sys.executable, str(script), "--port", str(args.port), "--host", args.host])
+
+
+def cmd_dashboard(args) -> None:
+    script = REPO / "apps" / "dashboard.py"
+    _app(args, script, [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(args.port),
+                        "--server.address", args.host, "--server.headless", "true",
+                        "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"])
+
+
+# -- the parser -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data import DATASETS
+    from .model import PRESETS
+    from .train import TrainConfig
+
+    parser = argparse.ArgumentParser(
+        prog="igpt", description="Image GPT explorer: train iGPT on pixels, complete images, probe what the layers know.",
+        epilog="Runs live under ./runs (or --runs-dir, or $IGPT_RUNS_DIR). `igpt COMMAND --help` explains each command.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, func, help_text, description=None):
+        p = sub.add_parser(name, help=help_text, description=description or help_text)
+        p.add_argument("--runs-dir", help="folder holding the runs (default: $IGPT_RUNS_DIR or ./runs)")
+        p.set_defaults(func=func)
+        return p
+
+    def model_options(p):
+        p.add_argument("run", help="run name (see `igpt runs`)")
+        p.add_argument("--step", type=int, help="checkpoint step (default: the last)")
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    def sampling_options(p):
+        p.add_argument("-n", type=int, default=4, help="number of samples, in one batch (default 4)")
+        p.add_argument("--temperature", type=float, default=1.0, help="> 0; lower is more conservative (default 1)")
+        p.add_argument("--top-k", type=int, help="sample only from the k most likely colours")
+        p.add_argument("--top-p", type=float, help="nucleus sampling: smallest set of colours with this probability mass")
+        p.add_argument("--seed", type=int, default=0, help="same seed, same output (default 0)")
+
+    datasets = ", ".join(DATASETS)
+    d = TrainConfig()
+    p = command("train", cmd_train, "train an iGPT model on a dataset (creates or resumes a run)",
+                "Fit a palette on the training images, then train with AdamW (0.9, 0.95), warm-up and cosine decay. "
+                "Checkpoints are kept at log-spaced steps so that probes can follow training. "
+                "Launch with torchrun for several processes or GPUs.")
+    p.add_argument("--dataset", default="digits", help=f"one of: {datasets} (default digits)")
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model size (default tiny)")
+    p.add_argument("--objective", default="ar", choices=["ar", "bert"], help="autoregressive or BERT (default ar)")
+    p.add_argument("--name", help="run name (default DATASET-PRESET-OBJECTIVE)")
+    p.add_argument("--colors", type=int, default=16, help="palette size k (the paper: 512; default 16)")
+    p.add_argument("--resolution", type=int, help="image side to train at (default: the dataset's own)")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"global batch (default {d.batch_size})")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-steps per optimizer step (default 1)")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    p.add_argument("--warmup", type=float, default=d.warmup, help=f"warm-up fraction of steps (default {d.warmup})")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default 0)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help=f"steps between val losses (default {d.eval_every})")
+    p.add_argument("--checkpoints", type=_int_list, help="comma-separated steps to keep (default: ~6 log-spaced)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for palette, splits, init, batches (default 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default auto)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPUs)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="trade compute for memory (large presets)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a model setting, e.g. --set n_layer=2 --set n_embd=64 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last saved state")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
+    p.add_argument("--skip-existing", action="store_true", help="do nothing if the run already finished these steps")
+    p.add_argument("--data-dir", help="where dataset files live (default $IGPT_DATA_DIR or ./data)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bar)")
+
+    p = command("runs", cmd_runs, "list runs with dataset, objective, preset, steps and best val bits/dim")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+
+    p = command("data", cmd_data, "show a dataset: size, resolution, labels, and a PNG grid of examples")
+    p.add_argument("dataset", help=f"one of: {datasets}")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"])
+    p.add_argument("--out", help="PNG to write (default DATASET-SPLIT.png)")
+    p.add_argument("--data-dir", help="where dataset files live (default $IGPT_DATA_DIR or ./data)")
+    p.add_argument("--download", action="store_true", help="download CIFAR/MNIST files if missing (needs a network)")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+
+    p = command("sample", cmd_sample, "complete an image from its top rows, or sample unconditionally",
+                "Writes a grid: original, the model's view (resized, quantised), the kept rows, and N completions.")
+    model_options(p)
+    sampling_options(p)
+    p.add_argument("--image", help="image file to complete")
+    p.add_argument("--keep-rows", type=int, help="rows to keep from the top (default: half)")
+    p.add_argument("--unconditional", action="store_true", help="sample from nothing")
+    p.add_argument("--out", default="samples.png", help="PNG to write (default samples.png)")
+
+    p = command("score", cmd_score, "likelihood of a dataset split in nats/token and bits/dim")
+    model_options(p)
+    p.add_argument("--dataset", help="dataset (default: the run's own)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--limit", type=int, help="score only the first N images")
+    p.add_argument("--data-dir", help="where dataset files live")
+
+    p = command("surprise", cmd_surprise, "per-pixel surprise (negative log-likelihood) of an image, as a picture")
+    model_options(p)
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--out", default="surprise.png", help="PNG to write (default surprise.png)")
+
+    p = command("demo", cmd_demo, "open the browser completion demo (Gradio) on http://127.0.0.1:7860")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+
+    p = command("dashboard", cmd_dashboard, "open the probe dashboard (Streamlit) on http://127.0.0.1:8501")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--host", default="127.0.0.1")
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except IgptError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Errors a user can act on.
+
+Every failure caused by input (a file, a name, a flag) is raised as an `IgptError` whose message says
+what was wrong and what to do. The CLI prints that message alone; the apps show it in the page.
+Anything else escaping is a bug in igpt.
+"""
+
+
+class IgptError(Exception):
+    """Base class: the message is meant for the user, complete and without a traceback."""
+
+
+class ImageError(IgptError):
+    """An image file or array that cannot be used."""
+
+
+class DatasetError(IgptError):
+    """An unknown dataset name, or dataset files that are missing or malformed."""
+
+
+class CheckpointError(IgptError):
+    """A checkpoint that is missing, truncated, corrupted, foreign, or does not fit the model."""
+
+
+class RunError(IgptError):
+    """A run that does not exist, or whose folder is incomplete."""
+
+
+class ConfigError(IgptError):
+    """An unknown preset, a bad override, or a resume whose config differs from the run's."""

@@ -1,0 +1,144 @@
+"""The colour palette: k colours found by k-means, and the image <-> palette-id mapping.
+
+iGPT cannot afford one token per RGB sub-pixel, so each pixel becomes the id of its nearest palette
+colour (the paper's "9-bit palette" has k = 512). Colours are kept the way OpenAI and Hugging Face
+keep them: a (k, 3) float array in [-1, 1], pixel = x / 127.5 - 1, back to RGB by rint(127.5 (c + 1)).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import IgptError
+
+
+class Palette:
+    """k colours in [-1, 1]; `quantize` maps uint8 RGB to ids, `dequantize` maps ids back."""
+
+    def __init__(self, clusters):
+        clusters = np.asarray(clusters, dtype=np.float32)
+        if clusters.ndim != 2 or clusters.shape[1] != 3 or len(clusters) < 2:
+            raise IgptError(f"a palette needs a (k, 3) array of colours with k >= 2, got shape {clusters.shape}")
+        if not np.isfinite(clusters).all():
+            raise IgptError("the palette holds non-finite colours; re-fit it")
+        self.clusters = clusters
+        self._table = None  # nearest-colour id per packed 24-bit RGB value, filled as colours are seen
+
+    def __len__(self) -> int:
+        return len(self.clusters)
+
+    def __repr__(self) -> str:
+        return f"Palette({len(self)} colours)"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Palette) and np.array_equal(self.clusters, other.clusters)
+
+    @property
+    def colors(self) -> np.ndarray:
+        """The palette as uint8 RGB, (k, 3)."""
+        return np.clip(np.rint(127.5 * (self.clusters.astype(np.float64) + 1.0)), 0, 255).astype(np.uint8)
+
+    # -- fitting -----------------------------------------------------------------------------------
+
+    @classmethod
+    def fit(cls, images: np.ndarray, k: int = 512, *, max_pixels: int = 200_000, seed: int = 0) -> Palette:
+        """k-means over (a random sample of) the RGB pixels of uint8 images (..., 3).
+
+        If the images hold k or fewer distinct colours, those colours are the palette (k-means
+        would only re-find them) and the palette is padded with unused copies of the last colour.
+        """
+        from sklearn.cluster import KMeans  # imported here: fitting is rare, import is slow
+
+        pixels = np.asarray(images, dtype=np.uint8).reshape(-1, 3)
+        rng = np.random.default_rng(seed)
+        if len(pixels) > max_pixels:
+            pixels = pixels[rng.choice(len(pixels), max_pixels, replace=False)]
+        unique = np.unique(pixels, axis=0)
+        if len(unique) <= k:
+            chosen = np.concatenate([unique, np.repeat(unique[-1:], k - len(unique), axis=0)])
+            return cls(chosen / 127.5 - 1.0)
+        kmeans = KMeans(n_clusters=k, n_init=1, random_state=seed, max_iter=100)
+        kmeans.fit(pixels.astype(np.float32) / 127.5 - 1.0)
+        # Sort by brightness so palettes print and plot in a sensible order.
+        centers = kmeans.cluster_centers_[np.argsort(kmeans.cluster_centers_.sum(axis=1), kind="stable")]
+        return cls(centers)
+
+    # -- mapping -----------------------------------------------------------------------------------
+
+    def quantize(self, images: np.ndarray) -> np.ndarray:
+        """uint8 RGB (..., 3) -> int64 palette ids (...): the nearest colour by squared distance.
+
+        A table over the packed 24-bit colour remembers the answer for every colour seen so far, so
+        a batch costs one vectorised lookup plus distances for its new colours only. Ties go to the
+        lower id, as with argmin in Hugging Face's processor.
+        """
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.shape[-1:] != (3,):
+            raise IgptError(f"quantize takes uint8 RGB arrays (..., 3), got {images.dtype} {images.shape}")
+        packed = (images[..., 0].astype(np.int32) << 16) | (images[..., 1].astype(np.int32) << 8) | images[..., 2]
+        if self._table is None:
+            self._table = np.full(256**3, -1, dtype=np.int16)  # 32 MB; -1 = not computed yet
+        ids = self._table[packed]
+        if (ids < 0).any():
+            new = np.unique(packed[ids < 0])
+            self._table[new] = self._nearest(new)
+            ids = self._table[packed]
+        return ids.astype(np.int64)
+
+    def _nearest(self, packed: np.ndarray) -> np.ndarray:
+        """Nearest-colour ids of packed 24-bit colours, by exact distances in float64."""
+        rgb = np.stack([(packed >> 16) & 255, (packed >> 8) & 255, packed & 255], axis=1)
+        points = torch.from_numpy(rgb.astype(np.float64) / 127.5 - 1.0)
+        centers = torch.from_numpy(self.clusters.astype(np.float64))
+        center_norms = centers.square().sum(1)
+        out = []
+        for chunk in points.split(16384):
+            # |x - c|^2 = |x|^2 - 2 x.c + |c|^2; |x|^2 is the same for every c, so argmin skips it
+            out.append((center_norms[None] - 2 * chunk @ centers.T).argmin(dim=1))
+        return torch.cat(out).numpy().astype(np.int16)
+
+    def dequantize(self, ids) -> np.ndarray:
+        """Palette ids (...) -> uint8 RGB (..., 3)."""
+        ids = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
+            raise IgptError(f"palette ids must lie in 0..{len(self) - 1}, got {ids.min()}..{ids.max()}")
+        return self.colors[ids]
+
+    def encode(self, images: np.ndarray, size: int) -> np.ndarray:
+        """uint8 images (N, H, W, 3) -> ids (N, size²) in raster order, resizing as Hugging Face does."""
+        from .images import resize
+
+        images = resize(np.asarray(images), size)
+        return self.quantize(images).reshape(len(images), size * size)
+
+    def decode(self, ids, size: int) -> np.ndarray:
+        """ids (N, size²) -> uint8 images (N, size, size, 3)."""
+        return self.dequantize(ids).reshape(-1, size, size, 3)
+
+    # -- persistence -------------------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        return json.dumps({"clusters": self.clusters.tolist()})
+
+    @classmethod
+    def from_json(cls, text: str) -> Palette:
+        try:
+            return cls(json.loads(text)["clusters"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise IgptError(f"the palette data is not valid ({err}); re-create the run") from None
+
+    def save(self, path: str | Path) -> None:
+        from .runs import atomic_write_text
+
+        atomic_write_text(Path(path), self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Palette:
+        path = Path(path)
+        if not path.exists():
+            raise IgptError(f"no palette file at {path}")
+        return cls.from_json(path.read_text())

@@ -1,0 +1,275 @@
+"""Runs: one folder per trained (or imported) model, and the checkpoint files inside it.
+
+    runs/<name>/
+        run.json                       what the run is: dataset, objective, preset, configs
+        palette.json                   the colours (also inside every checkpoint)
+        checkpoints/step_0000300.safetensors   weights + model config + palette (self-contained)
+        metrics.jsonl                  one JSON object per line: train loss per step, val loss per eval
+        resume/                        last weights + optimizer state, for `igpt train --resume`
+        probes/, samples/, ...         written by later commands
+
+A checkpoint is a safetensors file (loading it cannot run code) whose metadata carries the model
+config and the palette, so a single file, or a run folder copied to another machine, loads alone.
+Every write goes to a temporary file that is renamed into place: a crash leaves the old file or
+the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from .errors import CheckpointError, IgptError, RunError
+from .model import IGPT, ModelConfig
+from .palette import Palette
+
+FORMAT = "igpt-checkpoint-1"
+RUN_FORMAT = 1
+_STEP_FILE = re.compile(r"step_(\d+)\.safetensors$")
+
+
+def default_runs_dir() -> Path:
+    """$IGPT_RUNS_DIR if set, else ./runs."""
+    return Path(os.environ.get("IGPT_RUNS_DIR", "runs"))
+
+
+# -- atomic writes ----------------------------------------------------------------------------------
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), then rename tmp_path onto path (same folder, so the rename is atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_write_json(path: Path, value) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, model: IGPT, palette: Palette, **info) -> None:
+    """Weights as safetensors; model config, palette and `info` (step, val loss, ...) as metadata."""
+    if len(palette) != model.config.n_colors:
+        raise CheckpointError(f"palette has {len(palette)} colours but the model predicts {model.config.n_colors}")
+    metadata = {
+        "format": FORMAT,
+        "model_config": json.dumps(model.config.to_dict()),
+        "palette": palette.to_json(),
+        "info": json.dumps(info),
+    }
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_checkpoint_metadata(path: Path) -> dict:
+    """The metadata of an igpt checkpoint, with clear errors for missing, corrupt or foreign files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            keys = list(f.keys())
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({err}); it may be truncated or corrupted — "
+            "copy it again or re-train"
+        ) from None
+    if metadata.get("format") != FORMAT:
+        hint = (
+            "it looks like a Hugging Face ImageGPT file: import its folder with `igpt import-hf DIR --name RUN`"
+            if any(k.startswith("transformer.") for k in keys)
+            else "igpt checkpoints are written by `igpt train` or `igpt import-hf`"
+        )
+        raise CheckpointError(f"{path} is a safetensors file but not an igpt checkpoint; {hint}")
+    return metadata
+
+
+def load_checkpoint(path: Path, device="cpu") -> tuple[IGPT, Palette, dict]:
+    """(model in eval mode, palette, info) from one checkpoint file."""
+    metadata = read_checkpoint_metadata(path)
+    try:
+        config = ModelConfig.from_dict(json.loads(metadata["model_config"]))
+        palette = Palette.from_json(metadata["palette"])
+        info = json.loads(metadata.get("info", "{}"))
+    except (KeyError, ValueError, IgptError) as err:
+        raise CheckpointError(f"{path} has damaged metadata ({err}); copy it again or re-train") from None
+    if len(palette) != config.n_colors:
+        raise CheckpointError(
+            f"{path}: its palette has {len(palette)} colours but its model predicts {config.n_colors}; "
+            "the file was assembled wrongly — re-export it"
+        )
+    model = IGPT(config)
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path} could not be read ({err}); it may be truncated — copy it again") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise CheckpointError(f"{path}: weights do not fit the model config in the file ({first})") from None
+    return model.to(device).eval(), palette, info
+
+
+# -- runs -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """A run folder. Cheap to create: reads run.json lazily."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def info(self) -> dict:
+        file = self.path / "run.json"
+        try:
+            return json.loads(file.read_text())
+        except FileNotFoundError:
+            raise RunError(f"run {self.name!r} has no run.json at {file}: it is incomplete; delete it and re-train") from None
+        except ValueError as err:
+            raise RunError(f"run {self.name!r}: run.json is damaged ({err}); delete the run and re-train") from None
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.info["model_config"])
+
+    @property
+    def palette(self) -> Palette:
+        return Palette.load(self.path / "palette.json")
+
+    def checkpoint_path(self, step: int) -> Path:
+        return self.path / "checkpoints" / f"step_{step:07d}.safetensors"
+
+    def checkpoints(self) -> list[int]:
+        """Steps that have a checkpoint, ascending."""
+        folder = self.path / "checkpoints"
+        if not folder.is_dir():
+            return []
+        return sorted(int(m.group(1)) for f in folder.iterdir() if (m := _STEP_FILE.match(f.name)))
+
+    def resolve_step(self, step: int | None) -> int:
+        steps = self.checkpoints()
+        if not steps:
+            raise RunError(f"run {self.name!r} has no checkpoints yet: train it with `igpt train --name {self.name}`")
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise RunError(f"run {self.name!r} has no checkpoint at step {step}; it has steps {steps}")
+        return step
+
+    def load(self, step: int | None = None, device="cpu") -> tuple[IGPT, Palette, dict]:
+        """The model at a checkpoint step (default: the last one)."""
+        return load_checkpoint(self.checkpoint_path(self.resolve_step(step)), device)
+
+    def metrics(self) -> list[dict]:
+        """The metrics log; a damaged last line (a crash mid-write) is skipped."""
+        file = self.path / "metrics.jsonl"
+        if not file.exists():
+            return []
+        rows = []
+        for line in file.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+        return rows
+
+    def val_losses(self) -> dict[int, float]:
+        """Validation loss (nats/token) by step."""
+        return {row["step"]: row["val_loss"] for row in self.metrics() if "val_loss" in row}
+
+    def summary(self) -> dict:
+        """One row for `igpt runs` and the apps' model pickers."""
+        info = self.info
+        val = self.val_losses()
+        best = min(val.values()) if val else None
+        config = info["model_config"]
+        return {
+            "name": self.name,
+            "dataset": info.get("dataset"),
+            "objective": config.get("objective"),
+            "preset": info.get("preset"),
+            "resolution": ModelConfig.from_dict(config).image_size,
+            "colors": config["vocab_size"] - 1,
+            "steps": max(self.checkpoints(), default=0),
+            "best_val_loss": best,
+            "best_val_bpd": None if best is None else bits_per_dim(best),
+            "path": str(self.path.resolve()),
+        }
+
+
+def bits_per_dim(nats_per_token: float) -> float:
+    """Bits per palette token (nats / ln 2). Per RGB sub-pixel it is a third of this."""
+    return nats_per_token / 0.6931471805599453
+
+
+def open_run(name: str, runs_dir: Path | None = None) -> Run:
+    runs_dir = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+    path = runs_dir / name
+    if not (path / "run.json").is_file():
+        known = [r.name for r in list_runs(runs_dir)]
+        listing = f"runs there: {', '.join(known)}" if known else "there are no runs there yet"
+        raise RunError(
+            f"no run named {name!r} under {runs_dir}/ ({listing}); make one with "
+            f"`igpt train --dataset digits --preset tiny --name {name}`"
+        )
+    return Run(path)
+
+
+def list_runs(runs_dir: Path | None = None) -> list[Run]:
+    runs_dir = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+    if not runs_dir.is_dir():
+        return []
+    return [Run(p) for p in sorted(runs_dir.iterdir()) if (p / "run.json").is_file()]
+
+
+def create_run(runs_dir: Path | None, name: str, info: dict, palette: Palette, *, overwrite: bool = False) -> Run:
+    """Make a run folder with run.json and palette.json (atomically: a failure leaves nothing)."""
+    runs_dir = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise RunError(f"run name {name!r} may use letters, digits, '.', '_' and '-' only")
+    path = runs_dir / name
+    if path.exists():
+        if not overwrite:
+            raise RunError(f"a run named {name!r} already exists at {path}: pass --resume to continue it, "
+                           "--overwrite to replace it, or choose another --name")
+        shutil.rmtree(path)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=runs_dir, prefix=f".{name}."))
+    try:
+        atomic_write_json(tmp / "run.json", {"format": RUN_FORMAT, "name": name, **info})
+        palette.save(tmp / "palette.json")
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Run(path)

@@ -1,0 +1,100 @@
+"""Palette: exact nearest-colour ids (same as Hugging Face's processor), round trips, image inputs."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from igpt_core.errors import IgptError, ImageError
+from igpt_core.images import load_image, to_rgb
+from igpt_core.palette import Palette
+
+
+@pytest.mark.parametrize("k", [16, 512])
+def test_ids_equal_hugging_face_processor(k):
+    from transformers import ImageGPTImageProcessorPil
+
+    rng = np.random.default_rng(k)
+    clusters = rng.uniform(-1, 1, (k, 3)).astype(np.float32)
+    images = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    processor = ImageGPTImageProcessorPil(clusters=clusters, size={"height": 32, "width": 32})
+    expected = np.array(processor(list(images), return_tensors="np")["input_ids"])
+    assert np.array_equal(Palette(clusters).encode(images, 32), expected)
+    # and with a resize on the way (HF: PIL bilinear)
+    big = rng.integers(0, 256, (3, 50, 70, 3), dtype=np.uint8)
+    expected = np.array(processor(list(big), return_tensors="np")["input_ids"])
+    assert np.array_equal(Palette(clusters).encode(big, 32), expected)
+
+
+def test_quantize_is_nearest_colour_by_brute_force():
+    rng = np.random.default_rng(1)
+    palette = Palette(rng.uniform(-1, 1, (40, 3)))
+    pixels = rng.integers(0, 256, (500, 3), dtype=np.uint8)
+    x = pixels / 127.5 - 1
+    brute = ((x[:, None] - palette.clusters[None].astype(np.float64)) ** 2).sum(-1).argmin(1)
+    assert np.array_equal(palette.quantize(pixels), brute)
+    assert np.array_equal(palette.quantize(pixels), brute)  # second call: from the remembered table
+
+
+def test_fit_finds_the_colours_of_a_few_colour_image_and_round_trips():
+    colours = np.array([[0, 0, 0], [255, 0, 0], [0, 128, 255], [250, 250, 250]], np.uint8)
+    rng = np.random.default_rng(0)
+    image = colours[rng.integers(0, 4, (16, 16))]
+    palette = Palette.fit(image[None], k=8)
+    assert len(palette) == 8
+    ids = palette.quantize(image)
+    assert np.array_equal(palette.dequantize(ids), image)  # exact: the colours are in the palette
+
+
+def test_fit_kmeans_on_many_colours_reduces_error():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (20, 16, 16, 3), dtype=np.uint8)
+    small, large = Palette.fit(images, 4), Palette.fit(images, 64)
+    err = lambda p: np.abs(p.dequantize(p.quantize(images)).astype(int) - images).mean()  # noqa: E731
+    assert err(large) < err(small) < 128
+
+
+def test_save_load(tmp_path):
+    palette = Palette(np.random.default_rng(0).uniform(-1, 1, (10, 3)))
+    palette.save(tmp_path / "p.json")
+    assert Palette.load(tmp_path / "p.json") == palette
+    (tmp_path / "bad.json").write_text("{nope")
+    with pytest.raises(IgptError, match="not valid"):
+        Palette.load(tmp_path / "bad.json")
+
+
+def test_decode_rejects_ids_outside_the_palette():
+    with pytest.raises(IgptError, match="0..9"):
+        Palette(np.zeros((10, 3))).dequantize(np.array([3, 10]))
+
+
+def test_to_rgb_accepts_grey_rgba_float_and_16_bit():
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    assert to_rgb(grey).shape == (3, 4, 3) and (to_rgb(grey)[..., 1] == grey).all()
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[..., 0] = 200
+    assert (to_rgb(rgba) == [200, 0, 0]).all()  # alpha dropped
+    assert to_rgb(np.ones((2, 2, 3)) * 0.5).max() == 128
+    assert to_rgb(np.full((2, 2), 65535, np.uint16)).max() == 255
+    with pytest.raises(ImageError, match="shape"):
+        to_rgb(np.zeros((2, 2, 5)))
+    with pytest.raises(ImageError, match="float"):
+        to_rgb(np.full((2, 2, 3), 3.0))
+
+
+def test_load_image_modes_and_bad_files(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    assert np.array_equal(load_image(tmp_path / "a.png"), rgb)
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "c.jpg")
+    Image.fromarray(rgb).convert("P").save(tmp_path / "p.png")
+    Image.fromarray(np.full((4, 4), 40000, np.uint16)).save(tmp_path / "g16.png")
+    for name in ("c.jpg", "p.png", "g16.png"):
+        assert load_image(tmp_path / name).dtype == np.uint8
+    assert load_image(tmp_path / "g16.png").max() == 40000 * 255 // 65535
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("hello")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "a.png").read_bytes()[:60])
+    for name, message in [("empty.png", "empty"), ("text.png", "not an image"), ("cut.png", "truncated"),
+                          ("missing.png", "no image at")]:
+        with pytest.raises(ImageError, match=message):
+            load_image(tmp_path / name)

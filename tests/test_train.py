@@ -1,0 +1,78 @@
+"""Training: learns, logs, checkpoints, resumes exactly, refuses changed configs, leaves no half files."""
+
+import json
+
+import pytest
+
+from igpt_core.errors import ConfigError, DatasetError, RunError
+from igpt_core.runs import open_run
+from igpt_core.train import TrainConfig, check_resume, lr_at, start_run, train
+
+from conftest import TINY
+
+
+def test_run_folder_is_complete_and_loss_beats_the_unigram_baseline(tiny_run):
+    info = tiny_run.info
+    assert (tiny_run.path / "palette.json").exists()
+    assert tiny_run.checkpoints() == TrainConfig(steps=40).checkpoint_steps()
+    rows = tiny_run.metrics()
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    val = tiny_run.val_losses()
+    assert min(val.values()) < info["unigram_val_loss"]  # learned more than colour frequencies
+    model, palette, meta = tiny_run.load()
+    assert meta["step"] == 40 and len(palette) == 16 and model.config.n_positions == 64
+    assert not list(tiny_run.path.rglob("*.tmp"))
+
+
+def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
+    straight = start_run("a", train_config=TrainConfig(steps=12, batch_size=16, eval_every=4), model_overrides=TINY,
+                         runs_dir=tmp_path)
+    train(straight, progress=False)
+    broken = start_run("b", train_config=TrainConfig(steps=12, batch_size=16, eval_every=4), model_overrides=TINY,
+                       runs_dir=tmp_path)
+
+    def stop_at_7(step, loss):
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(broken, progress=False, on_step=stop_at_7)
+    assert json.loads((broken.path / "resume" / "step.json").read_text())["step"] == 7
+    train(broken, resume=True, progress=False)
+    a = [(r["step"], r["loss"]) for r in straight.metrics()]
+    b = [(r["step"], r["loss"]) for r in broken.metrics()]
+    assert [s for s, _ in b] == list(range(1, 13))
+    for (sa, la), (sb, lb) in zip(a, b):
+        assert sa == sb and la == pytest.approx(lb, abs=1e-6)
+    assert straight.load()[0].state_dict()["lm_head.weight"].allclose(broken.load()[0].state_dict()["lm_head.weight"], atol=1e-6)
+
+
+def test_bert_objective_trains_with_the_same_loop(bert_run):
+    assert bert_run.model_config.objective == "bert"
+    val = bert_run.val_losses()
+    assert min(val.values()) < bert_run.info["unigram_val_loss"] + 0.5
+    assert all(r["loss"] == r["loss"] for r in bert_run.metrics())  # no NaN
+
+
+def test_resume_with_changed_config_is_refused(tiny_run):
+    with pytest.raises(ConfigError, match="n_layer 2 -> 4"):
+        check_resume(tiny_run, "digits", "tiny", "ar", 16, TrainConfig(steps=40, batch_size=32, eval_every=10), {})
+    with pytest.raises(ConfigError, match="lr"):
+        check_resume(tiny_run, "digits", "tiny", "ar", 16, TrainConfig(steps=40, batch_size=32, eval_every=10, lr=1.0), TINY)
+    check_resume(tiny_run, "digits", "tiny", "ar", 16, TrainConfig(steps=40, batch_size=32, eval_every=10), TINY)
+
+
+def test_bad_names_fail_cleanly_and_leave_nothing(tmp_path):
+    with pytest.raises(DatasetError, match="unknown dataset"):
+        start_run("x", dataset="imagenet", runs_dir=tmp_path)
+    with pytest.raises(ConfigError, match="unknown preset"):
+        start_run("x", preset_name="xl", runs_dir=tmp_path)
+    with pytest.raises(RunError, match="no run named"):
+        open_run("x", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    tc = TrainConfig(steps=100, lr=1.0, warmup=0.1)
+    assert lr_at(1, tc) == pytest.approx(0.1) and lr_at(10, tc) == pytest.approx(1.0)
+    assert lr_at(55, tc) == pytest.approx(0.5) and lr_at(100, tc) == pytest.approx(0.0)
