@@ -199,6 +199,88 @@ def cmd_surprise(args) -> None:
           f"{nll.max():.2f} nats -> {args.out}")
 
 
+# -- probes and fine-tuning -------------------------------------------------------------------------
+
+
+def _steps_or_all(text: str):
+    return text if text in ("all", "last") else _int_list(text)
+
+
+def cmd_probe(args) -> None:
+    from .probe import probe_run
+
+    table = probe_run(args.run, args.dataset, checkpoints=args.checkpoints, layers=args.layers,
+                      runs_dir=_runs_dir(args), data_dir=args.data_dir, bert_masks=args.bert_masks,
+                      max_train=args.max_train, progress=not args.json, device=args.device)
+    if table.note:
+        print(f"note: {table.note}", file=sys.stderr)
+    result = table.to_dict()
+    if args.json:
+        _emit(args, result, "")
+        return
+    print(f"linear probes of {args.run} on {result['dataset']} (test accuracy; * = best layer by val accuracy)")
+    steps = sorted({row["step"] for row in table.rows})
+    layers = sorted({row["layer"] for row in table.rows})
+    by_key = {(row["step"], row["layer"]): row for row in table.rows}
+    print(f"{'step':>8} {'val loss':>9} " + " ".join(f"{'L' + str(layer):>6}" for layer in layers))
+    for step in steps:
+        best = table.best(step)
+        cells = []
+        for layer in layers:
+            row = by_key.get((step, layer))
+            mark = "*" if best and row is best else " "
+            cells.append(f"{row['test_acc'] * 100:5.1f}{mark}" if row else f"{'-':>6}")
+        loss = next((r["val_loss"] for r in table.rows if r["step"] == step and r["val_loss"] is not None), None)
+        print(f"{step:>8} {'-' if loss is None else f'{loss:.3f}':>9} " + " ".join(cells))
+    refs = result.get("references") or {}
+    if refs.get("raw_pixels"):
+        print(f"reference, raw pixels: {refs['raw_pixels']['test_acc'] * 100:.1f}")
+    if refs.get("random_init"):
+        best_random = max(refs["random_init"], key=lambda r: r["val_acc"])
+        print(f"reference, random init (best layer {best_random['layer']}): {best_random['test_acc'] * 100:.1f}")
+    print(f"saved in {table.path}")
+
+
+def cmd_finetune(args) -> None:
+    from .finetune import finetune
+
+    summary = finetune(args.run, args.dataset, name=args.name, steps=args.steps, lr=args.lr,
+                       batch_size=args.batch_size, gen_weight=args.gen_weight, patience=args.patience,
+                       runs_dir=_runs_dir(args), data_dir=args.data_dir, step=args.step, seed=args.seed,
+                       progress=not args.json, overwrite=args.overwrite, max_train=args.max_train, device=args.device)
+    _emit(args, summary, f"fine-tuned {args.run} on {summary['dataset']}: test accuracy {summary['test_acc'] * 100:.1f}% "
+                         f"(val {summary['val_acc'] * 100:.1f}% at step {summary['best_step']}); classifier run "
+                         f"{summary['run']!r} at {summary['path']}")
+
+
+def cmd_classify(args) -> None:
+    from .finetune import classify
+
+    probs = classify(args.run, args.image, runs_dir=_runs_dir(args))
+    _emit(args, {"run": args.run, "image": args.image, "probabilities": dict(probs)},
+          "\n".join(f"{name:>16} {p * 100:5.1f}%  {'#' * round(p * 40)}" for name, p in probs[: args.top]))
+
+
+# -- OpenAI / Hugging Face weights ---------------------------------------------------------------------
+
+
+def cmd_import_hf(args) -> None:
+    from .hf import import_hf
+
+    run = import_hf(args.source, args.name, _runs_dir(args), overwrite=args.overwrite, progress=not args.json)
+    _emit(args, run.summary(), f"imported {args.source} as run {run.name!r} ({run.path}); try "
+                               f"`igpt sample {run.name} --image PHOTO --out grid.png`")
+
+
+def cmd_export_hf(args) -> None:
+    from .hf import export_hf
+
+    out = export_hf(args.run, args.out_dir, _runs_dir(args), step=args.step)
+    _emit(args, {"run": args.run, "out_dir": str(out)},
+          f"wrote {out}: load it with transformers' ImageGPTForCausalImageModeling.from_pretrained and "
+          "ImageGPTImageProcessor.from_pretrained")
+
+
 # -- apps -------------------------------------------------------------------------------------------
 
 
@@ -317,6 +399,57 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(p)
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--out", default="surprise.png", help="PNG to write (default surprise.png)")
+
+    p = command("probe", cmd_probe, "linear probes of every layer across checkpoints (the paper's central measurement)",
+                "Features = mean over positions of each block's input norm, one forward pass for all layers, cached "
+                "per checkpoint; L-BFGS logistic regression on standardised features, C chosen on the val split, "
+                "accuracy on the test split. Saved in the run (probes/DATASET.json) with raw-pixel and random-init references.")
+    p.add_argument("run", help="run name")
+    p.add_argument("--dataset", help="labelled dataset (default: the run's own)")
+    p.add_argument("--checkpoints", type=_steps_or_all, default="all", help="all, last, or comma-separated steps")
+    p.add_argument("--layers", type=_steps_or_all, default="all", help="all, or comma-separated layers (0 = embeddings)")
+    p.add_argument("--bert-masks", type=int, default=4, help="BERT runs: random masks averaged with no mask (default 4)")
+    p.add_argument("--max-train", type=int, help="probe on at most N training images")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", help="where dataset files live")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+
+    p = command("finetune", cmd_finetune, "fine-tune a run into a classifier (L_CLF + L_GEN, early stopping)")
+    p.add_argument("run", help="pre-trained run")
+    p.add_argument("--dataset", help="labelled dataset (default: the run's own)")
+    p.add_argument("--name", help="classifier run name (default RUN-ft-DATASET)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, help="default: pre-training lr / 10")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--gen-weight", type=float, default=1.0, help="weight of the generative loss (0: L_CLF alone)")
+    p.add_argument("--patience", type=int, default=5, help="evaluations without improvement before stopping")
+    p.add_argument("--step", type=int, help="checkpoint to start from (default: the last)")
+    p.add_argument("--max-train", type=int, help="at most N training images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--data-dir", help="where dataset files live")
+    p.add_argument("--json", action="store_true")
+
+    p = command("classify", cmd_classify, "class probabilities of an image under a fine-tuned classifier run")
+    p.add_argument("run", help="classifier run (made by igpt finetune)")
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--top", type=int, default=5, help="classes to show (default 5)")
+    p.add_argument("--json", action="store_true")
+
+    p = command("import-hf", cmd_import_hf, "make a run from OpenAI's released iGPT weights (Hugging Face format)",
+                "SOURCE is a hub id (openai/imagegpt-small|medium|large, downloaded when online) or a local folder "
+                "written by save_pretrained (config.json, weights, preprocessor_config.json with the clusters).")
+    p.add_argument("source", help="hub id or folder")
+    p.add_argument("--name", required=True, help="name of the new run")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run of that name")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+
+    p = command("export-hf", cmd_export_hf, "write a run as a Hugging Face ImageGPT folder (model + image processor)")
+    p.add_argument("run", help="run name (autoregressive runs only)")
+    p.add_argument("out_dir", help="folder to write")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the last)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = command("demo", cmd_demo, "open the browser completion demo (Gradio) on http://127.0.0.1:7860")
     p.add_argument("--port", type=int, default=7860)

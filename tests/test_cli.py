@@ -34,7 +34,8 @@ def workdir(tmp_path_factory):
 
 def test_every_subcommand_has_help(tmp_path):
     out = igpt("--help", cwd=tmp_path).stdout
-    commands = ["train", "runs", "data", "sample", "score", "surprise", "demo", "dashboard"]
+    commands = ["train", "runs", "data", "sample", "score", "surprise", "probe", "finetune", "classify",
+                "import-hf", "export-hf", "demo", "dashboard"]
     for name in commands:
         assert name in out
         assert "usage: igpt " + name in igpt(name, "--help", cwd=tmp_path).stdout
@@ -95,3 +96,21 @@ def test_corrupt_checkpoint_is_reported(workdir, tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
     result = igpt("sample", "t", "--image", "x.png", cwd=tmp_path, check=False)
     assert result.returncode == 2 and "truncated" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_probe_prints_a_table_and_saves_it(workdir):
+    out = igpt("probe", "t", "--checkpoints", "12", "--layers", "0,2", "--max-train", "300", cwd=workdir).stdout
+    assert "L0" in out and "L2" in out and "raw pixels" in out
+    stored = json.loads((workdir / "runs" / "t" / "probes" / "digits.json").read_text())
+    assert {(r["step"], r["layer"]) for r in stored["rows"]} == {(12, 0), (12, 2)}
+    result = igpt("probe", "t", "--layers", "7", cwd=workdir, check=False)
+    assert result.returncode == 2 and "0..2" in result.stderr
+
+
+def test_export_then_import_round_trip(workdir):
+    igpt("export-hf", "t", "hf-out", cwd=workdir)
+    assert (workdir / "hf-out" / "config.json").exists()
+    summary = json.loads(igpt("import-hf", "hf-out", "--name", "back", "--json", cwd=workdir).stdout)
+    assert summary["name"] == "back" and summary["colors"] == 16
+    result = igpt("import-hf", "no-such-folder/x", "--name", "y", cwd=workdir, check=False)
+    assert result.returncode == 2 and "save_pretrained" in result.stderr

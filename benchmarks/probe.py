@@ -1,0 +1,164 @@
+"""Probe-feature extraction: our one-pass `IGPT.features` against Hugging Face ImageGPTModel.
+
+Both models hold identical weights (converted with igpt_core.hf.state_dict_to_hf). The task is the
+probe's: the features of ALL layers (0..n_layer) of one checkpoint for a set of images, i.e. for
+each layer l the mean over positions of block l's input norm (ln_f for l = n_layer).
+
+- ours:   igpt_core.probe.extract_features — one forward pass per batch returns every layer.
+- hf:     ImageGPTModel(..., output_hidden_states=True) — one pass; hidden_states[l] is the raw
+          residual stream entering block l, so block l's ln_1 is applied, then the mean over
+          positions (hidden_states[n_layer] already has ln_f applied).
+- naive:  our model called once per layer (what a probe without a multi-layer API would do);
+          timed on fewer images, reported per image.
+
+Then the probe fit time (fit_probe: standardise + L-BFGS over the C grid) on the extracted
+features, and a correctness check that ours and HF's features agree.
+
+    OMP_NUM_THREADS=1 python benchmarks/probe.py [--images 256] [--batch 16] [--naive-images 16]
+
+Prints one JSON object. Shapes default to n_layer=8, n_embd=256, 32×32 (iGPT-S is too slow here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+
+from igpt_core.model import IGPT, ModelConfig
+from igpt_core.probe import DEFAULT_CS, extract_features, fit_probe
+
+
+def hf_model_from_ours(model: IGPT):
+    from transformers import ImageGPTConfig, ImageGPTModel
+
+    c = model.config
+    config = ImageGPTConfig(vocab_size=c.vocab_size, n_positions=c.n_positions, n_embd=c.n_embd, n_layer=c.n_layer,
+                            n_head=c.n_head, activation_function="quick_gelu", layer_norm_epsilon=c.layer_norm_epsilon,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = ImageGPTModel(config).eval()
+    try:
+        from igpt_core.hf import state_dict_to_hf
+
+        state = state_dict_to_hf(model.state_dict())
+        source = "igpt_core.hf.state_dict_to_hf"
+    except ImportError:  # the converter is not there yet: rename and transpose Conv1D weights by hand
+        conv = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        state = {("" if k == "lm_head.weight" else "transformer.") + k: (v.t() if k.endswith(conv) else v).contiguous()
+                 for k, v in model.state_dict().items()}
+        source = "by hand"
+    state = {k.removeprefix("transformer."): v for k, v in state.items() if k != "lm_head.weight"}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith(("attn.bias", "attn.masked_bias"))]  # causal-mask buffers
+    assert not missing and not unexpected, (missing, unexpected)
+    return hf, source
+
+
+@torch.inference_mode()
+def hf_features(hf, ids: torch.Tensor, sos: int, batch_size: int) -> np.ndarray:
+    """All-layer probe features from HF's hidden states: (n_layer + 1, N, d)."""
+    n = hf.config.n_layer
+    out = []
+    for batch in ids.split(batch_size):
+        inputs = torch.cat([torch.full_like(batch[:, :1], sos), batch[:, :-1]], dim=1)  # SOS, as our AR input
+        hidden = hf(input_ids=inputs, output_hidden_states=True).hidden_states
+        feats = [hf.h[layer].ln_1(hidden[layer]).mean(1) for layer in range(n)] + [hidden[n].mean(1)]
+        out.append(torch.stack(feats).numpy())
+    return np.concatenate(out, axis=1)
+
+
+def timed(fn, repeats: int = 1):
+    best, value = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        value = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--naive-images", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--size", type=int, default=32)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=513, n_positions=args.size**2, n_layer=args.layers, n_head=args.heads,
+                         n_embd=args.width)
+    model = IGPT(config).eval()
+    hf, converter = hf_model_from_ours(model)
+    ids = torch.randint(0, config.n_colors, (args.images, config.n_positions), generator=torch.Generator().manual_seed(1))
+    layers = list(range(config.n_layer + 1))
+
+    # warm-up both (first calls allocate and pick kernels)
+    extract_features(model, ids[:2], layers)
+    hf_features(hf, ids[:2], config.sos_id, 2)
+
+    t_ours, ours = timed(lambda: extract_features(model, ids, layers, batch_size=args.batch))
+    t_hf, theirs = timed(lambda: hf_features(hf, ids, config.sos_id, args.batch))
+    naive_ids = ids[: args.naive_images]
+    t_naive, naive = timed(lambda: np.stack([extract_features(model, naive_ids, [layer], batch_size=args.batch)[0]
+                                             for layer in layers]))
+    t_ours_small = t_ours * args.naive_images / args.images  # per-image rate of the one-pass method
+
+    diff = np.abs(ours - theirs)
+    scale = np.abs(theirs).max()
+
+    # Probe fit time on these features (random labels: the accuracy is meaningless, the time is not).
+    labels = np.random.default_rng(0).integers(0, 10, args.images)
+    n_train, n_val = int(0.625 * args.images), int(0.1875 * args.images)
+    sl = (slice(0, n_train), slice(n_train, n_train + n_val), slice(n_train + n_val, None))
+
+    def fit_all():
+        for layer in layers:
+            x = ours[layer]
+            fit_probe(x[sl[0]], labels[sl[0]], x[sl[1]], labels[sl[1]], x[sl[2]], labels[sl[2]])
+
+    t_fit, _ = timed(fit_all)
+
+    print(json.dumps({
+        "task": "probe features of all layers of one checkpoint",
+        "shapes": {"n_layer": config.n_layer, "n_embd": config.n_embd, "n_head": config.n_head,
+                   "image": f"{args.size}x{args.size}", "images": args.images, "batch": args.batch,
+                   "layers_extracted": len(layers)},
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "weights_converted_with": converter,
+        "hf_attn_implementation": getattr(hf.config, "_attn_implementation", None),
+        "seconds": {
+            "ours_one_pass": round(t_ours, 3),
+            "hf_output_hidden_states": round(t_hf, 3),
+            f"ours_one_pass_per_layer_calls_on_{args.naive_images}_images": round(t_naive, 3),
+            "probe_fit_all_layers": round(t_fit, 3),
+        },
+        "images_per_second": {"ours": round(args.images / t_ours, 2), "hf": round(args.images / t_hf, 2),
+                              "ours_one_call_per_layer": round(args.naive_images / t_naive, 2)},
+        "ratios": {
+            "hf_over_ours": round(t_hf / t_ours, 3),
+            "one_call_per_layer_over_one_pass": round(t_naive / t_ours_small, 3),
+            "fit_over_extraction": round(t_fit / t_ours, 4),
+        },
+        "probe_fit": {"train": n_train, "val": n_val, "test": args.images - n_train - n_val, "Cs": list(DEFAULT_CS),
+                      "seconds_per_layer": round(t_fit / len(layers), 3)},
+        "agreement": {
+            "max_abs_diff_vs_hf": float(diff.max()),
+            "max_abs_feature": float(scale),
+            "per_layer_max_abs_diff": [float(d) for d in diff.max(axis=(1, 2))],
+            "naive_equals_one_pass": bool(np.allclose(naive, ours[:, : args.naive_images], rtol=1e-5, atol=1e-6)),
+            "allclose_atol_1e-4": bool(np.allclose(ours, theirs, rtol=0, atol=1e-4)),
+        },
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

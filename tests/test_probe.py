@@ -1,0 +1,249 @@
+"""Tests for igpt_core.probe (linear probes) and igpt_core.finetune (classifier runs).
+
+One tiny digits run (2 layers, width 32, 30 steps) is trained once per module and shared; tests
+that damage files work on a copy. Everything runs offline in well under a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from igpt_core import probe as probe_mod
+from igpt_core.data import load_dataset
+from igpt_core.errors import IgptError
+from igpt_core.finetune import classify, finetune
+from igpt_core.model import IGPT
+from igpt_core.probe import extract_features, fit_probe, load_probe_results, probe_run
+from igpt_core.runs import open_run
+from igpt_core.train import TrainConfig, start_run, train
+
+TINY = dict(n_layer=2, n_embd=32, n_head=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def ar_run(runs_dir):
+    run = start_run("tiny-ar", dataset="digits", preset_name="tiny", model_overrides=dict(TINY),
+                    train_config=TrainConfig(steps=30, checkpoints=[10, 30], eval_every=10, batch_size=32),
+                    runs_dir=runs_dir)
+    train(run, progress=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def table(ar_run, runs_dir):
+    return probe_run("tiny-ar", runs_dir=runs_dir, progress=False)
+
+
+@pytest.fixture(scope="module")
+def digits_ids(ar_run):
+    model, palette, _ = ar_run.load(30)
+    images = load_dataset("digits", "val").images[:40]
+    return model, torch.from_numpy(palette.encode(images, 8))
+
+
+# -- the probe table ---------------------------------------------------------------------------------
+
+
+def test_one_row_per_checkpoint_and_layer(table, ar_run):
+    keys = [(r["step"], r["layer"]) for r in table.rows]
+    assert sorted(keys) == [(s, layer) for s in (10, 30) for layer in range(3)]
+    assert len(set(keys)) == len(keys)
+    val_losses = ar_run.val_losses()
+    for row in table.rows:
+        assert 0 <= row["val_acc"] <= 1 and 0 <= row["test_acc"] <= 1
+        assert row["C"] in probe_mod.DEFAULT_CS
+        assert row["val_loss"] == pytest.approx(val_losses[row["step"]])
+    assert max(r["test_acc"] for r in table.rows) > 0.4  # chance is 0.1
+    assert table.note is None  # digits are already at the model's 8×8
+
+
+def test_results_file_format(table, ar_run):
+    stored = load_probe_results(ar_run)
+    assert stored == json.loads((ar_run.path / "probes" / "digits.json").read_text())
+    assert stored["dataset"] == "digits" and stored["objective"] == "ar" and stored["n_layer"] == 2
+    assert stored["rows"] == table.rows and "created" in stored
+    assert load_probe_results(ar_run, "mnist") is None  # never probed on it
+
+
+def test_references_present_and_sensible(table):
+    raw = table.references["raw_pixels"]
+    assert raw["test_acc"] > 0.8  # logistic regression on digit pixels is a strong baseline
+    rand = table.references["random_init"]
+    assert [r["layer"] for r in rand] == [0, 1, 2]
+    assert all(0 <= r["val_acc"] <= 1 and 0 <= r["test_acc"] <= 1 for r in rand)
+    assert max(r["test_acc"] for r in rand) > 0.2
+
+
+def test_cached_features_are_reused(table, runs_dir, monkeypatch):
+    files = sorted(p.name for p in (runs_dir / "tiny-ar" / "probes" / "features").iterdir())
+    assert any(f.startswith("step_0000030-digits-train-") and f.endswith(".npz") for f in files)
+    assert any(f.startswith("random_init-digits-test-") for f in files)
+    calls = []
+    original = IGPT.features
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(IGPT, "features", counting)
+    again = probe_run("tiny-ar", runs_dir=runs_dir, progress=False)
+    assert calls == []
+    assert again.rows == table.rows
+    # A subset of what is cached needs no forward pass either, and keeps the other rows stored.
+    probe_run("tiny-ar", runs_dir=runs_dir, checkpoints=[30], layers=[1], progress=False)
+    assert calls == []
+    assert len(load_probe_results(open_run("tiny-ar", runs_dir))["rows"]) == 6
+
+
+def test_damaged_results_file_is_reported(ar_run, tmp_path):
+    copy = shutil.copytree(ar_run.path, tmp_path / "tiny-ar")
+    path = copy / "probes" / "digits.json"
+    path.write_text('{"dataset": "digits", "rows": [')
+    with pytest.raises(IgptError, match="digits.json"):
+        load_probe_results(open_run("tiny-ar", tmp_path))
+    value = {"dataset": "digits", "rows": [{"step": 30, "layer": 1, "val_acc": 3.0, "test_acc": 0.5, "C": 1.0,
+                                            "val_loss": None}],
+             "references": {}, "objective": "ar", "n_layer": 2}
+    path.write_text(json.dumps(value))
+    with pytest.raises(IgptError, match="damaged"):
+        load_probe_results(open_run("tiny-ar", tmp_path))
+    # Probing again replaces the damaged file (from the copied feature cache) and says so.
+    again = probe_run("tiny-ar", runs_dir=tmp_path, checkpoints="last", layers=[1], progress=False)
+    assert "damaged" in again.note and [(r["step"], r["layer"]) for r in again.rows] == [(30, 1)]
+    assert load_probe_results(open_run("tiny-ar", tmp_path))["rows"] == again.rows
+
+
+# -- features ----------------------------------------------------------------------------------------------
+
+
+def test_layer0_features_match_a_hand_computation(digits_ids):
+    model, ids = digits_ids
+    feats = extract_features(model, ids, [0])
+    with torch.no_grad():  # the AR input: SOS, then pixels 1..T-1; the probe feature: mean of block 0's ln_1
+        inputs = torch.cat([torch.full_like(ids[:, :1], model.config.sos_id), ids[:, :-1]], dim=1)
+        x = model.wte(inputs) + model.wpe(torch.arange(ids.shape[1]))
+        expected = model.h[0].ln_1(x).mean(dim=1).numpy()
+    assert feats.shape == (1, len(ids), 32) and feats.dtype == np.float32
+    np.testing.assert_allclose(feats[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_all_layers_in_one_call_equal_per_layer_calls(digits_ids, monkeypatch):
+    model, ids = digits_ids
+    calls = []
+    original = IGPT.features
+    monkeypatch.setattr(IGPT, "features", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    together = extract_features(model, ids, [2, 0, 1], batch_size=16)
+    assert len(calls) == 3  # one forward pass per batch of 16 (40 images), for all three layers
+    for i, layer in enumerate([2, 0, 1]):
+        np.testing.assert_allclose(together[i], extract_features(model, ids, [layer])[0], rtol=1e-5, atol=1e-6)
+
+
+def test_fit_probe_separable():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 40)
+    x = rng.normal(size=(120, 5)) + 4 * np.eye(3, 5)[y]
+    result = fit_probe(x[::2], y[::2], x[1::2], y[1::2], x[1::2], y[1::2], Cs=(0.1, 1.0))
+    assert result["val_acc"] > 0.9 and result["test_acc"] > 0.9 and result["C"] in (0.1, 1.0)
+
+
+# -- errors and notes --------------------------------------------------------------------------------------
+
+
+def test_unlabelled_dataset_is_refused(ar_run, runs_dir):
+    with pytest.raises(IgptError, match="has no labels"):
+        probe_run("tiny-ar", "photos", runs_dir=runs_dir, progress=False)
+
+
+def test_bad_checkpoint_or_layer(ar_run, runs_dir):
+    with pytest.raises(IgptError, match=r"no checkpoint at step 20.*\[10, 30\]"):
+        probe_run("tiny-ar", runs_dir=runs_dir, checkpoints=[20], progress=False)
+    with pytest.raises(IgptError, match=r"layer 5 is out of range.*0\.\.2"):
+        probe_run("tiny-ar", runs_dir=runs_dir, layers=[5], progress=False)
+
+
+def test_other_resolution_is_resized_with_a_note(ar_run, runs_dir, tmp_path):
+    rng = np.random.default_rng(0)
+    for label, level in (("dark", 40), ("light", 215)):
+        (tmp_path / label).mkdir()
+        for i in range(15):
+            pixels = np.clip(rng.normal(level, 20, size=(16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / label / f"{i}.png")
+    result = probe_run("tiny-ar", f"folder:{tmp_path}", runs_dir=runs_dir, checkpoints=[30], layers=[1],
+                       progress=False)
+    assert "resized" in result.note and "32×32" in result.note and "8×8" in result.note
+    assert [(r["step"], r["layer"]) for r in result.rows] == [(30, 1)]
+    assert result.path.parent == ar_run.path / "probes"
+
+
+# -- BERT --------------------------------------------------------------------------------------------------
+
+
+def test_bert_feature_averaging(runs_dir):
+    run = start_run("tiny-bert", dataset="digits", preset_name="tiny", objective="bert", model_overrides=dict(TINY),
+                    train_config=TrainConfig(steps=10, checkpoints=[10], eval_every=10, batch_size=32),
+                    runs_dir=runs_dir)
+    train(run, progress=False)
+    model, palette, _ = run.load()
+    ids = torch.from_numpy(palette.encode(load_dataset("digits", "val").images[:20], 8))
+    plain = extract_features(model, ids, [1, 2], bert_masks=0)
+    averaged = extract_features(model, ids, [1, 2], bert_masks=2, batch_size=256)
+    assert not np.allclose(plain, averaged)
+    # Masks are seeded per image, so the batch size does not change the result.
+    np.testing.assert_allclose(averaged, extract_features(model, ids, [1, 2], bert_masks=2, batch_size=7),
+                               rtol=1e-5, atol=1e-6)
+    result = probe_run("tiny-bert", runs_dir=runs_dir, bert_masks=2, layers=[1], max_train=300,
+                       references=False, progress=False)
+    assert result.objective == "bert" and result.settings["bert_masks"] == 2
+    assert [(r["step"], r["layer"]) for r in result.rows] == [(10, 1)]
+
+
+# -- fine-tuning -------------------------------------------------------------------------------------------
+
+
+def test_finetune_and_classify(ar_run, runs_dir):
+    summary = finetune("tiny-ar", runs_dir=runs_dir, steps=150, lr=3e-3, eval_every=10, progress=False)
+    assert summary["run"] == "tiny-ar-ft-digits" and summary["augment"] is False
+    assert summary["test_acc"] > 0.5  # chance is 0.1
+    run = open_run("tiny-ar-ft-digits", runs_dir)
+    info = run.info
+    assert info["kind"] == "classifier" and info["base_run"] == "tiny-ar" and info["classes"] == list("0123456789")
+    assert info["test_acc"] == summary["test_acc"] and info["train_config"]["lr"] == 3e-3
+    assert run.checkpoints() == [summary["best_step"]]
+    assert (run.path / "head.safetensors").is_file()
+    rows = run.metrics()
+    assert {"step", "loss", "clf_loss", "gen_loss"} <= set(rows[1]) and any("val_acc" in r for r in rows)
+    model, _, _ = run.load()  # the backbone is a normal checkpoint
+    assert model.config.n_layer == 2
+
+    train_images = load_dataset("digits", "train")
+    hits = 0
+    for image, label in zip(train_images.images[:10], train_images.labels[:10]):
+        probs = classify("tiny-ar-ft-digits", image, runs_dir=runs_dir)
+        assert sum(p for _, p in probs) == pytest.approx(1.0, abs=1e-5)
+        assert [p for _, p in probs] == sorted((p for _, p in probs), reverse=True)
+        hits += probs[0][0] == str(label)
+    assert hits >= 5
+
+    with pytest.raises(IgptError, match="igpt finetune"):
+        classify("tiny-ar", train_images.images[0], runs_dir=runs_dir)
+    with pytest.raises(IgptError, match="already exists"):
+        finetune("tiny-ar", runs_dir=runs_dir, steps=1, progress=False)
