@@ -417,10 +417,14 @@ def compute_probes(runs_dir: Path, runs: dict[str, dict], chosen: list[str], dat
         st.write(f"layer{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))}: features, then one "
                  "logistic regression per layer (and the raw-pixel / random-init references if missing)")
         t0 = time.perf_counter()
+        bar = st.progress(0.0, text="extracting features (one forward pass for all layers)…")
+
+        def show(done, total):
+            bar.progress(done / total, text=f"{done}/{total} layers fitted")
+
         try:
-            # probe_run has no progress callback (it drives a tqdm bar on the console): the status spins.
             result = probe_run(name, probe_dataset, checkpoints=[step], layers=missing, runs_dir=runs_dir,
-                               progress=False, **options)
+                               progress=False, on_progress=show, **options)
         except IgptError as err:
             status.update(label=f"Probing {name} failed", state="error")
             st.error(str(err))

@@ -376,7 +376,8 @@ def _checkpoint_key(run: Run, step: int) -> str:
 
 def probe_run(run_name, dataset: str | None = None, *, checkpoints="all", layers="all", runs_dir=None, data_dir=None,
               bert_masks: int = 4, max_train: int | None = None, progress: bool = True, seed: int = 0,
-              Cs=DEFAULT_CS, batch_size: int = 256, device: str = "auto", references: bool = True) -> ProbeTable:
+              Cs=DEFAULT_CS, batch_size: int = 256, device: str = "auto", references: bool = True,
+              on_progress=None) -> ProbeTable:
     """Linear-probe every requested (checkpoint, layer) of a run on a labelled dataset.
 
     dataset: default the run's own. checkpoints: "all", "last" or a list of steps. layers: "all" or
@@ -389,6 +390,7 @@ def probe_run(run_name, dataset: str | None = None, *, checkpoints="all", layers
     returned as a ProbeTable holding all stored rows; `note` says if images had to be resized.
     References (stored once per settings): the same probe on raw pixels, and on a randomly
     initialised model of the same shape (torch.manual_seed(seed)) at the requested layers.
+    on_progress(done, total) is called after each (checkpoint, layer) fit, e.g. for a progress bar in an app.
     """
     from .train import pick_device
 
@@ -472,6 +474,7 @@ def probe_run(run_name, dataset: str | None = None, *, checkpoints="all", layers
         return fit_probe(feats["train"][layer], labels["train"], feats["val"][layer], labels["val"],
                          feats["test"][layer], labels["test"], Cs=Cs)
 
+    done = 0
     try:
         for step in steps:
             source = _FeatureSource(run, f"step_{step:07d}", _checkpoint_key(run, step),
@@ -486,6 +489,9 @@ def probe_run(run_name, dataset: str | None = None, *, checkpoints="all", layers
                 }
                 if fit_bar is not None:
                     fit_bar.update(1)
+                done += 1
+                if on_progress is not None:
+                    on_progress(done, n_fits)
         if references:
             if refs["raw_pixels"] is None:
                 flat = {split: images.reshape(len(images), -1).astype(np.float32) for split, (images, _) in data.items()}
