@@ -57,11 +57,12 @@ def cmd_train(args) -> None:
         if tc.steps in run.checkpoints():
             _emit(args, run.summary(), f"run {name!r} is already trained ({run.path}); nothing to do")
             return
+    quiet = args.json or int(os.environ.get("RANK", 0)) != 0  # under torchrun, rank 0 speaks for all
     if args.resume:
         run = open_run(name, runs_dir)
         check_resume(run, args.dataset, args.preset, args.objective, args.colors, tc, overrides)
     else:
-        if not args.json:
+        if not quiet:
             print(f"fitting a {args.colors}-colour palette on {args.dataset} and creating run {name!r} ...", file=sys.stderr)
         run = start_run(name, args.dataset, args.preset, args.objective, args.colors, args.resolution, tc,
                         overrides, runs_dir, args.data_dir, overwrite=args.overwrite)
@@ -70,6 +71,8 @@ def cmd_train(args) -> None:
     except KeyboardInterrupt:
         print(f"\ninterrupted: state saved; continue with the same command plus --resume", file=sys.stderr)
         raise SystemExit(130) from None
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
     base = summary["unigram_val_loss"]
     text = (f"trained {run.name!r} in {summary['seconds']:.0f} s ({summary['tokens_per_second']:,.0f} tokens/s)\n"
             f"  validation: {summary['val_loss']:.3f} nats/token = {summary['val_bpd']:.3f} bits/dim "

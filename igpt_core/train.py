@@ -5,6 +5,13 @@ recorded); `train` runs the loop on it. The loop is deterministic by constructio
 a function of (seed, step) and the model's random masks are seeded by (seed, step, rank, micro-step)
 — so a run resumed from its last saved state reproduces the uninterrupted loss curve exactly,
 and `torchrun` with N processes sees the same global batches as one process.
+
+Under `torchrun` every process runs the same code: rank 0 alone creates the run folder, writes the
+metrics log and checkpoints; the others wait for it (barriers) and read what it wrote. A process
+that dies or stops answering makes the others stop with a clear error after at most
+$IGPT_DIST_TIMEOUT seconds (default 600) instead of hanging; the last checkpoint stays loadable and
+rank 0 keeps a resumable state. SIGINT/SIGTERM (Ctrl-C, a scheduler's pre-emption) finish the
+current step on every process, save a resumable state and stop; a second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -12,9 +19,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import signal
+import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +34,12 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from .data import load_dataset
-from .errors import ConfigError, IgptError
+from .errors import ConfigError, IgptError, RunError
 from .model import IGPT, ModelConfig, preset
 from .palette import Palette
 from .runs import Run, atomic_write, atomic_write_json, bits_per_dim, create_run, open_run, save_checkpoint
+
+DEFAULT_DIST_TIMEOUT = 600  # seconds; override with $IGPT_DIST_TIMEOUT
 
 
 @dataclass
@@ -101,8 +114,37 @@ def start_run(
     data_dir: Path | None = None,
     overwrite: bool = False,
 ) -> Run:
-    """Fit a palette on the dataset's training images and write a new run folder (no training yet)."""
+    """Fit a palette on the dataset's training images and write a new run folder (no training yet).
+
+    Under torchrun, rank 0 does the work and the other processes open the folder it made (or raise
+    the same error it met), so every process may call this with the same arguments.
+    """
     train_config = train_config or TrainConfig()
+    rank, world = _distributed()
+    if world == 1:
+        return _create_run(name, dataset, preset_name, objective, n_colors, resolution, train_config,
+                           model_overrides, runs_dir, data_dir, overwrite)
+    failure: list = [None]  # rank 0's error, if any, sent to the others
+    if rank == 0:
+        try:
+            _create_run(name, dataset, preset_name, objective, n_colors, resolution, train_config,
+                        model_overrides, runs_dir, data_dir, overwrite)
+        except BaseException as err:
+            shared = err if isinstance(err, IgptError) else RunError(f"rank 0 could not create run {name!r}: {err!r}")
+            dist.broadcast_object_list([shared], src=0, group=_patient_group())
+            raise
+    dist.broadcast_object_list(failure, src=0, group=_patient_group())  # rank 0 is done: the others may look
+    if failure[0] is not None:
+        raise failure[0]
+    try:
+        return open_run(name, runs_dir)
+    except RunError as err:
+        raise RunError(f"{err} (process {rank} cannot see the run rank 0 made: on several nodes, --runs-dir "
+                       "must be a folder all nodes share)") from None
+
+
+def _create_run(name, dataset, preset_name, objective, n_colors, resolution, train_config, model_overrides,
+                runs_dir, data_dir, overwrite) -> Run:
     data = load_dataset(dataset, "train", data_dir=data_dir, seed=train_config.seed, resolution=resolution)
     size = data.resolution
     palette = Palette.fit(data.images, n_colors, seed=train_config.seed)
@@ -161,42 +203,194 @@ class _BatchOrder:
         return self._perms[epoch]
 
     def indices(self, step: int) -> torch.Tensor:  # step is 1-based
-        positions = range((step - 1) * self.batch_size, step * self.batch_size)
-        return torch.stack([self._perm(p // self.n)[p % self.n] for p in positions])
+        begin, end = (step - 1) * self.batch_size, step * self.batch_size  # positions in the endless stream
+        parts = []
+        for epoch in range(begin // self.n, (end - 1) // self.n + 1):
+            lo, hi = max(begin, epoch * self.n), min(end, (epoch + 1) * self.n)
+            parts.append(self._perm(epoch)[lo - epoch * self.n : hi - epoch * self.n])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _dist_timeout() -> float:
+    """Seconds a collective waits for a silent peer before failing: $IGPT_DIST_TIMEOUT, default 600."""
+    text = os.environ.get("IGPT_DIST_TIMEOUT", "").strip()
+    if not text:
+        return float(DEFAULT_DIST_TIMEOUT)
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ConfigError(f"IGPT_DIST_TIMEOUT must be a positive number of seconds, got {text!r}")
+    return value
 
 
 def _distributed() -> tuple[int, int]:
-    """(rank, world size); initialises torch.distributed when launched by torchrun."""
+    """(rank, world size); initialises torch.distributed when launched by torchrun.
+
+    Collectives of the training loop give up on a silent peer after $IGPT_DIST_TIMEOUT seconds.
+    """
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        timeout = timedelta(seconds=_dist_timeout())
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout)  # CPU tensors too (e.g. --device cpu)
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
+_patient_groups: dict = {}
+
+
+def _patient_group():
+    """A gloo group with a long timeout (max(IGPT_DIST_TIMEOUT, 2 h)) for start-up waits, where one
+    process legitimately works much longer than the others: rank 0 fitting the palette of a big
+    dataset, every process loading and encoding it. Made on first use (every process gets here in
+    the same order: start_run, then train)."""
+    default = dist.group.WORLD
+    if default not in _patient_groups:
+        _patient_groups[default] = dist.new_group(backend="gloo", timeout=timedelta(seconds=max(_dist_timeout(), 7200)))
+    return _patient_groups[default]
+
+
+_PEER_FAILURE = re.compile(r"gloo|nccl|connection|timed out|timeout|peer|socket|broken pipe|closed", re.IGNORECASE)
+
+
+def _peer_failure(err: BaseException) -> bool:
+    """Does this error come from a collective whose other side died or went silent?"""
+    return isinstance(err, getattr(dist, "DistError", ())) or bool(_PEER_FAILURE.search(str(err)))
+
+
 @torch.no_grad()
-def evaluate(model: IGPT, ids: torch.Tensor, batch_size: int = 128, seed: int = 0) -> float:
-    """Mean loss in nats/token over ids (N, T). BERT: over masked positions, masks seeded."""
+def evaluate(model: IGPT, ids: torch.Tensor, batch_size: int = 128, seed: int = 0, *, rank: int = 0, world: int = 1,
+             autocast=None) -> float:
+    """Mean loss in nats/token over ids (N, T). BERT: over masked positions, masks seeded.
+
+    Under torchrun (world > 1) each process scores every world-th batch and the sums are
+    all-reduced: the same value on every process, the same masks as one process would draw.
+    """
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=ids.device)
+    count = torch.zeros((), dtype=torch.float64, device=ids.device)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    for batch in ids.split(batch_size):
+    for i, batch in enumerate(ids.split(batch_size)):
         mask = None
-        if model.config.objective == "bert":
+        if model.config.objective == "bert":  # drawn for every batch, so each shard sees the masks of one process
             mask = (torch.rand(batch.shape, generator=generator) < model.config.mask_prob).to(batch.device)
-        _, loss = model(batch, targets=batch, mask=mask)
-        weight = mask.sum().item() if mask is not None else batch.numel()
-        total += loss.item() * weight
+        if i % world != rank:
+            continue
+        with autocast or nullcontext():
+            _, loss = model(batch, targets=batch, mask=mask)
+        weight = mask.sum() if mask is not None else batch.numel()
+        total += loss.double() * weight
         count += weight
+    if world > 1:
+        sums = torch.stack([total, count])
+        dist.all_reduce(sums)
+        total, count = sums
     model.train(was_training)
-    return total / max(count, 1)
+    return (total / count.clamp(min=1)).item()  # one read-back per evaluation
+
+
+# -- one optimizer step (also used by benchmarks/training.py) --------------------------------------
+
+
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with the paper's β = (0.9, β2); fused kernels on CUDA."""
+    return torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, tc.beta2), weight_decay=tc.weight_decay,
+                             fused=device.type == "cuda")
+
+
+def forward_backward(net, micro_batches, *, autocast=None, seeds=None, no_sync=None) -> torch.Tensor:
+    """Accumulate the gradients of the mean loss over micro-batches (each scaled by 1/n before backward).
+
+    seeds[i] seeds torch's generators before micro-batch i (BERT masks); no_sync is DDP's context
+    manager, used on every micro-batch but the last. Returns the mean loss as a detached tensor on
+    the device: nothing is read back, so the host never waits for the device here.
+    """
+    n = len(micro_batches)
+    total = None
+    for micro, batch in enumerate(micro_batches):
+        if seeds is not None:
+            torch.manual_seed(seeds[micro])
+        quiet = no_sync is not None and micro < n - 1
+        with autocast or nullcontext(), no_sync() if quiet else nullcontext():
+            _, loss = net(batch, targets=batch)
+            (loss / n).backward()
+        part = loss.detach() / n
+        total = part if total is None else total + part
+    return total
+
+
+def optimizer_update(model: torch.nn.Module, optimizer, grad_clip: float) -> None:
+    """Clip the gradient norm (if grad_clip), step, and free the gradients."""
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# Dense bf16 tensor-core peaks (FLOP/s per GPU) for model-FLOPs utilisation; other devices show none.
+_PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12),
+              ("L4", 121e12)]
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in _PEAK_BF16 if re.search(rf"\b{key}\b", name)), None)
+
+
+def model_flops_per_token(config: ModelConfig) -> float:
+    """Training FLOPs per token, PaLM's convention: 6 × (non-embedding parameters) + 12 × layers × width × T."""
+    d, layers = config.n_embd, config.n_layer
+    weights = layers * 12 * d * d + config.n_colors * d  # blocks' matrices + output head
+    return 6 * weights + 12 * layers * d * config.n_positions
+
+
+class _StopSignals:
+    """While training: SIGINT/SIGTERM ask the loop to stop after the current step (the caller saves
+    a resumable state). A second Ctrl-C more than 2 s after the first stops at once. Repeats within
+    2 s are the same request (under torchrun, the terminal and the launcher both forward Ctrl-C).
+    Only installed in the main thread (signal handlers can be set nowhere else)."""
+
+    def __init__(self):
+        self.requested = False
+        self._since = 0.0
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+                except (ValueError, OSError):
+                    pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        return False
+
+    def _handle(self, signum, frame):
+        now = time.monotonic()
+        if not self.requested:
+            self.requested, self._since = True, now
+        elif signum == signal.SIGINT and now - self._since > 2:
+            raise KeyboardInterrupt
 
 
 def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None, data_dir: Path | None = None) -> dict:
     """Train `run` to its configured number of steps; returns a summary dict.
 
-    on_step(step, loss) is called after every optimizer step (rank 0); raising KeyboardInterrupt
-    from it (or pressing Ctrl-C) saves a resumable state and stops.
+    on_step(step, loss) is called after every optimizer step (rank 0; loss is a device tensor);
+    raising KeyboardInterrupt from it, pressing Ctrl-C or sending SIGTERM saves a resumable state
+    and stops (KeyboardInterrupt propagates). Under torchrun, a lost process raises `IgptError`.
     """
     info = run.info
     config = ModelConfig.from_dict(info["model_config"])
@@ -213,104 +407,143 @@ def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None
     data_dir = data_dir or info.get("data_dir")
     train_images = load_dataset(info["dataset"], "train", data_dir=data_dir, seed=tc.seed, resolution=config.image_size)
     val_images = load_dataset(info["dataset"], "val", data_dir=data_dir, seed=tc.seed, resolution=config.image_size)
-    train_ids = torch.from_numpy(palette.encode(train_images.images, config.image_size))
+    # int16 ids: 2 bytes a pixel in host memory (ImageNet-32: 2.7 GB, not 10.7); int64 per batch on the device
+    train_ids = torch.from_numpy(palette.encode(train_images.images, config.image_size).astype(np.int16))
     val_ids = torch.from_numpy(palette.encode(val_images.images[: tc.eval_images], config.image_size)).to(device)
+    del train_images, val_images
 
     torch.manual_seed(tc.seed)  # same initial weights on every process
     model = IGPT(config).to(device)
     model.gradient_checkpointing = tc.activation_checkpointing
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, tc.beta2), weight_decay=tc.weight_decay,
-                                  fused=device.type == "cuda")
+    optimizer = make_optimizer(model, tc, device)
     start = 0
     resume_dir = run.path / "resume"
+    log_file = run.path / "metrics.jsonl"
     if resume:
         start = _load_resume(resume_dir, model, optimizer, device)
-        _truncate_metrics(run, start) if rank == 0 else None
-    elif rank == 0 and (run.path / "metrics.jsonl").exists():
-        (run.path / "metrics.jsonl").unlink()
+        if rank == 0:
+            _truncate_metrics(run, start)
+    elif rank == 0 and log_file.exists():
+        log_file.unlink()
 
-    net = model
+    net, ddp = model, None
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        dist.barrier(group=_patient_group())  # the slowest process has loaded the data (patiently)
+        net = ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     if tc.compile:
         net = torch.compile(net)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     order = _BatchOrder(len(train_ids), tc.batch_size, tc.seed)
     checkpoint_steps = set(tc.checkpoint_steps())
-    tokens_per_step = tc.batch_size * config.n_positions
+    tokens_per_step = tc.batch_size * config.n_positions  # the global batch, all processes together
+    peak = _peak_flops(device)
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=tc.steps, initial=start, desc=f"training {run.name}", unit="step", dynamic_ncols=True)
-    pending: list[torch.Tensor] = []  # losses not yet read back (reading forces a device sync)
-    log_file = run.path / "metrics.jsonl"
-    completed = start  # last step whose optimizer update is done
-    t0 = time.perf_counter()
-    last_val = None
-    model.train()
-    try:
-        for step in range(start + 1, tc.steps + 1):
-            lr = lr_at(step, tc)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            local = order.indices(step)[rank::world]
-            step_loss = torch.zeros((), device=device)
-            for micro, idx in enumerate(local.split(micro_batch)):
-                torch.manual_seed(tc.seed * 1_000_003 + step * 1009 + rank * 31 + micro)  # BERT masks, resumable
-                batch = train_ids[idx].to(device, non_blocking=True)
-                sync = micro == tc.grad_accum - 1
-                with autocast, (nullcontext() if sync or world == 1 else net.no_sync()):
-                    _, loss = net(batch, targets=batch)
-                    (loss / tc.grad_accum).backward()
-                step_loss += loss.detach() / tc.grad_accum
-            if tc.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if world > 1:
-                dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-            pending.append(step_loss)
-            completed = step
 
-            is_checkpoint = step in checkpoint_steps
-            if is_checkpoint or step % tc.eval_every == 0 or len(pending) >= 10:
-                losses = torch.stack(pending).tolist()
-                rows = [{"step": step - len(losses) + 1 + i, "loss": loss, "lr": lr_at(step - len(losses) + 1 + i, tc)}
-                        for i, loss in enumerate(losses)]
-                pending = []
-                if is_checkpoint or step % tc.eval_every == 0:
-                    last_val = evaluate(model, val_ids, seed=tc.seed)
-                    rows[-1].update(val_loss=last_val, val_bpd=bits_per_dim(last_val))
-                if rank == 0:
-                    with open(log_file, "a") as f:
-                        f.writelines(json.dumps(row) + "\n" for row in rows)
-                    if is_checkpoint:
+    pending: list[torch.Tensor] = []  # losses of finished steps not yet read back (reading makes the host wait)
+
+    def write_pending(upto: int, losses: list[float] | None = None) -> None:
+        """Rank 0 appends the pending losses (steps ..upto) to the log, with the val loss if evaluated at upto."""
+        nonlocal pending
+        losses = (torch.stack(pending).tolist() if pending else []) if losses is None else losses
+        rows = [{"step": upto - len(losses) + 1 + i, "loss": loss, "lr": lr_at(upto - len(losses) + 1 + i, tc)}
+                for i, loss in enumerate(losses)]
+        if rows and last_eval == upto:
+            rows[-1].update(val_loss=last_val, val_bpd=bits_per_dim(last_val))
+        if rank == 0 and rows:
+            with open(log_file, "a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+        pending = []
+
+    completed = start  # last step whose optimizer update is done (and whose loss is in `pending` or the log)
+    updating = False  # inside optimizer_update: the weights are half-way between two steps
+    last_val, last_eval = None, None
+    t0 = time.perf_counter()
+    window = (start, t0)  # for the progress bar's throughput: steps and time since the last report
+    model.train()
+    with _StopSignals() as signals:
+        try:
+            for step in range(start + 1, tc.steps + 1):
+                lr = lr_at(step, tc)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                local = order.indices(step)[rank::world]
+                batches = [train_ids[idx].to(device, non_blocking=True).long() for idx in local.split(micro_batch)]
+                seeds = [tc.seed * 1_000_003 + step * 1009 + rank * 31 + micro for micro in range(len(batches))]
+                loss = forward_backward(net, batches, autocast=autocast, seeds=seeds,
+                                        no_sync=ddp.no_sync if ddp is not None else None)
+                stop_flag = None
+                if world > 1:  # one collective for the mean loss and for "a process was asked to stop"
+                    packed = torch.stack([loss, torch.full((), float(signals.requested), device=device)])
+                    dist.all_reduce(packed)
+                    loss, stop_flag = packed[0] / world, packed[1]
+                updating = True
+                optimizer_update(model, optimizer, tc.grad_clip)
+                updating = False
+                completed = step
+                pending.append(loss)
+
+                is_checkpoint = step in checkpoint_steps
+                is_eval = is_checkpoint or step % tc.eval_every == 0
+                flush = is_eval or len(pending) >= 10 or step == tc.steps
+                if stop_flag is None:
+                    stop = signals.requested
+                else:  # the same answer on every process; on a GPU read only where the host waits anyway
+                    stop = bool(stop_flag.item()) if device.type == "cpu" or flush else False
+                stop = stop and step < tc.steps
+                if flush or stop:
+                    losses = torch.stack(pending).tolist()  # the host waits for the device here, and only here
+                    now = time.perf_counter()
+                    if is_eval:
+                        last_val = evaluate(model, val_ids, seed=tc.seed, rank=rank, world=world, autocast=autocast)
+                        last_eval = step
+                    write_pending(step, losses)
+                    if rank == 0 and is_checkpoint:
                         save_checkpoint(run.checkpoint_path(step), model, palette, step=step, val_loss=last_val)
                         _save_resume(resume_dir, model, optimizer, step)
+                    if world > 1 and is_checkpoint:
+                        dist.barrier()  # the checkpoint exists before any process goes on (or returns)
                     if bar is not None:
-                        elapsed = time.perf_counter() - t0
-                        bar.set_postfix(loss=f"{losses[-1]:.3f}", val=None if last_val is None else f"{last_val:.3f}",
-                                        tok_s=f"{tokens_per_step * (step - start) / elapsed:,.0f}")
-                if world > 1:
-                    dist.barrier()  # no process runs ahead of a checkpoint being written
+                        rate = tokens_per_step * (step - window[0]) / max(now - window[1], 1e-9)
+                        shown = {"loss": f"{losses[-1]:.3f}", "val": None if last_val is None else f"{last_val:.3f}",
+                                 "tok_s": f"{rate:,.0f}"}
+                        if peak:  # model FLOPs utilisation, over all processes' GPUs
+                            shown["mfu"] = f"{rate * model_flops_per_token(config) / (peak * world):.0%}"
+                        bar.set_postfix(shown)
+                    window = (step, time.perf_counter())  # the next window excludes this evaluation and checkpoint
+                if stop:
+                    raise KeyboardInterrupt  # every process stops after the same step; handled below
+                if bar is not None:
+                    bar.update(1)
+                if on_step is not None and rank == 0:
+                    on_step(step, loss)
+        except KeyboardInterrupt:
+            # Keep what is known: the losses not yet logged and a resumable state at the last finished step.
+            if rank == 0:
+                write_pending(completed)
+                if not updating:
+                    _save_resume(resume_dir, model, optimizer, completed)
+            raise
+        except RuntimeError as err:
+            if world == 1 or not _peer_failure(err):
+                raise
+            saved = None
+            if rank == 0 and not updating:
+                try:
+                    write_pending(completed)
+                    _save_resume(resume_dir, model, optimizer, completed)
+                    saved = completed
+                except Exception:  # noqa: BLE001 - the error below matters more
+                    pass
+            raise IgptError(_lost_peers_message(err, rank, completed + 1, saved, run)) from err
+        finally:
             if bar is not None:
-                bar.update(1)
-            if on_step is not None and rank == 0:
-                on_step(step, step_loss)
-    except KeyboardInterrupt:
-        # Keep what is known: the losses not yet logged and a resumable state at the last finished step.
-        if rank == 0:
-            with open(log_file, "a") as f:
-                for i, loss in enumerate(torch.stack(pending).tolist() if pending else []):
-                    done = completed - len(pending) + 1 + i
-                    f.write(json.dumps({"step": done, "loss": loss, "lr": lr_at(done, tc)}) + "\n")
-            _save_resume(resume_dir, model, optimizer, completed)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
+                bar.close()
     elapsed = time.perf_counter() - t0
     return {
         "run": run.name,
@@ -322,7 +555,24 @@ def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None
         "tokens_per_second": tokens_per_step * (tc.steps - start) / max(elapsed, 1e-9),
         "seconds": elapsed,
         "checkpoints": run.checkpoints(),
+        "processes": world,
     }
+
+
+def _lost_peers_message(err: BaseException, rank: int, step: int, saved: int | None, run: Run) -> str:
+    text = str(err).strip()
+    cause = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0]) if text else type(err).__name__  # drop "[file.cc:123]"
+    cause = re.split(r"\.\s", cause)[0].rstrip(".")[:300]  # the first sentence: what happened, not gloo's advice
+    checkpoints = run.checkpoints()
+    parts = [
+        f"training process {rank} lost contact with the others during step {step} ({cause}):",
+        f"another process died or stopped answering — see its output; a silent one is given up on after "
+        f"IGPT_DIST_TIMEOUT={_dist_timeout():g} s.",
+        f"Last checkpoint: {f'step {checkpoints[-1]}' if checkpoints else 'none yet'}"
+        + (f"; resumable state saved at step {saved}." if saved is not None else "."),
+        "Continue with the same command plus --resume.",
+    ]
+    return " ".join(parts)
 
 
 def _save_resume(folder: Path, model: IGPT, optimizer, step: int) -> None:
