@@ -8,6 +8,7 @@ keep them: a (k, 3) float array in [-1, 1], pixel = x / 127.5 - 1, back to RGB b
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ class Palette:
             raise IgptError("the palette holds non-finite colours; re-fit it")
         self.clusters = clusters
         self._table = None  # nearest-colour id per packed 24-bit RGB value, filled as colours are seen
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.clusters)
@@ -80,13 +82,17 @@ class Palette:
         if images.dtype != np.uint8 or images.shape[-1:] != (3,):
             raise IgptError(f"quantize takes uint8 RGB arrays (..., 3), got {images.dtype} {images.shape}")
         packed = (images[..., 0].astype(np.int32) << 16) | (images[..., 1].astype(np.int32) << 8) | images[..., 2]
-        if self._table is None:
-            self._table = np.full(256**3, -1, dtype=np.int16)  # 32 MB; -1 = not computed yet
-        ids = self._table[packed]
-        if (ids < 0).any():
-            new = np.unique(packed[ids < 0])
-            self._table[new] = self._nearest(new)
+        with self._lock:  # apps quantise from several threads; the table is filled by one at a time
+            if self._table is None:
+                self._table = np.full(256**3, -1, dtype=np.int16)  # 32 MB; -1 = not computed yet
             ids = self._table[packed]
+            missing = ids < 0
+            if missing.any():
+                # Mark the new colours in the table and read them back in order: a set without sorting the batch.
+                self._table[packed[missing]] = -2
+                new = np.flatnonzero(self._table == -2)
+                self._table[new] = self._nearest(new)
+                ids = self._table[packed]
         return ids.astype(np.int64)
 
     def _nearest(self, packed: np.ndarray) -> np.ndarray:
@@ -96,7 +102,7 @@ class Palette:
         centers = torch.from_numpy(self.clusters.astype(np.float64))
         center_norms = centers.square().sum(1)
         out = []
-        for chunk in points.split(16384):
+        for chunk in points.split(4096):  # (4096, k) distances: small enough to stay in cache
             # |x - c|^2 = |x|^2 - 2 x.c + |c|^2; |x|^2 is the same for every c, so argmin skips it
             out.append((center_norms[None] - 2 * chunk @ centers.T).argmin(dim=1))
         return torch.cat(out).numpy().astype(np.int16)
