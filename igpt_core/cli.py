@@ -304,7 +304,8 @@ def cmd_dashboard(args) -> None:
     script = REPO / "apps" / "dashboard.py"
     _app(args, script, [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(args.port),
                         "--server.address", args.host, "--server.headless", "true",
-                        "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"])
+                        "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+                        "--client.toolbarMode", "minimal"])  # no "Deploy" button: this is a local tool
 
 
 # -- the parser -------------------------------------------------------------------------------------
