@@ -63,8 +63,13 @@ class Palette:
         if len(unique) <= k:
             chosen = np.concatenate([unique, np.repeat(unique[-1:], k - len(unique), axis=0)])
             return cls(chosen / 127.5 - 1.0)
+        from threadpoolctl import threadpool_limits
+
         kmeans = KMeans(n_clusters=k, n_init=1, random_state=seed, max_iter=100)
-        kmeans.fit(pixels.astype(np.float32) / 127.5 - 1.0)
+        # One thread: k-means sums in a thread-dependent order, and a palette must not depend on the
+        # machine's thread count (torchrun's processes run with 1, a plain `igpt train` with all cores).
+        with threadpool_limits(limits=1):
+            kmeans.fit(pixels.astype(np.float32) / 127.5 - 1.0)
         # Sort by brightness so palettes print and plot in a sensible order.
         centers = kmeans.cluster_centers_[np.argsort(kmeans.cluster_centers_.sum(axis=1), kind="stable")]
         return cls(centers)
