@@ -111,19 +111,34 @@ class Norm(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer for the positions decoded so far, preallocated once."""
+    """Keys and values of every layer for the positions decoded so far, preallocated once.
+
+    `kv[layer]` is (2, B, nh, n_positions, hs): keys then values, so that one copy stores both.
+    """
 
     def __init__(self, config: ModelConfig, batch_size: int, device, dtype=torch.float32):
         head_dim = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, config.n_positions, head_dim)
-        self.keys = torch.empty(shape, device=device, dtype=dtype)
-        self.values = torch.empty(shape, device=device, dtype=dtype)
+        shape = (config.n_layer, 2, batch_size, config.n_head, config.n_positions, head_dim)
+        self.kv = torch.empty(shape, device=device, dtype=dtype)
         self.length = 0  # positions filled; the next token sits at this position
 
+    @property
+    def keys(self) -> torch.Tensor:  # (n_layer, B, nh, n_positions, hs)
+        return self.kv[:, 0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.kv[:, 1]
+
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep the batch rows `index` (e.g. to repeat one prompt's cache for N samples)."""
-        self.keys = self.keys[:, index]
-        self.values = self.values[:, index]
+        """Keep the batch rows `index` (e.g. to repeat one prompt's cache for N samples).
+
+        Copies only the filled positions, once; the rest of the new cache stays unwritten.
+        """
+        n_layer, two, _, nh, n_positions, hs = self.kv.shape
+        kv = self.kv.new_empty((n_layer, two, len(index), nh, n_positions, hs))
+        kv[:, :, :, :, : self.length] = self.kv[:, :, index, :, : self.length]
+        self.kv = kv
 
 
 class Attention(nn.Module):
@@ -135,16 +150,14 @@ class Attention(nn.Module):
 
     def forward(self, x, causal: bool, cache: KVCache | None = None, layer: int = 0):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
         if cache is None:
+            q, k, v = qkv
             y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         else:
-            start = cache.length
-            cache.keys[layer, :, :, start : start + T] = k
-            cache.values[layer, :, :, start : start + T] = v
-            k = cache.keys[layer, :, :, : start + T]  # (B, nh, start+T, hs)
-            v = cache.values[layer, :, :, : start + T]
+            start, kv = cache.length, cache.kv[layer]  # kv: (2, B, nh, n_positions, hs)
+            kv[:, :, :, start : start + T] = qkv[1:]  # keys and values of the new tokens, one copy
+            q, (k, v) = qkv[0], kv[:, :, :, : start + T]  # k, v: (B, nh, start+T, hs), views of the cache
             if T == 1:  # one new query attends to everything so far: no mask needed
                 y = F.scaled_dot_product_attention(q, k, v)
             else:  # new queries see all cached positions and, among themselves, only earlier ones

@@ -31,7 +31,9 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None, 
 def sample_logits(logits: torch.Tensor, generator: torch.Generator, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """One id per row of logits (B, K): temperature, then top-k, then nucleus (top-p) filtering."""
-    logits = logits.float() / temperature
+    logits = logits.float()
+    if temperature != 1:
+        logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -124,8 +126,10 @@ def inpaint_stream(model: IGPT, ids, known, n_samples: int = 1, *, temperature: 
     first = int((~known).nonzero()[0])  # the prompt up to the first hidden pixel goes in as one chunk
     sos = torch.full((1, 1), model.config.sos_id, device=prompt.device)
     logits = model.decode(torch.cat([sos, prompt[None, :first]], dim=1), cache)
-    cache.reorder(torch.zeros(n_samples, dtype=torch.long, device=prompt.device))  # share the prompt's work
+    if n_samples > 1:  # share the prompt's work: every sample starts from its keys and values
+        cache.reorder(torch.zeros(n_samples, dtype=torch.long, device=prompt.device))
     logits = logits.expand(n_samples, -1)
+    known = known.tolist()  # read once per pixel below: Python bools, not tensor indexing
     filled, t = 0, first
     while t < T:
         out[:, t] = sample_logits(logits, generator, temperature, top_k, top_p)

@@ -1,0 +1,159 @@
+"""Completion throughput: igpt_core's KV-cache sampler against Hugging Face generate(), same weights.
+
+    python benchmarks/sampling.py [--quick] [--threads N]
+
+Prints JSON. For each case (the `tiny` preset at 16×16 with 16 colours, and iGPT-S shapes at 32×32
+with 512 colours, random weights) and batch size (1 and 8), the bottom half of one image is
+completed from its top half by `igpt_core.sample.complete` and by HF
+`ImageGPTForCausalImageModeling.generate(do_sample=True, top_k=None, use_cache=True)`, starting
+from SOS + the kept rows, up to max_length = n_positions + 1. Both models hold identical weights
+(converted with igpt_core.hf). Runs of ours and HF's are interleaved so that machine load hits
+both alike; `ratio` is the median over repeats of ours/HF, measured back to back.
+
+Throughput counts generated pixels (batch × hidden pixels) per wall-clock second, prompt included.
+`cpu_ratio` is the same ratio in CPU seconds of this process: steadier than wall-clock on a shared
+machine (time spent waiting for a core is not counted).
+`greedy_check` compares top_k=1 completions with HF's greedy generate on the first pixels; a
+mismatch is reported with the logit gap between the two best colours there (a gap near 0 is an
+fp32 argmax tie, not a bug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import transformers
+from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
+
+from igpt_core.hf import state_dict_from_hf
+from igpt_core.model import IGPT, ModelConfig
+from igpt_core.sample import complete, inpaint
+
+CASES = {  # name: (model shape, repeats, repeats with --quick, pixels in the greedy check (None: all))
+    "tiny": (dict(n_layer=4, n_embd=128, n_head=4, vocab_size=17, n_positions=16 * 16), 15, 1, None),
+    "igpt-s": (dict(n_layer=24, n_embd=512, n_head=8, vocab_size=513, n_positions=32 * 32), 3, 1, 128),
+}
+TARGETS = {("tiny", 1): 3.0, ("igpt-s", 1): 2.0}  # the issue's goals for `ratio` ("Fast completions")
+BATCHES = (1, 8)
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu": cpu, "load_average": list(os.getloadavg()),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "torch_threads": torch.get_num_threads()}
+
+
+def models(shape: dict, seed: int = 0):
+    """HF's model with its own random init, and ours holding the same weights."""
+    torch.manual_seed(seed)
+    hf = ImageGPTForCausalImageModeling(ImageGPTConfig(**shape)).eval()
+    config = ModelConfig(**shape)
+    ours = IGPT(config)
+    ours.load_state_dict(state_dict_from_hf(hf.state_dict(), config))
+    return ours.eval(), hf
+
+
+def timed(fn) -> tuple[float, float]:
+    """(wall-clock seconds, CPU seconds of this process) for one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def hf_generate(hf, prompt: torch.Tensor, keep: int, batch: int, length: int, **options) -> torch.Tensor:
+    """HF's completion of prompt[:keep]: its input is SOS + the kept pixels (HF adds no SOS itself)."""
+    sos = hf.config.vocab_size - 1
+    inputs = torch.cat([torch.tensor([sos]), prompt[:keep]]).expand(batch, -1)
+    with torch.inference_mode():
+        # an explicit mask: otherwise generate() takes every pad_token_id (here SOS) in the input for padding
+        out = hf.generate(inputs, attention_mask=torch.ones_like(inputs), max_length=1 + length, use_cache=True,
+                          pad_token_id=sos, **options)
+    return out[:, 1:]  # drop SOS: (batch, length) palette ids
+
+
+def greedy_check(ours, hf, prompt: torch.Tensor, keep: int, n: int) -> dict:
+    """Our top_k=1 completion of the n pixels after `keep` against HF's greedy generate()."""
+    T = prompt.numel()
+    known = torch.ones(T, dtype=torch.bool)
+    known[keep : keep + n] = False  # positions after the checked ones are fed, never sampled: cheap
+    mine = inpaint(ours, prompt, known, 1, top_k=1, seed=0)[0, keep : keep + n]
+    theirs = hf_generate(hf, prompt, keep, 1, keep + n, do_sample=False)[0, keep:]
+    same = mine == theirs
+    result = {"pixels": n, "equal": bool(same.all())}
+    if not result["equal"]:
+        first = int((~same).nonzero()[0])
+        result["matching_prefix"] = first
+        with torch.inference_mode():  # how close was the call at the first difference?
+            logits, _ = ours(torch.cat([prompt[:keep], theirs]).unsqueeze(0))
+        top2 = logits[0, keep + first].topk(2).values
+        result["logit_gap_at_first_mismatch"] = float(top2[0] - top2[1])
+    return result
+
+
+def run_case(name: str, quick: bool) -> dict:
+    shape, repeats, quick_repeats, n_check = CASES[name]
+    repeats = quick_repeats if quick else repeats
+    ours, hf = models(shape)
+    side = ours.config.image_size
+    T, keep = side * side, (side // 2) * side
+    prompt = torch.randint(0, ours.config.n_colors, (T,), generator=torch.Generator().manual_seed(1))
+    n_check = T - keep if n_check is None else (32 if quick else n_check)
+    result = {"shape": shape, "image": f"{side}x{side}", "kept_pixels": keep, "generated_per_image": T - keep,
+              "greedy_check": greedy_check(ours, hf, prompt, keep, n_check), "batches": {}}
+    for batch in BATCHES:
+        pixels = batch * (T - keep)
+        mine = lambda r: complete(ours, prompt, side // 2, batch, seed=r)  # noqa: E731
+        theirs = lambda r: hf_generate(hf, prompt, keep, batch, T, do_sample=True, top_k=None)  # noqa: E731
+        if name == "tiny":  # warm-up (first calls allocate, initialise kernels); the large case is warm by now
+            mine(-1), theirs(-1)
+        ours_t, hf_t = [], []
+        for r in range(repeats):  # interleaved, alternating who goes first
+            pair = [(ours_t, mine), (hf_t, theirs)]
+            for times, fn in pair if r % 2 == 0 else pair[::-1]:
+                times.append(timed(lambda: fn(r)))
+        (ours_s, ours_cpu), (hf_s, hf_cpu) = zip(*ours_t), zip(*hf_t)
+        result["batches"][str(batch)] = {
+            "ours_px_per_s": round(pixels / statistics.median(ours_s), 1),
+            "hf_px_per_s": round(pixels / statistics.median(hf_s), 1),
+            "ratio": round(statistics.median(h / o for o, h in zip(ours_s, hf_s)), 2),
+            "cpu_ratio": round(statistics.median(h / o for o, h in zip(ours_cpu, hf_cpu)), 2),
+            **({"target_ratio": TARGETS[name, batch]} if (name, batch) in TARGETS else {}),
+            "ours_seconds": [round(s, 3) for s in ours_s],
+            "hf_seconds": [round(s, 3) for s in hf_s],
+        }
+    return result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one repeat per case and a short greedy check (CI smoke)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on shared cores, more threads often run slower)")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    report = {"benchmark": "completion throughput, bottom half of one image, generated pixels per second",
+              "command": "python benchmarks/sampling.py" + (" --quick" if args.quick else "")
+              + (f" --threads {args.threads}" if args.threads != 1 else ""),
+              "quick": args.quick, "machine": machine(), "cases": {}}
+    for name in args.cases:
+        report["cases"][name] = run_case(name, args.quick)
+    report["machine"]["load_average_end"] = list(os.getloadavg())
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
