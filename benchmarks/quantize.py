@@ -28,24 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
 import numpy as np
 import torch
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "numpy": np.__version__,
-            "python": platform.python_version(), "load_average_1m_at_start": os.getloadavg()[0]}
+from machine import machine_facts  # benchmarks/machine.py (scripts run from this folder)
 
 
 def batches(images: np.ndarray, size: int):
@@ -138,7 +126,7 @@ def main() -> None:
     result = {
         "benchmark": "palette quantisation: Palette.encode vs transformers ImageGPTImageProcessorPil",
         "quick": args.quick,
-        "machine": machine(),
+        "machine": machine_facts(),
         "images_per_pass": n,
         "image_size": 32,
         "colors": args.colors,

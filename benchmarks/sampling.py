@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -34,6 +33,7 @@ from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 from igpt_core.hf import state_dict_from_hf
 from igpt_core.model import IGPT, ModelConfig
 from igpt_core.sample import complete, inpaint
+from machine import machine_facts  # benchmarks/machine.py (scripts run from this folder)
 
 CASES = {  # name: (model shape, repeats, repeats with --quick, pixels in the greedy check (None: all))
     "tiny": (dict(n_layer=4, n_embd=128, n_head=4, vocab_size=17, n_positions=16 * 16), 15, 1, None),
@@ -41,18 +41,6 @@ CASES = {  # name: (model shape, repeats, repeats with --quick, pixels in the gr
 }
 TARGETS = {("tiny", 1): 3.0, ("igpt-s", 1): 2.0}  # the goals for `ratio` ("Fast completions")
 BATCHES = (1, 8)
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"nproc": os.cpu_count(), "cpu": cpu, "load_average": list(os.getloadavg()),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "torch_threads": torch.get_num_threads()}
 
 
 def models(shape: dict, seed: int = 0):
@@ -148,7 +136,7 @@ def main(argv=None) -> None:
     report = {"benchmark": "completion throughput, bottom half of one image, generated pixels per second",
               "command": "python benchmarks/sampling.py" + (" --quick" if args.quick else "")
               + (f" --threads {args.threads}" if args.threads != 1 else ""),
-              "quick": args.quick, "machine": machine(), "cases": {}}
+              "quick": args.quick, "machine": {**machine_facts(), "transformers": transformers.__version__}, "cases": {}}
     for name in args.cases:
         report["cases"][name] = run_case(name, args.quick)
     report["machine"]["load_average_end"] = list(os.getloadavg())

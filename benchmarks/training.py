@@ -25,12 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from machine import machine_facts  # benchmarks/machine.py (scripts run from this folder)
 
 SOS_NOTE = "HF reads [SOS, x1..x_{T-1}] and scores T-1 pixels; ours reads x1..x_T (SOS inside) and scores T"
 
@@ -147,19 +147,6 @@ def worker(side: str, spec: dict) -> None:
 # -- the driver -------------------------------------------------------------------------------------
 
 
-def machine(threads: int) -> dict:
-    import torch
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "torch_threads_per_side": threads,
-            "python": platform.python_version(), "load_average_1m_at_start": os.getloadavg()[0]}
-
-
 class Side:
     def __init__(self, name: str, spec: dict):
         env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), HF_HUB_OFFLINE="1")
@@ -246,7 +233,7 @@ def main() -> None:
     result = {
         "benchmark": "training step: igpt_core.train vs transformers ImageGPTForCausalImageModeling",
         "quick": args.quick,
-        "machine": machine(args.threads),
+        "machine": {**machine_facts(), "torch_threads_per_side": args.threads},
         "shape": {**spec, "tokens_per_step": tokens, "parameters": sides["ours"].info["parameters"]},
         "hf_attn_implementation": sides["hf"].info.get("hf_attn_implementation"),
         "logits_max_abs_diff": sides["hf"].info.get("logits_max_abs_diff"),
