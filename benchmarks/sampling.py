@@ -1,6 +1,6 @@
 """Completion throughput: igpt_core's KV-cache sampler against Hugging Face generate(), same weights.
 
-    python benchmarks/sampling.py [--quick] [--threads N]
+    python benchmarks/sampling.py [--quick] [--threads 1 2]
 
 Prints JSON. For each case (the `tiny` preset at 16×16 with 16 colours, and iGPT-S shapes at 32×32
 with 512 colours, random weights) and batch size (1 and 8), the bottom half of one image is
@@ -9,6 +9,9 @@ completed from its top half by `igpt_core.sample.complete` and by HF
 from SOS + the kept rows, up to max_length = n_positions + 1. Both models hold identical weights
 (converted with igpt_core.hf). Runs of ours and HF's are interleaved so that machine load hits
 both alike; `ratio` is the median over repeats of ours/HF, measured back to back.
+
+Everything runs once per torch thread count in --threads (default: 1, and every core), since the
+fastest kernels differ between them (see igpt_core.decoder); both sides get the same count.
 
 Throughput counts generated pixels (batch × hidden pixels) per wall-clock second, prompt included.
 `cpu_ratio` is the same ratio in CPU seconds of this process: steadier than wall-clock on a shared
@@ -127,18 +130,19 @@ def run_case(name: str, quick: bool) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one repeat per case and a short greedy check (CI smoke)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: on shared cores, more threads often run slower)")
+    parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}),
+                        help="torch thread counts to measure, each in turn (default: 1 and every core)")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     report = {"benchmark": "completion throughput, bottom half of one image, generated pixels per second",
               "command": "python benchmarks/sampling.py" + (" --quick" if args.quick else "")
-              + (f" --threads {args.threads}" if args.threads != 1 else ""),
-              "quick": args.quick, "machine": {**machine_facts(), "transformers": transformers.__version__}, "cases": {}}
-    for name in args.cases:
-        report["cases"][name] = run_case(name, args.quick)
+              + " --threads " + " ".join(map(str, args.threads)) + " --cases " + " ".join(args.cases),
+              "quick": args.quick, "machine": {**machine_facts(), "transformers": transformers.__version__},
+              "threads": {}}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        report["threads"][str(threads)] = {name: run_case(name, args.quick) for name in args.cases}
     report["machine"]["load_average_end"] = list(os.getloadavg())
     print(json.dumps(report, indent=2))
 

@@ -4,7 +4,8 @@ from .data import DATASETS, Dataset, load_dataset
 from .errors import CheckpointError, ConfigError, DatasetError, IgptError, ImageError, RunError
 from .images import load_image, resize, to_rgb
 from .likelihood import pixel_nll, score, surprise_map
-from .model import IGPT, PRESETS, KVCache, ModelConfig, preset
+from .decoder import Decoder
+from .model import IGPT, PRESETS, ModelConfig, preset
 from .palette import Palette
 from .runs import Run, list_runs, load_checkpoint, open_run, save_checkpoint
 from .sample import complete, complete_stream, inpaint, inpaint_stream, unconditional
@@ -15,7 +16,7 @@ __all__ = [
     "CheckpointError", "ConfigError", "DatasetError", "IgptError", "ImageError", "RunError",
     "load_image", "resize", "to_rgb",
     "pixel_nll", "score", "surprise_map",
-    "IGPT", "PRESETS", "KVCache", "ModelConfig", "preset",
+    "Decoder", "IGPT", "PRESETS", "ModelConfig", "preset",
     "Palette",
     "Run", "list_runs", "load_checkpoint", "open_run", "save_checkpoint",
     "complete", "complete_stream", "inpaint", "inpaint_stream", "unconditional",

@@ -1,4 +1,4 @@
-"""The Image GPT model: one file, top to bottom — norm, attention (with KV cache), MLP, block, model.
+"""The Image GPT model: one file, top to bottom — norm, attention, MLP, block, model.
 
 The block is OpenAI's iGPT block exactly (so that their released weights give the same logits,
 see DESIGN.md §2): RMS-style norm without bias, quick-GELU, pre-norm residuals, an untied 512-way
@@ -8,6 +8,9 @@ One class serves both objectives of the paper:
 - "ar":   causal attention; logits[:, t] predict pixel t from pixels < t (SOS is prepended inside).
 - "bert": bidirectional attention; masked positions have their colour embedding zeroed (no mask
           token) and the loss is taken on masked positions only.
+
+Generating one pixel at a time (with a KV cache) runs this same network from `decoder.py`, which
+lays the weights out for that job.
 """
 
 from __future__ import annotations
@@ -110,37 +113,6 @@ class Norm(nn.Module):
         return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-class KVCache:
-    """Keys and values of every layer for the positions decoded so far, preallocated once.
-
-    `kv[layer]` is (2, B, nh, n_positions, hs): keys then values, so that one copy stores both.
-    """
-
-    def __init__(self, config: ModelConfig, batch_size: int, device, dtype=torch.float32):
-        head_dim = config.n_embd // config.n_head
-        shape = (config.n_layer, 2, batch_size, config.n_head, config.n_positions, head_dim)
-        self.kv = torch.empty(shape, device=device, dtype=dtype)
-        self.length = 0  # positions filled; the next token sits at this position
-
-    @property
-    def keys(self) -> torch.Tensor:  # (n_layer, B, nh, n_positions, hs)
-        return self.kv[:, 0]
-
-    @property
-    def values(self) -> torch.Tensor:
-        return self.kv[:, 1]
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep the batch rows `index` (e.g. to repeat one prompt's cache for N samples).
-
-        Copies only the filled positions, once; the rest of the new cache stays unwritten.
-        """
-        n_layer, two, _, nh, n_positions, hs = self.kv.shape
-        kv = self.kv.new_empty((n_layer, two, len(index), nh, n_positions, hs))
-        kv[:, :, :, :, : self.length] = self.kv[:, :, index, :, : self.length]
-        self.kv = kv
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -148,21 +120,10 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # Q | K | V, packed in that order
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x, causal: bool, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, causal: bool):
         B, T, C = x.shape
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
-        if cache is None:
-            q, k, v = qkv
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        else:
-            start, kv = cache.length, cache.kv[layer]  # kv: (2, B, nh, n_positions, hs)
-            kv[:, :, :, start : start + T] = qkv[1:]  # keys and values of the new tokens, one copy
-            q, (k, v) = qkv[0], kv[:, :, :, : start + T]  # k, v: (B, nh, start+T, hs), views of the cache
-            if T == 1:  # one new query attends to everything so far: no mask needed
-                y = F.scaled_dot_product_attention(q, k, v)
-            else:  # new queries see all cached positions and, among themselves, only earlier ones
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs) each
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh·hs)
         return self.c_proj(y)
 
@@ -186,8 +147,8 @@ class Block(nn.Module):
         self.ln_2 = Norm(config.n_embd, config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, causal: bool, cache: KVCache | None = None, layer: int = 0):
-        x = x + self.attn(self.ln_1(x), causal, cache, layer)  # residual on the raw stream, not the normed one
+    def forward(self, x, causal: bool):
+        x = x + self.attn(self.ln_1(x), causal)  # residual on the raw stream, not the normed one
         return x + self.mlp(self.ln_2(x))
 
 
@@ -227,17 +188,16 @@ class IGPT(nn.Module):
             return torch.cat([sos, ids[:, :-1]], dim=1)
         return ids
 
-    def _embed(self, tokens, start: int = 0, mask: torch.Tensor | None = None):
+    def _embed(self, tokens, mask: torch.Tensor | None = None):
         T = tokens.shape[1]
-        if start + T > self.config.n_positions:
-            raise ValueError(f"sequence of {start + T} tokens exceeds n_positions={self.config.n_positions}")
+        if T > self.config.n_positions:
+            raise ValueError(f"sequence of {T} tokens exceeds n_positions={self.config.n_positions}")
         tok = self.wte(tokens)  # (B, T, C)
         if mask is not None:  # BERT: masked positions keep their position, lose their colour
             tok = tok * (~mask).unsqueeze(-1).to(tok.dtype)
-        pos = self.wpe(torch.arange(start, start + T, device=tokens.device))  # (T, C)
-        return tok + pos
+        return tok + self.wpe.weight[:T]  # (T, C) positions broadcast over the batch
 
-    def _blocks(self, x, cache: KVCache | None = None, stop: int | None = None, collect=()):
+    def _blocks(self, x, stop: int | None = None, collect=()):
         """Run blocks 0..stop-1. Returns the stream and {layer: normed stream} for layers in collect."""
         causal = self.config.objective == "ar"
         stop = self.config.n_layer if stop is None else stop
@@ -245,10 +205,10 @@ class IGPT(nn.Module):
         for i, block in enumerate(self.h[:stop]):
             if i in collect:
                 collected[i] = block.ln_1(x)
-            if self.gradient_checkpointing and self.training and cache is None:
+            if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, causal, use_reentrant=False)
             else:
-                x = block(x, causal, cache, i)
+                x = block(x, causal)
         if self.config.n_layer in collect and stop == self.config.n_layer:
             collected[self.config.n_layer] = self.ln_f(x)
         return x, collected
@@ -265,7 +225,7 @@ class IGPT(nn.Module):
             mask = torch.rand(ids.shape, device=ids.device) < self.config.mask_prob
         if self.config.objective == "ar" and mask is not None:
             raise ValueError("masks are for BERT-objective models; AR models see only the past anyway")
-        x = self._embed(self._inputs(ids, mask), 0, mask)
+        x = self._embed(self._inputs(ids, mask), mask)
         x, _ = self._blocks(x)
         logits = self.lm_head(self.ln_f(x))  # (B, T, n_colors)
         loss = None
@@ -277,22 +237,6 @@ class IGPT(nn.Module):
             else:
                 loss = nll.mean()
         return logits, loss
-
-    # -- incremental decoding ------------------------------------------------------------------------
-
-    def new_cache(self, batch_size: int) -> KVCache:
-        p = next(self.parameters())
-        return KVCache(self.config, batch_size, p.device, p.dtype)
-
-    def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Feed tokens (B, t) at positions cache.length..+t (AR only); logits of the last one, (B, n_colors).
-
-        Tokens are network inputs: the first call starts with the SOS id (`config.sos_id`).
-        """
-        x = self._embed(tokens, cache.length)
-        x, _ = self._blocks(x, cache)
-        cache.length += tokens.shape[1]
-        return self.lm_head(self.ln_f(x[:, -1]))
 
     # -- features for probes -------------------------------------------------------------------------
 
@@ -309,6 +253,6 @@ class IGPT(nn.Module):
         bad = [layer for layer in layers if not 0 <= layer <= n]
         if bad:
             raise ValueError(f"layer {bad[0]} is out of range: this model has layers 0..{n}")
-        x = self._embed(self._inputs(ids, mask), 0, mask)
+        x = self._embed(self._inputs(ids, mask), mask)
         _, collected = self._blocks(x, stop=min(max(layers) + 1, n), collect=set(layers))  # block l's input norm needs blocks < l
         return torch.stack([collected[layer].mean(dim=1) for layer in layers])

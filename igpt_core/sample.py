@@ -1,8 +1,8 @@
 """Completing images: the paper's half-image completions, unconditional samples, and inpainting.
 
 Everything works on palette ids (T = H·W, raster order); `palette.encode` / `palette.decode` convert.
-Autoregressive models decode with a KV cache: each new pixel costs one token's worth of work, not
-a pass over the whole prefix. The streaming forms yield the partial result as pixels arrive; the
+Autoregressive models decode with a KV cache (`decoder.Decoder`): each new pixel costs one token's
+worth of work, not a pass over the whole prefix. The streaming forms yield the partial result as pixels arrive; the
 plain forms return the stream's last item, so both give identical results for the same seed.
 """
 
@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
+from .decoder import Decoder
 from .errors import IgptError
 from .model import IGPT
 
@@ -122,13 +123,11 @@ def inpaint_stream(model: IGPT, ids, known, n_samples: int = 1, *, temperature: 
         return
     every = every or model.config.image_size
     T = prompt.numel()
-    cache = model.new_cache(1)
+    decoder = Decoder(model, n_samples)
     first = int((~known).nonzero()[0])  # the prompt up to the first hidden pixel goes in as one chunk
     sos = torch.full((1, 1), model.config.sos_id, device=prompt.device)
-    logits = model.decode(torch.cat([sos, prompt[None, :first]], dim=1), cache)
-    if n_samples > 1:  # share the prompt's work: every sample starts from its keys and values
-        cache.reorder(torch.zeros(n_samples, dtype=torch.long, device=prompt.device))
-    logits = logits.expand(n_samples, -1)
+    # fed once for all samples: every sample starts from the prompt's keys and values
+    logits = decoder.feed(torch.cat([sos, prompt[None, :first]], dim=1)).expand(n_samples, -1)
     known = known.tolist()  # read once per pixel below: Python bools, not tensor indexing
     filled, t = 0, first
     while t < T:
@@ -139,7 +138,7 @@ def inpaint_stream(model: IGPT, ids, known, n_samples: int = 1, *, temperature: 
             run_end += 1
         if run_end == T:
             break
-        logits = model.decode(out[:, t:run_end], cache)
+        logits = decoder.feed(out.narrow(1, t, run_end - t))
         t = run_end
         if filled % every == 0:
             yield out.clone(), filled

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from igpt_core import hf
+from igpt_core.decoder import Decoder
 from igpt_core.errors import CheckpointError, RunError
 from igpt_core.model import IGPT, ModelConfig
 from igpt_core.palette import Palette
@@ -101,12 +102,12 @@ def test_import_gives_hf_logits_with_and_without_cache(tmp_path, shape):
     with torch.no_grad():
         close(ours(ids)[0], expected)
 
-        # KV cache: a prompt chunk [SOS, x1..x3] first, then one pixel at a time
-        cache = ours.new_cache(len(ids))
+        # the decoder (KV cache, folded weights): a prompt chunk [SOS, x1..x3] first, then one pixel at a time
+        decoder = Decoder(ours, len(ids))
         sos = torch.full_like(ids[:, :1], ours.config.sos_id)
-        close(ours.decode(torch.cat([sos, ids[:, :3]], dim=1), cache), expected[:, 3])
+        close(decoder.feed(torch.cat([sos, ids[:, :3]], dim=1)), expected[:, 3])
         for t in range(4, T):
-            close(ours.decode(ids[:, t - 1 : t], cache), expected[:, t])
+            close(decoder.feed(ids[:, t - 1 : t]), expected[:, t])
 
 
 def test_weight_files_other_than_model_safetensors(tmp_path):

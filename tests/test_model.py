@@ -1,4 +1,4 @@
-"""The model: causality, KV cache, features, BERT masking, presets, save/load."""
+"""The model: causality, features, BERT masking, presets, save/load (KV-cache decoding: test_decoder.py)."""
 
 import math
 
@@ -65,21 +65,6 @@ def test_bert_loss_is_on_masked_positions_only():
     logits, loss = model(ids, targets=ids, mask=mask)
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
     torch.testing.assert_close(loss, nll[mask].mean())
-
-
-def test_kv_cache_decoding_equals_full_forward():
-    model = random_model()
-    ids = torch.randint(0, 16, (3, 36))
-    full, _ = model(ids)
-    cache = model.new_cache(3)
-    steps = [model.decode(torch.full((3, 1), model.config.sos_id), cache)]
-    steps += [model.decode(ids[:, t : t + 1], cache) for t in range(35)]
-    torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=1e-5)
-    # chunked prefill then single steps
-    cache = model.new_cache(3)
-    sos = torch.full((3, 1), model.config.sos_id)
-    torch.testing.assert_close(model.decode(torch.cat([sos, ids[:, :10]], 1), cache), full[:, 10], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(model.decode(ids[:, 10:20], cache), full[:, 20], atol=1e-5, rtol=1e-5)
 
 
 def test_ar_loss_scores_every_pixel_including_the_first():

@@ -1,0 +1,163 @@
+"""Generating pixels one at a time: an autoregressive model's weights laid out for decoding, and its KV cache.
+
+`model.py` is the network as the paper and OpenAI's weights define it, written for reading and
+training. Generation runs the same network one token at a time, where a step is a handful of
+matrix-vector products and a few dozen small operations, so two different costs dominate:
+
+- at iGPT-S sizes, reading the weights (288 MB per pixel in fp32). On CPUs, a (batch, in) @ (in, out)
+  product streams the weights markedly faster than nn.Linear's (out, in) layout (the products of
+  one iGPT-S pixel took 18 against 25 ms on this project's machine), so the weights are stored transposed;
+  where oneDNN's pre-packed layout (the one torch.compile's CPU backend uses) is faster still, the
+  weights are packed for it (see `_use_onednn`);
+- at small sizes, the number of operations per step (each costs microseconds of dispatch). Every
+  constant that can be folded into a weight is: the norms' gains into the product that reads them,
+  the attention's 1/√head_dim into the query weights, quick-GELU's 1.702 into the MLP's weights
+  (x·σ(1.702x) = silu(1.702x) / 1.702). The RMS norm divides each row by one number, so it can
+  divide the product instead of the input: `addcdiv(b, x @ W, ‖x‖ ⊕ √(d·eps))` is the whole
+  "norm, then linear" in three operations.
+
+The result is the model's own function: in float64 it equals `IGPT.forward` to 1e-12, and in
+float32 it is as close to that float64 truth as `IGPT.forward` itself is (tests/test_decoder.py);
+it matches Hugging Face's ImageGPT to 1e-5 (tests/test_hf.py). A `Decoder` is a snapshot: weights
+changed after it was made (more training) are not seen; make a new one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .errors import IgptError
+from .model import IGPT
+
+QUICK_GELU = 1.702  # x · sigmoid(1.702 x), OpenAI's GELU approximation
+
+
+def _use_onednn(device: torch.device, batch_size: int, width: int) -> bool:
+    """Whether oneDNN's pre-packed matrix products beat MKL's addmm for these decoding steps.
+
+    Measured on this project's 2-core AMD EPYC with cold (DRAM-resident) weights: for batches of 8
+    at widths 256-1024, oneDNN is 1.7-2.3x faster on one thread and 2.6-4x on two; at batch 1 it
+    wins only with 2 threads at width >= 512 (1.2-1.65x) and loses otherwise (0.6x on one thread).
+    Small matrices lose to its call cost (~15 us against ~4 us). Decided from these facts rather
+    than timed at run time, so that the same seed always gives the same pixels.
+    """
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if not all(hasattr(torch.ops.mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise")):
+        return False  # a PyTorch build without these (they serve torch.compile's CPU backend)
+    return (batch_size >= 2 and width >= 256) or (torch.get_num_threads() >= 2 and width >= 512)
+
+
+class Decoder:
+    """Feed palette tokens, get the next pixel's logits; keys and values stay in a cache.
+
+    >>> decoder = Decoder(model, batch_size=4)
+    >>> logits = decoder.feed(prompt)  # prompt (1, t): the same tokens for all 4 sequences, computed once
+    >>> logits = decoder.feed(tokens)  # tokens (4, t) at positions decoder.length ..; logits (4, n_colors)
+    """
+
+    def __init__(self, model: IGPT, batch_size: int):
+        config = model.config
+        if config.objective != "ar":
+            raise IgptError("one-token-at-a-time decoding is for autoregressive models; BERT models fill masks "
+                            "by iterative decoding (igpt_core.sample.inpaint)")
+        self.config = config
+        first = next(model.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        self.onednn = self.dtype == torch.float32 and _use_onednn(self.device, batch_size, config.n_embd)
+        d, self.n_head = config.n_embd, config.n_head
+        self.head_dim = d // config.n_head
+        # rms_norm(x) = x / √(mean(x²) + eps) = √d · x / √(‖x‖² + d·eps): the √d goes into the weights
+        self.root_d = math.sqrt(d)
+        self.root_d_eps = torch.tensor(math.sqrt(d * config.layer_norm_epsilon), device=self.device, dtype=self.dtype)
+
+        # Folded in float64 (where the device has it), so that each stored weight is the float32 (or
+        # model dtype) rounding of the exact product: the decoder is then as exact as the model itself.
+        fold = torch.float64 if self.device.type in ("cpu", "cuda") else torch.float32
+        state = model.state_dict()
+        p = lambda name: state[name].detach().to(fold)  # noqa: E731
+        self.wte, self.wpe = self._keep(p("wte.weight")), self._keep(p("wpe.weight"))
+        self.layers = []
+        query = slice(0, d)  # c_attn's outputs are Q | K | V
+        for i in range(config.n_layer):
+            w = lambda name: p(f"h.{i}.{name}")  # noqa: E731
+            attn_w = w("attn.c_attn.weight") * w("ln_1.weight")  # (3d, d): the norm's gain scales the inputs
+            attn_b = w("attn.c_attn.bias").clone()
+            attn_w[query] /= math.sqrt(self.head_dim)  # attention's scale, applied to the queries once
+            attn_b[query] /= math.sqrt(self.head_dim)
+            fc_w = w("mlp.c_fc.weight") * w("ln_2.weight") * QUICK_GELU
+            self.layers.append((  # matrices for x @ W, (in, out)
+                self._matrix(attn_w.T * self.root_d, batch_size), self._keep(attn_b),
+                self._matrix(w("attn.c_proj.weight").T, batch_size), self._keep(w("attn.c_proj.bias")),
+                self._matrix(fc_w.T * self.root_d, batch_size), self._keep(w("mlp.c_fc.bias") * QUICK_GELU),
+                self._matrix(w("mlp.c_proj.weight").T / QUICK_GELU, batch_size), self._keep(w("mlp.c_proj.bias")),
+            ))
+        self.head = self._matrix((p("lm_head.weight") * p("ln_f.weight")).T * self.root_d, batch_size)  # no bias
+        # (n_layer, B, 2, nh, n_positions, hs): keys then values, so that one copy stores both
+        shape = (config.n_layer, batch_size, 2, self.n_head, config.n_positions, self.head_dim)
+        self.kv = torch.empty(shape, device=self.device, dtype=self.dtype)
+        self.length = 0  # positions filled; the next token sits at this position
+        self.diverged = False  # whether the sequences have been fed different tokens yet
+
+    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=self.device, dtype=self.dtype).contiguous()
+
+    def _matrix(self, t: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """A weight (in, out) in the layout `_product` reads: plain, or packed for oneDNN."""
+        t = self._keep(t)
+        return torch.ops.mkldnn._reorder_linear_weight(t.T.contiguous(), batch_size) if self.onednn else t
+
+    def _product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ weight (+ bias)."""
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return x @ weight if bias is None else torch.addmm(bias, x, weight)
+
+    def _normed_product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """rms_norm(x) @ weight (+ bias), the norm's gain and √d already in `weight`."""
+        norm = torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), self.root_d_eps)  # √(‖x‖² + d·eps)
+        product = self._product(x, weight)
+        return product.div_(norm) if bias is None else torch.addcdiv(bias, product, norm)
+
+    @property
+    def batch_size(self) -> int:
+        return self.kv.shape[1]
+
+    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, t) at positions length..length+t-1; the logits after the last one, (B, n_colors).
+
+        B is the decoder's batch size, or 1 for tokens that every sequence shares (a prompt): they
+        are computed once and their keys and values copied to every sequence. Tokens are network
+        inputs: the first call starts with the SOS id (`config.sos_id`), and the logits after
+        token i predict pixel i (token i is pixel i-1).
+        """
+        B, T = tokens.shape
+        start, end = self.length, self.length + T
+        if end > self.config.n_positions:
+            raise ValueError(f"sequence of {end} tokens exceeds n_positions={self.config.n_positions}")
+        shared = B == 1 and self.batch_size > 1
+        if shared and self.diverged:
+            raise ValueError("tokens shared by every sequence must come before tokens that differ between them")
+        if B != self.batch_size and not shared:
+            raise ValueError(f"this decoder holds {self.batch_size} sequences, got tokens for {B}")
+        self.diverged = self.diverged or not shared
+        nh, hs, d = self.n_head, self.head_dim, self.config.n_embd
+        x = (F.embedding(tokens, self.wte) + self.wpe[start:end]).view(B * T, d)  # the residual stream
+        # new queries see every cached position and, among themselves, only earlier ones
+        mask = None if T == 1 else torch.ones(T, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
+        for kv, (attn_w, attn_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b) in zip(self.kv, self.layers):
+            qkv = self._normed_product(x, attn_w, attn_b).view(B, T, 3, nh, hs).permute(0, 2, 3, 1, 4)  # (B, 3, nh, T, hs)
+            rows = kv[:1] if shared else kv  # (B, 2, nh, n_positions, hs): the sequences computed here
+            rows.narrow(3, start, T).copy_(qkv.narrow(1, 1, 2))  # this step's keys and values
+            keys, values = rows.narrow(3, 0, end).unbind(1)  # (B, nh, end, hs) each, views of the cache
+            y = F.scaled_dot_product_attention(qkv.select(1, 0), keys, values, attn_mask=mask, scale=1.0)
+            x = x + self._product(y.transpose(1, 2).reshape(B * T, d), proj_w, proj_b)
+            h = F.silu(self._normed_product(x, fc_w, fc_b), inplace=True)  # quick-GELU, its 1.702 folded in
+            x = x + self._product(h, out_w, out_b)
+        if shared:  # every sequence gets the shared tokens' keys and values
+            self.kv[:, 1:, :, :, start:end] = self.kv[:, :1, :, :, start:end]
+        self.length = end
+        return self._normed_product(x.view(B, T, d)[:, -1].contiguous(), self.head)
