@@ -6,12 +6,8 @@ a function of (seed, step) and the model's random masks are seeded by (seed, ste
 — so a run resumed from its last saved state reproduces the uninterrupted loss curve exactly,
 and `torchrun` with N processes sees the same global batches as one process.
 
-Under `torchrun` every process runs the same code: rank 0 alone creates the run folder, writes the
-metrics log and checkpoints; the others wait for it (barriers) and read what it wrote. A process
-that dies or stops answering makes the others stop with a clear error after at most
-$IGPT_DIST_TIMEOUT seconds (default 600) instead of hanging; the last checkpoint stays loadable and
-rank 0 keeps a resumable state. SIGINT/SIGTERM (Ctrl-C, a scheduler's pre-emption) finish the
-current step on every process, save a resumable state and stop; a second Ctrl-C stops at once.
+Under `torchrun` every process runs this same code; distributed.py says how the processes share the
+work, wait for each other and stop (a lost process, SIGINT/SIGTERM).
 """
 
 from __future__ import annotations
@@ -20,12 +16,9 @@ import json
 import math
 import os
 import re
-import signal
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +27,11 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from .data import load_dataset
+from .distributed import StopSignals, init_from_env, is_peer_failure, lost_peers_message, patient_group
 from .errors import ConfigError, IgptError, RunError
 from .model import IGPT, ModelConfig, preset
 from .palette import Palette
 from .runs import Run, atomic_write, atomic_write_json, bits_per_dim, create_run, open_run, save_checkpoint
-
-DEFAULT_DIST_TIMEOUT = 600  # seconds; override with $IGPT_DIST_TIMEOUT
 
 
 @dataclass
@@ -120,7 +112,7 @@ def start_run(
     the same error it met), so every process may call this with the same arguments.
     """
     train_config = train_config or TrainConfig()
-    rank, world = _distributed()
+    rank, world = init_from_env()
     if world == 1:
         return _create_run(name, dataset, preset_name, objective, n_colors, resolution, train_config,
                            model_overrides, runs_dir, data_dir, overwrite)
@@ -131,9 +123,9 @@ def start_run(
                         model_overrides, runs_dir, data_dir, overwrite)
         except BaseException as err:
             shared = err if isinstance(err, IgptError) else RunError(f"rank 0 could not create run {name!r}: {err!r}")
-            dist.broadcast_object_list([shared], src=0, group=_patient_group())
+            dist.broadcast_object_list([shared], src=0, group=patient_group())
             raise
-    dist.broadcast_object_list(failure, src=0, group=_patient_group())  # rank 0 is done: the others may look
+    dist.broadcast_object_list(failure, src=0, group=patient_group())  # rank 0 is done: the others may look
     if failure[0] is not None:
         raise failure[0]
     try:
@@ -209,58 +201,6 @@ class _BatchOrder:
             lo, hi = max(begin, epoch * self.n), min(end, (epoch + 1) * self.n)
             parts.append(self._perm(epoch)[lo - epoch * self.n : hi - epoch * self.n])
         return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def _dist_timeout() -> float:
-    """Seconds a collective waits for a silent peer before failing: $IGPT_DIST_TIMEOUT, default 600."""
-    text = os.environ.get("IGPT_DIST_TIMEOUT", "").strip()
-    if not text:
-        return float(DEFAULT_DIST_TIMEOUT)
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise ConfigError(f"IGPT_DIST_TIMEOUT must be a positive number of seconds, got {text!r}")
-    return value
-
-
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); initialises torch.distributed when launched by torchrun.
-
-    Collectives of the training loop give up on a silent peer after $IGPT_DIST_TIMEOUT seconds.
-    """
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not dist.is_initialized():
-        timeout = timedelta(seconds=_dist_timeout())
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout)  # CPU tensors too (e.g. --device cpu)
-        else:
-            dist.init_process_group("gloo", timeout=timeout)
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
-
-
-_patient_groups: dict = {}
-
-
-def _patient_group():
-    """A gloo group with a long timeout (max(IGPT_DIST_TIMEOUT, 2 h)) for start-up waits, where one
-    process legitimately works much longer than the others: rank 0 fitting the palette of a big
-    dataset, every process loading and encoding it. Made on first use (every process gets here in
-    the same order: start_run, then train)."""
-    default = dist.group.WORLD
-    if default not in _patient_groups:
-        _patient_groups[default] = dist.new_group(backend="gloo", timeout=timedelta(seconds=max(_dist_timeout(), 7200)))
-    return _patient_groups[default]
-
-
-_PEER_FAILURE = re.compile(r"gloo|nccl|connection|timed out|timeout|peer|socket|broken pipe|closed", re.IGNORECASE)
-
-
-def _peer_failure(err: BaseException) -> bool:
-    """Does this error come from a collective whose other side died or went silent?"""
-    return isinstance(err, getattr(dist, "DistError", ())) or bool(_PEER_FAILURE.search(str(err)))
 
 
 @torch.no_grad()
@@ -352,39 +292,6 @@ def model_flops_per_token(config: ModelConfig) -> float:
     return 6 * weights + 12 * layers * d * config.n_positions
 
 
-class _StopSignals:
-    """While training: SIGINT/SIGTERM ask the loop to stop after the current step (the caller saves
-    a resumable state). A second Ctrl-C more than 2 s after the first stops at once. Repeats within
-    2 s are the same request (under torchrun, the terminal and the launcher both forward Ctrl-C).
-    Only installed in the main thread (signal handlers can be set nowhere else)."""
-
-    def __init__(self):
-        self.requested = False
-        self._since = 0.0
-        self._previous: dict = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                try:
-                    self._previous[sig] = signal.signal(sig, self._handle)
-                except (ValueError, OSError):
-                    pass
-        return self
-
-    def __exit__(self, *exc):
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-        return False
-
-    def _handle(self, signum, frame):
-        now = time.monotonic()
-        if not self.requested:
-            self.requested, self._since = True, now
-        elif signum == signal.SIGINT and now - self._since > 2:
-            raise KeyboardInterrupt
-
-
 def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None, data_dir: Path | None = None) -> dict:
     """Train `run` to its configured number of steps; returns a summary dict.
 
@@ -395,7 +302,7 @@ def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None
     info = run.info
     config = ModelConfig.from_dict(info["model_config"])
     tc = TrainConfig.from_dict(info["train_config"])
-    rank, world = _distributed()
+    rank, world = init_from_env()
     device = pick_device(tc.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -428,7 +335,7 @@ def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None
 
     net, ddp = model, None
     if world > 1:
-        dist.barrier(group=_patient_group())  # the slowest process has loaded the data (patiently)
+        dist.barrier(group=patient_group())  # the slowest process has loaded the data (patiently)
         net = ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if tc.compile:
@@ -466,7 +373,7 @@ def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None
     t0 = time.perf_counter()
     window = (start, t0)  # for the progress bar's throughput: steps and time since the last report
     model.train()
-    with _StopSignals() as signals:
+    with StopSignals() as signals:
         try:
             for step in range(start + 1, tc.steps + 1):
                 lr = lr_at(step, tc)
@@ -530,7 +437,7 @@ def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None
                     _save_resume(resume_dir, model, optimizer, completed)
             raise
         except RuntimeError as err:
-            if world == 1 or not _peer_failure(err):
+            if world == 1 or not is_peer_failure(err):
                 raise
             saved = None
             if rank == 0 and not updating:
@@ -540,7 +447,7 @@ def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None
                     saved = completed
                 except Exception:  # noqa: BLE001 - the error below matters more
                     pass
-            raise IgptError(_lost_peers_message(err, rank, completed + 1, saved, run)) from err
+            raise IgptError(lost_peers_message(err, rank, completed + 1, saved, run)) from err
         finally:
             if bar is not None:
                 bar.close()
@@ -557,22 +464,6 @@ def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None
         "checkpoints": run.checkpoints(),
         "processes": world,
     }
-
-
-def _lost_peers_message(err: BaseException, rank: int, step: int, saved: int | None, run: Run) -> str:
-    text = str(err).strip()
-    cause = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0]) if text else type(err).__name__  # drop "[file.cc:123]"
-    cause = re.split(r"\.\s", cause)[0].rstrip(".")[:300]  # the first sentence: what happened, not gloo's advice
-    checkpoints = run.checkpoints()
-    parts = [
-        f"training process {rank} lost contact with the others during step {step} ({cause}):",
-        f"another process died or stopped answering — see its output; a silent one is given up on after "
-        f"IGPT_DIST_TIMEOUT={_dist_timeout():g} s.",
-        f"Last checkpoint: {f'step {checkpoints[-1]}' if checkpoints else 'none yet'}"
-        + (f"; resumable state saved at step {saved}." if saved is not None else "."),
-        "Continue with the same command plus --resume.",
-    ]
-    return " ".join(parts)
 
 
 def _save_resume(folder: Path, model: IGPT, optimizer, step: int) -> None:
