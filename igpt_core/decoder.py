@@ -30,9 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import IgptError
-from .model import IGPT
-
-QUICK_GELU = 1.702  # x · sigmoid(1.702 x), OpenAI's GELU approximation
+from .model import IGPT, QUICK_GELU
 
 
 def _use_onednn(device: torch.device, batch_size: int, width: int) -> bool:
@@ -71,7 +69,7 @@ class Decoder:
         d, self.n_head = config.n_embd, config.n_head
         self.head_dim = d // config.n_head
         # rms_norm(x) = x / √(mean(x²) + eps) = √d · x / √(‖x‖² + d·eps): the √d goes into the weights
-        self.root_d = math.sqrt(d)
+        root_d = math.sqrt(d)
         self.root_d_eps = torch.tensor(math.sqrt(d * config.layer_norm_epsilon), device=self.device, dtype=self.dtype)
 
         # Folded in float64 (where the device has it), so that each stored weight is the float32 (or
@@ -90,12 +88,12 @@ class Decoder:
             attn_b[query] /= math.sqrt(self.head_dim)
             fc_w = w("mlp.c_fc.weight") * w("ln_2.weight") * QUICK_GELU
             self.layers.append((  # matrices for x @ W, (in, out)
-                self._matrix(attn_w.T * self.root_d, batch_size), self._keep(attn_b),
+                self._matrix(attn_w.T * root_d, batch_size), self._keep(attn_b),
                 self._matrix(w("attn.c_proj.weight").T, batch_size), self._keep(w("attn.c_proj.bias")),
-                self._matrix(fc_w.T * self.root_d, batch_size), self._keep(w("mlp.c_fc.bias") * QUICK_GELU),
+                self._matrix(fc_w.T * root_d, batch_size), self._keep(w("mlp.c_fc.bias") * QUICK_GELU),
                 self._matrix(w("mlp.c_proj.weight").T / QUICK_GELU, batch_size), self._keep(w("mlp.c_proj.bias")),
             ))
-        self.head = self._matrix((p("lm_head.weight") * p("ln_f.weight")).T * self.root_d, batch_size)  # no bias
+        self.head = self._matrix((p("lm_head.weight") * p("ln_f.weight")).T * root_d, batch_size)  # no bias
         # (n_layer, B, 2, nh, n_positions, hs): keys then values, so that one copy stores both
         shape = (config.n_layer, batch_size, 2, self.n_head, config.n_positions, self.head_dim)
         self.kv = torch.empty(shape, device=self.device, dtype=self.dtype)

@@ -25,6 +25,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .errors import ConfigError
 
+QUICK_GELU = 1.702  # OpenAI's GELU approximation x · sigmoid(1.702 x)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -136,7 +138,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.c_fc(x)
-        return self.c_proj(h * torch.sigmoid(1.702 * h))  # quick-GELU, as OpenAI's iGPT
+        return self.c_proj(h * torch.sigmoid(QUICK_GELU * h))  # quick-GELU, as OpenAI's iGPT
 
 
 class Block(nn.Module):
@@ -195,7 +197,7 @@ class IGPT(nn.Module):
         tok = self.wte(tokens)  # (B, T, C)
         if mask is not None:  # BERT: masked positions keep their position, lose their colour
             tok = tok * (~mask).unsqueeze(-1).to(tok.dtype)
-        return tok + self.wpe.weight[:T]  # (T, C) positions broadcast over the batch
+        return tok + self.wpe(torch.arange(T, device=tokens.device))  # (T, C) positions, broadcast over the batch
 
     def _blocks(self, x, stop: int | None = None, collect=()):
         """Run blocks 0..stop-1. Returns the stream and {layer: normed stream} for layers in collect."""
