@@ -1,10 +1,10 @@
 """igpt_core: Image GPT ("Generative Pretraining from Pixels", Chen et al., ICML 2020) in PyTorch."""
 
 from .data import DATASETS, Dataset, load_dataset
+from .decoder import Decoder
 from .errors import CheckpointError, ConfigError, DatasetError, IgptError, ImageError, RunError
 from .images import load_image, resize, to_rgb
 from .likelihood import pixel_nll, score, surprise_map
-from .decoder import Decoder
 from .model import IGPT, PRESETS, ModelConfig, preset
 from .palette import Palette
 from .runs import Run, list_runs, load_checkpoint, open_run, save_checkpoint

@@ -2,8 +2,9 @@
 
 Everything works on palette ids (T = H·W, raster order); `palette.encode` / `palette.decode` convert.
 Autoregressive models decode with a KV cache (`decoder.Decoder`): each new pixel costs one token's
-worth of work, not a pass over the whole prefix. The streaming forms yield the partial result as pixels arrive; the
-plain forms return the stream's last item, so both give identical results for the same seed.
+worth of work, not a pass over the whole prefix. The streaming forms yield the partial result as
+pixels arrive; the plain forms return the stream's last item, so both give identical results for
+the same seed.
 """
 
 from __future__ import annotations
