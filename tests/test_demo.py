@@ -489,10 +489,14 @@ def test_browser_streams_a_completion_and_inpaints_a_painted_mask(app, tmp_path)
             assert "one pixel at a time" in page.inner_text("body")
 
             # choose an example, keep 3 rows, 8 samples
+            for selector in ("#view", "#picture"):  # the first example, loaded with the page, is shown
+                page.wait_for_function(IDLE, arg=selector, timeout=60_000)
             view_before = page.locator("#view img").get_attribute("src")
             page.locator("#examples img").nth(3).click()
             page.wait_for_function(f"() => document.querySelector('#view img').src !== {view_before!r}",
                                    timeout=30_000)
+            for selector in ("#view", "#picture"):  # and now the chosen one, everywhere
+                page.wait_for_function(IDLE, arg=selector, timeout=60_000)
             set_number(page, "keep-rows", 3)
             set_number(page, "samples", 8)
 
