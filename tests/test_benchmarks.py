@@ -1,0 +1,42 @@
+"""The benchmark scripts still run against the library, on small settings, and their correctness checks hold.
+
+Speed is theirs to report (`make bench`); these tests assert nothing about time, only that each
+script runs, prints its JSON, and that ours and Hugging Face's computed the same thing.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run(script: str, *args: str) -> dict:
+    result = subprocess.run([sys.executable, script, *args], cwd=BENCHMARKS, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)
+
+
+def test_sampling_benchmark_runs_and_our_greedy_completion_equals_hf():
+    tiny = run("sampling.py", "--quick", "--cases", "tiny", "--threads", "1")["threads"]["1"]["tiny"]
+    assert tiny["greedy_check"] == {"pixels": 128, "equal": True}  # every generated pixel, as HF's generate()
+    for batch in ("1", "8"):
+        assert tiny["batches"][batch]["ours_px_per_s"] > 0 and tiny["batches"][batch]["hf_px_per_s"] > 0
+
+
+def test_quantize_benchmark_runs_and_gives_hf_ids():
+    report = run("quantize.py", "--quick")
+    assert all(check["identical"] for check in report["ids_check"].values())
+
+
+def test_probe_benchmark_runs_and_its_features_equal_hf_hidden_states():
+    report = run("probe.py", "--layers", "2", "--width", "64", "--heads", "4", "--size", "16")
+    assert report["agreement"]["allclose_atol_1e-4"] and report["agreement"]["naive_equals_one_pass"]
+
+
+def test_training_benchmark_runs_from_equal_logits():
+    report = run("training.py", "--quick")
+    assert report["logits_max_abs_diff"] < 1e-4
+    assert report["ours"]["tokens_per_s"] > 0 and report["hf"]["tokens_per_s"] > 0
