@@ -276,8 +276,11 @@ class Demo:
         """Put gallery example `index` (0-based) in the picture editor."""
         return self._example(name, index)
 
-    def first_example(self, name: str | None):
-        """On page load: the first example, unless there is no run (or it has no gallery)."""
+    def first_example(self, name: str | None, picture):
+        """On page load: the first example, unless the user has chosen a picture already (the gallery
+        shows before this runs), or there is no run (or it has no gallery)."""
+        if picture is not None:
+            return (gr.skip(),) * 7
         try:
             return self._example(name, 0)
         except IgptError:
@@ -560,7 +563,7 @@ def build_demo(runs_dir=None) -> gr.Blocks:
         # On page load: the current list of runs, then the first run's gallery with its first example ready.
         demo.load(actions.refresh, run, listing, api_name="page_runs", api_visibility="private").then(
             actions.choose_run, run, choice, api_name="page_run", api_visibility="private").then(
-            actions.first_example, run, shown, api_name="page_example", api_visibility="private")
+            actions.first_example, [run, chosen], shown, api_name="page_example", api_visibility="private")
     demo.queue(default_concurrency_limit=2, max_size=64)  # two users compute at once; the rest wait in line
     return demo
 
