@@ -40,7 +40,8 @@ def _use_onednn(device: torch.device, batch_size: int, width: int) -> bool:
     at widths 256-1024, oneDNN is 1.7-2.3x faster on one thread and 2.6-4x on two; at batch 1 it
     wins only with 2 threads at width >= 512 (1.2-1.65x) and loses otherwise (0.6x on one thread).
     Small matrices lose to its call cost (~15 us against ~4 us). Decided from these facts rather
-    than timed at run time, so that the same seed always gives the same pixels.
+    than timed at run time, so that on a given machine and thread count the same seed always gives
+    the same pixels.
     """
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
