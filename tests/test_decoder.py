@@ -58,7 +58,7 @@ def test_one_token_at_a_time_computes_the_same_function_as_the_forward_pass(shap
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=["16-colours", "512-colours"])
-def test_chunks_and_repeated_prompts_equal_the_full_forward_pass(shape):
+def test_chunks_and_a_shared_prompt_equal_the_full_forward_pass(shape):
     model = randomized(shape).double()  # float64: a wrong mask or cache position shows, rounding does not
     ids = torch.randint(0, model.config.n_colors, (3, model.config.n_positions))
     ids[:, :10] = ids[0, :10]  # one prompt, three different continuations
