@@ -22,7 +22,6 @@ import hashlib
 import http.client
 import os
 import pickle
-import shutil
 import struct
 import tarfile
 import tempfile
@@ -35,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import DatasetError, ImageError
+from .files import atomic_write
 from .images import center_square, load_image, resize
 
 SPLITS = ("train", "val", "test")
@@ -564,13 +564,10 @@ def _ensure_files(folder: Path, names, title: str, source: str, request: _Reques
 
 def _download(url: str, dest: Path, md5: str, by_hand: str) -> None:
     """Fetch url to dest, verified by md5, written to a temp file then renamed: never half-written."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
+    def fetch(tmp: str) -> None:
         digest = hashlib.md5(usedforsecurity=False)  # the published checksums are MD5: integrity only
         try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
                 while chunk := response.read(1 << 20):
                     digest.update(chunk)
                     out.write(chunk)
@@ -580,9 +577,8 @@ def _download(url: str, dest: Path, md5: str, by_hand: str) -> None:
             raise DatasetError(
                 f"the download of {url} is corrupted (md5 {digest.hexdigest()}, expected {md5}). {by_hand}"
             )
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(dest, fetch)
 
 
 def _download_cifar(spec: _CifarSpec, data_dir: Path) -> None:
@@ -617,8 +613,9 @@ def _extract_tar(archive: Path, data_dir: Path, folder: str, names) -> None:
     Members are checked before anything is written: only plain files and folders that stay inside
     the target, so a crafted archive cannot write elsewhere (../, absolute paths, links).
     """
-    tmp = Path(tempfile.mkdtemp(dir=data_dir, prefix=".extract-"))
-    try:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=data_dir, prefix=".extract-") as tmp_name:
+        tmp = Path(tmp_name)
         try:
             with tarfile.open(archive, "r:*") as tar:
                 members = tar.getmembers()
@@ -640,8 +637,6 @@ def _extract_tar(archive: Path, data_dir: Path, folder: str, names) -> None:
             if not source.is_file():
                 raise DatasetError(f"{archive} does not contain {folder}/{name}: delete it and try again")
             os.replace(source, data_dir / folder / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 _LOADERS = {

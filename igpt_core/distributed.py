@@ -23,7 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 from .runs import Run
 
 DEFAULT_TIMEOUT = 600  # seconds; override with $IGPT_DIST_TIMEOUT
@@ -83,8 +83,7 @@ def is_peer_failure(err: BaseException) -> bool:
 
 def lost_peers_message(err: BaseException, rank: int, step: int, saved: int | None, run: Run) -> str:
     """The error a process raises when a collective of `step` failed because another process is gone."""
-    text = str(err).strip()
-    cause = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0]) if text else type(err).__name__  # drop "[file.cc:123]"
+    cause = re.sub(r"^\[[^\]]*\]\s*", "", first_line(err))  # drop "[file.cc:123]"
     cause = re.split(r"\.\s", cause)[0].rstrip(".")[:300]  # the first sentence: what happened, not gloo's advice
     checkpoints = run.checkpoints()
     parts = [

@@ -28,3 +28,10 @@ class RunError(IgptError):
 
 class ConfigError(IgptError):
     """An unknown preset, a bad override, or a resume whose config differs from the run's."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none): enough to say what
+    went wrong in one line, without a wrapped library's traceback-sized text."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -23,11 +23,7 @@ temporary directory and renamed into place: a crash leaves no half-written class
 
 from __future__ import annotations
 
-import copy
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,20 +32,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, safe_open, save_file
 
 from .errors import IgptError, RunError
 from .images import center_square, load_image, to_rgb
-from .runs import Run, atomic_write, create_run, default_runs_dir, open_run, save_checkpoint
+from .files import atomic_write, write_jsonl
+from .probe import _load_probe_data
+from .progress import progress_bar
+from .runs import Run, as_run, create_run, default_runs_dir, save_checkpoint
+from .train import TrainConfig, copy_state, lr_at, make_optimizer, optimizer_update, pick_device, set_lr
 
 HEAD_FILE = "head.safetensors"
 HEAD_FORMAT = "igpt-head-1"
 # Datasets whose images change meaning when mirrored: never flipped by default.
 _NO_FLIP = {"digits", "mnist"}
-
-
-def _as_run(run, runs_dir=None) -> Run:
-    return run if isinstance(run, Run) else open_run(str(run), runs_dir)
 
 
 def augment_batch(images: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
@@ -142,157 +138,164 @@ def finetune(run_name, dataset: str | None = None, *, name: str | None = None, s
     for 32×32 images (not for digits / MNIST, whose flips change meaning), True / False to force.
     Returns a summary dict (run, path, val_acc, test_acc, best_step, steps_run, stopped_early, ...).
     """
-    from .probe import _load_probe_data
-    from .train import TrainConfig, lr_at, pick_device
-
-    base = _as_run(run_name, runs_dir)
+    base = as_run(run_name, runs_dir)
     info = base.info
     dataset = dataset or info["dataset"]
     runs_root = Path(runs_dir) if runs_dir is not None else default_runs_dir()
     name = name or f"{base.name}-ft-{dataset}".replace(":", "_").replace("/", "_")
-    if name == base.name:
-        raise RunError(f"the classifier needs a name other than its base run {base.name!r}")
-    if (runs_root / name).exists() and not overwrite:
-        raise RunError(f"a run named {name!r} already exists at {runs_root / name}: pass --overwrite to replace it, "
-                       "or choose another --name")
-    for label, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1), ("patience", patience, 1)):
-        if not isinstance(value, int) or value < low:
-            raise IgptError(f"{label} must be a whole number >= {low}, got {value!r}")
-    if gen_weight < 0:
-        raise IgptError(f"gen_weight must be >= 0 (0 trains on the classification loss alone), got {gen_weight}")
+    _check_request(base, name, runs_root, overwrite, steps=steps, batch_size=batch_size, patience=patience,
+                   gen_weight=gen_weight)
     base_step = base.resolve_step(step)
     base_tc = TrainConfig.from_dict(info.get("train_config") or {})
     lr = float(lr) if lr is not None else base_tc.lr / 10
     if not lr > 0:
         raise IgptError(f"lr must be > 0, got {lr}")
-    eval_every = eval_every or max(1, steps // 10)
+    # The fine-tuning schedule: pre-training's warm-up fraction and β2, no weight decay, clip at 1.
+    tc = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=base_tc.warmup, beta2=base_tc.beta2,
+                     weight_decay=0.0, grad_clip=1.0, eval_every=eval_every or max(1, steps // 10), seed=seed)
 
     dev = pick_device(device)
     model, palette, _ = base.load(base_step, device=dev)
-    config = model.config
-    size = config.image_size
+    size = model.config.image_size
     data, classes, note = _load_probe_data(base, dataset, size, data_dir, max_train, seed)
     if augment is None:
         augment = size == 32 and dataset.lower().replace("_", "-") not in _NO_FLIP
-    train_images, train_y = data["train"]
-    val_ids = torch.from_numpy(palette.encode(data["val"][0], size)).to(dev)
-    test_ids = torch.from_numpy(palette.encode(data["test"][0], size)).to(dev)
-    val_y = torch.from_numpy(data["val"][1]).to(dev)
-    test_y = torch.from_numpy(data["test"][1]).to(dev)
-    train_ids = None if augment else torch.from_numpy(palette.encode(train_images, size))
-    train_y_t = torch.from_numpy(train_y)
-    n = len(train_images)
-
+    batches = _Batches(data["train"], palette, size, batch_size, bool(augment), seed)
+    val_ids, val_y = _encoded(data["val"], palette, size, dev)
     torch.manual_seed(seed)
     clf = _Classifier(model, len(classes)).to(dev)
     # The head's input standardisation, from (a seeded sample of at most 4096) unaugmented training images.
-    stats_index = np.sort(np.random.default_rng([seed, 1]).permutation(n)[:4096])
-    clf.standardize(torch.from_numpy(palette.encode(train_images[stats_index], size)).to(dev))
-    clf.train()
-    optimizer = torch.optim.AdamW(clf.parameters(), lr=lr, betas=(0.9, base_tc.beta2), weight_decay=0.0)
-    schedule = TrainConfig(steps=steps, lr=lr, warmup=base_tc.warmup)
-    rng = np.random.default_rng(seed)
+    clf.standardize(batches.standardization_sample(4096).to(dev))
 
-    settings = {"steps": steps, "lr": lr, "batch_size": batch_size, "gen_weight": gen_weight, "patience": patience,
-                "eval_every": eval_every, "augment": bool(augment), "seed": seed, "base_step": base_step,
-                "max_train": max_train, "warmup": base_tc.warmup, "beta2": base_tc.beta2, "grad_clip": 1.0}
-    metrics: list[dict] = []
-    # Step 0 (the zero head: the majority-of-ties class) is the baseline every evaluation must beat.
-    best = {"val_acc": _accuracy(clf, val_ids, val_y), "step": 0, "state": copy.deepcopy(clf.state_dict())}
-    metrics.append({"step": 0, "val_acc": best["val_acc"]})
-    bad_evals, stopped_early, done = 0, False, 0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc=f"fine-tuning {base.name} on {dataset}", unit="step", dynamic_ncols=True)
     t0 = time.perf_counter()
-    perm, pos = rng.permutation(n), 0
+    bar = progress_bar(progress, total=steps, desc=f"fine-tuning {base.name} on {dataset}", unit="step")
     try:
-        for it in range(1, steps + 1):
-            if pos + batch_size > n:
-                perm, pos = rng.permutation(n), 0
-            idx = perm[pos : pos + batch_size]
-            pos += batch_size
-            if augment:
-                batch = torch.from_numpy(palette.encode(augment_batch(train_images[idx], rng), size))
-            else:
-                batch = train_ids[idx]
-            batch, y = batch.to(dev), train_y_t[idx].to(dev)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(it, schedule)
-            torch.manual_seed(seed * 1_000_003 + it)  # BERT masks of L_GEN, reproducible
-            clf_loss = F.cross_entropy(clf(batch), y)
-            loss = clf_loss
-            gen_loss = None
-            if gen_weight:
-                _, gen_loss = model(batch, targets=batch)
-                loss = clf_loss + gen_weight * gen_loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(clf.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = it
-            row = {"step": it, "loss": loss.item(), "clf_loss": clf_loss.item(),
-                   "gen_loss": None if gen_loss is None else gen_loss.item(), "lr": lr_at(it, schedule)}
-            if it % eval_every == 0 or it == steps:
-                acc = _accuracy(clf, val_ids, val_y)
-                row["val_acc"] = acc
-                if acc > best["val_acc"]:
-                    best = {"val_acc": acc, "step": it, "state": copy.deepcopy(clf.state_dict())}
-                    bad_evals = 0
-                else:
-                    bad_evals += 1
-                if bar is not None:
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", val_acc=f"{acc:.3f}", best=f"{best['val_acc']:.3f}")
-            metrics.append(row)
-            if bar is not None:
-                bar.update(1)
-            if bad_evals >= patience and it < steps:
-                stopped_early = True
-                break
+        result = _train_classifier(clf, batches, (val_ids, val_y), tc, gen_weight=gen_weight, patience=patience,
+                                   bar=bar)
     finally:
         if bar is not None:
             bar.close()
-    clf.load_state_dict(best["state"])
-    clf.eval()
-    test_acc = _accuracy(clf, test_ids, test_y)
-    val_acc = best["val_acc"]
+    clf.load_state_dict(result["best_state"])
+    test_acc = _accuracy(clf, *_encoded(data["test"], palette, size, dev))
     seconds = time.perf_counter() - t0
 
+    settings = {"steps": steps, "lr": lr, "batch_size": batch_size, "gen_weight": gen_weight, "patience": patience,
+                "eval_every": tc.eval_every, "augment": bool(augment), "seed": seed, "base_step": base_step,
+                "max_train": max_train, "warmup": tc.warmup, "beta2": tc.beta2, "grad_clip": tc.grad_clip}
     run_info = {
-        "kind": "classifier",
-        "base_run": base.name,
-        "base_step": base_step,
-        "dataset": dataset,
-        "classes": classes,
-        "preset": info.get("preset"),
-        "model_config": config.to_dict(),
-        "train_config": settings,
+        "kind": "classifier", "base_run": base.name, "base_step": base_step, "dataset": dataset, "classes": classes,
+        "preset": info.get("preset"), "model_config": model.config.to_dict(), "train_config": settings,
         "data_dir": str(data_dir) if data_dir else (info.get("data_dir") if dataset == info.get("dataset") else None),
-        "best_step": best["step"],
-        "val_acc": val_acc,
-        "test_acc": test_acc,
-        "note": note,
+        "best_step": result["best_step"], "val_acc": result["val_acc"], "test_acc": test_acc, "note": note,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    path = _save_classifier(runs_root, name, run_info, palette, clf, classes, metrics, best["step"], overwrite)
+    path = _save_classifier(runs_root, name, run_info, palette, clf, classes, result["metrics"], result["best_step"],
+                            overwrite)
     return {
         "run": name, "path": str(path), "base_run": base.name, "base_step": base_step, "dataset": dataset,
-        "best_step": best["step"], "steps_run": done, "stopped_early": stopped_early,
-        "val_acc": val_acc, "test_acc": test_acc, "augment": bool(augment), "lr": lr, "seconds": seconds, "note": note,
+        "best_step": result["best_step"], "steps_run": result["steps_run"], "stopped_early": result["stopped_early"],
+        "val_acc": result["val_acc"], "test_acc": test_acc, "augment": bool(augment), "lr": lr, "seconds": seconds,
+        "note": note,
     }
+
+
+def _check_request(base: Run, name: str, runs_root: Path, overwrite: bool, **whole_numbers) -> None:
+    """Refuse a fine-tuning request that cannot work, before any data or weights are loaded."""
+    if name == base.name:
+        raise RunError(f"the classifier needs a name other than its base run {base.name!r}")
+    if (runs_root / name).exists() and not overwrite:
+        raise RunError(f"a run named {name!r} already exists at {runs_root / name}: pass --overwrite to replace it, "
+                       "or choose another --name")
+    gen_weight = whole_numbers.pop("gen_weight")
+    for label, value in whole_numbers.items():
+        if not isinstance(value, int) or value < 1:
+            raise IgptError(f"{label} must be a whole number >= 1, got {value!r}")
+    if gen_weight < 0:
+        raise IgptError(f"gen_weight must be >= 0 (0 trains on the classification loss alone), got {gen_weight}")
+
+
+def _encoded(split: tuple[np.ndarray, np.ndarray], palette, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(palette ids, labels) of a split's (images, labels), on the device."""
+    images, labels = split
+    return torch.from_numpy(palette.encode(images, size)).to(device), torch.from_numpy(labels).to(device)
+
+
+class _Batches:
+    """Training batches of (palette ids, labels): seeded epochs of shuffled images, augmented or not."""
+
+    def __init__(self, split, palette, size: int, batch_size: int, augment: bool, seed: int):
+        self.images, self.labels = split[0], torch.from_numpy(split[1])
+        self.palette, self.size, self.batch_size, self.augment, self.seed = palette, size, batch_size, augment, seed
+        # Without augmentation every batch is a slice of the same ids: encode them once.
+        self.ids = None if augment else torch.from_numpy(palette.encode(self.images, size))
+        self.rng = np.random.default_rng(seed)
+        self.order, self.pos = self.rng.permutation(len(self.images)), 0
+
+    def standardization_sample(self, most: int) -> torch.Tensor:
+        index = np.sort(np.random.default_rng([self.seed, 1]).permutation(len(self.images))[:most])
+        return torch.from_numpy(self.palette.encode(self.images[index], self.size))
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pos + self.batch_size > len(self.images):
+            self.order, self.pos = self.rng.permutation(len(self.images)), 0
+        idx = self.order[self.pos : self.pos + self.batch_size]
+        self.pos += self.batch_size
+        if self.augment:
+            ids = torch.from_numpy(self.palette.encode(augment_batch(self.images[idx], self.rng), self.size))
+        else:
+            ids = self.ids[idx]
+        return ids, self.labels[idx]
+
+
+def _train_classifier(clf: _Classifier, batches: _Batches, val, tc: TrainConfig, *, gen_weight: float,
+                      patience: int, bar=None) -> dict:
+    """Fine-tune on L = L_CLF + gen_weight · L_GEN with train.py's optimizer and update step.
+
+    Validation accuracy every tc.eval_every steps and at the end; the best weights (kept on the CPU)
+    and their step, the metrics rows, and whether `patience` evaluations without gain stopped it early.
+    """
+    device = clf.shift.device
+    optimizer = make_optimizer(clf, tc, device)
+    clf.train()
+    # Step 0 (the zero head: the majority-of-ties class) is the baseline every evaluation must beat.
+    best = {"val_acc": _accuracy(clf, *val), "best_step": 0, "best_state": copy_state(clf)}
+    metrics: list[dict] = [{"step": 0, "val_acc": best["val_acc"]}]
+    bad_evals, step = 0, 0
+    for step in range(1, tc.steps + 1):
+        ids, labels = (t.to(device) for t in batches.next())
+        set_lr(optimizer, lr_at(step, tc))
+        torch.manual_seed(tc.seed * 1_000_003 + step)  # BERT masks of L_GEN, reproducible
+        clf_loss = F.cross_entropy(clf(ids), labels)
+        gen_loss = clf.model(ids, targets=ids)[1] if gen_weight else None
+        loss = clf_loss if gen_loss is None else clf_loss + gen_weight * gen_loss
+        loss.backward()
+        optimizer_update(clf, optimizer, tc.grad_clip)
+        row = {"step": step, "loss": loss.item(), "clf_loss": clf_loss.item(),
+               "gen_loss": None if gen_loss is None else gen_loss.item(), "lr": lr_at(step, tc)}
+        if step % tc.eval_every == 0 or step == tc.steps:
+            row["val_acc"] = _accuracy(clf, *val)
+            if row["val_acc"] > best["val_acc"]:
+                best, bad_evals = {"val_acc": row["val_acc"], "best_step": step, "best_state": copy_state(clf)}, 0
+            else:
+                bad_evals += 1
+            if bar is not None:
+                bar.set_postfix(loss=f"{row['loss']:.3f}", val_acc=f"{row['val_acc']:.3f}",
+                                best=f"{best['val_acc']:.3f}")
+        metrics.append(row)
+        if bar is not None:
+            bar.update(1)
+        if bad_evals >= patience and step < tc.steps:
+            break
+    clf.eval()
+    return {**best, "metrics": metrics, "steps_run": step, "stopped_early": step < tc.steps}
 
 
 def _save_classifier(runs_root: Path, name: str, info: dict, palette, clf: _Classifier, classes, metrics,
                      best_step: int, overwrite: bool) -> Path:
-    """Assemble the classifier run in a temporary folder, then rename it into place."""
-    runs_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=runs_root, prefix=f".{name}.ft-"))
-    try:
-        run = create_run(staging, name, info, palette)
-        atomic_write(run.path / "metrics.jsonl",
-                     lambda tmp: Path(tmp).write_text("".join(json.dumps(row) + "\n" for row in metrics)))
+    """Write the classifier run: built in a temporary folder, then renamed into place."""
+
+    def fill(run: Run) -> None:
+        write_jsonl(run.path / "metrics.jsonl", metrics)
         save_checkpoint(run.checkpoint_path(best_step), clf.model, palette, step=best_step,
                         val_acc=info["val_acc"], base_run=info["base_run"], base_step=info["base_step"])
         folded = clf.folded_head()
@@ -301,20 +304,13 @@ def _save_classifier(runs_root: Path, name: str, info: dict, palette, clf: _Clas
         metadata = {"format": HEAD_FORMAT, "classes": json.dumps(classes), "layer": str(clf.model.config.n_layer),
                     "pool": "mean"}
         atomic_write(run.path / HEAD_FILE, lambda tmp: save_file(head, tmp, metadata=metadata))
-        final = runs_root / name
-        if final.exists():
-            if not overwrite:
-                raise RunError(f"a run named {name!r} appeared at {final} while fine-tuning; choose another --name")
-            shutil.rmtree(final)
-        os.replace(run.path, final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
+
+    return create_run(runs_root, name, info, palette, overwrite=overwrite, fill=fill).path
 
 
 def load_classifier(run_name, *, runs_dir=None, device="cpu"):
     """(backbone, head nn.Linear, palette, classes) of a classifier run made by `finetune`."""
-    run = _as_run(run_name, runs_dir)
+    run = as_run(run_name, runs_dir)
     info = run.info
     if info.get("kind") != "classifier":
         raise IgptError(f"run {run.name!r} is not a classifier: fine-tune it first with "
@@ -324,8 +320,6 @@ def load_classifier(run_name, *, runs_dir=None, device="cpu"):
         raise RunError(f"classifier run {run.name!r} has no {HEAD_FILE}: it is incomplete; fine-tune again with --overwrite")
     model, palette, _ = run.load(device=device)
     try:
-        from safetensors.torch import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         tensors = load_file(str(path))

@@ -18,11 +18,8 @@ never imported here: config.json and preprocessor_config.json are plain JSON.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +27,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError, IgptError, RunError
+from .errors import CheckpointError, IgptError, RunError, first_line
+from .files import atomic_write_json, building_folder
 from .model import IGPT, ModelConfig
 from .palette import Palette
 from .runs import Run, create_run, default_runs_dir, open_run, save_checkpoint
@@ -159,8 +157,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
                 raise CheckpointError(f"{file} could not be read: it holds objects other than tensors, and "
                                       "unpickling them could run code; ask for a safetensors file") from None
             except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as err:
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise CheckpointError(f"{file} could not be read ({first}); it may be truncated or not a "
+                raise CheckpointError(f"{file} could not be read ({first_line(err)}); it may be truncated or not a "
                                       "weights file") from None
         return state
     raise CheckpointError(f"no weights in {folder}: expected model.safetensors or pytorch_model.bin")
@@ -183,10 +180,9 @@ def _download(repo_id: str, progress: bool) -> Path:
                 repo_id, allow_patterns=configs + ["pytorch_model.bin", "pytorch_model*.bin*"]))
     # The hub raises many types (HTTP, offline, not found, invalid id, connection): all mean "not here".
     except Exception as err:  # noqa: BLE001
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
             f"{repo_id!r} is not a local folder, and the Hugging Face hub could not provide it "
-            f"({first}): the id was not found or the hub is unreachable. Pass {_FOLDER_HINT} instead"
+            f"({first_line(err)}): the id was not found or the hub is unreachable. Pass {_FOLDER_HINT} instead"
         ) from None
     finally:
         if not progress and not was_disabled:
@@ -239,13 +235,9 @@ def import_hf(source: str, name: str, runs_dir=None, *, overwrite: bool = False,
 
     info = {"dataset": f"imported:{source}", "preset": None, "model_config": config.to_dict(), "train_config": None,
             "classes": None, "source": str(source), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    run = create_run(runs_dir, name, info, palette, overwrite=overwrite)
-    try:
-        save_checkpoint(run.checkpoint_path(0), model, palette, step=0, source=str(source))
-    except BaseException:
-        shutil.rmtree(run.path, ignore_errors=True)  # a run without weights would only confuse later commands
-        raise
-    return run
+    # The weights go in before the run appears: a run without them would only confuse later commands.
+    return create_run(runs_dir, name, info, palette, overwrite=overwrite,
+                      fill=lambda run: save_checkpoint(run.checkpoint_path(0), model, palette, step=0, source=str(source)))
 
 
 def _hf_config_json(config: ModelConfig) -> dict:
@@ -309,23 +301,10 @@ def export_hf(run_name: str, out_dir, runs_dir=None, step: int | None = None) ->
     step = run.resolve_step(step)
     model, palette, _ = run.load(step)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
-        write = lambda name, value: (tmp / name).write_text(json.dumps(value, indent=2) + "\n")  # noqa: E731
+    with building_folder(out_dir, replace=True) as tmp:  # an old export is swapped out only once the new one is whole
         save_file(state_dict_to_hf(model.state_dict()), str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})  # transformers refuses safetensors files without this
-        write("config.json", _hf_config_json(model.config))
-        write("preprocessor_config.json", _processor_json(palette, model.config.image_size))
-        write(EXPORT_MARKER, {"run": run.name, "step": step, "source": str(run.path)})
-        if out_dir.exists():  # swap: the old export is moved aside, then removed once the new one is in place
-            old = tmp.with_name(tmp.name + ".old")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_json(tmp / "config.json", _hf_config_json(model.config))
+        atomic_write_json(tmp / "preprocessor_config.json", _processor_json(palette, model.config.image_size))
+        atomic_write_json(tmp / EXPORT_MARKER, {"run": run.name, "step": step, "source": str(run.path)})
     return out_dir

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from .errors import IgptError
+from .files import atomic_write_text
+from .images import resize
 
 
 class Palette:
@@ -121,8 +123,6 @@ class Palette:
 
     def encode(self, images: np.ndarray, size: int) -> np.ndarray:
         """uint8 images (N, H, W, 3) -> ids (N, size²) in raster order, resizing as Hugging Face does."""
-        from .images import resize
-
         images = resize(np.asarray(images), size)
         return self.quantize(images).reshape(len(images), size * size)
 
@@ -143,8 +143,6 @@ class Palette:
             raise IgptError(f"the palette data is not valid ({err}); re-create the run") from None
 
     def save(self, path: str | Path) -> None:
-        from .runs import atomic_write_text
-
         atomic_write_text(Path(path), self.to_json())
 
     @classmethod

@@ -35,8 +35,10 @@ import torch
 
 from .data import load_dataset
 from .errors import IgptError
+from .files import atomic_write, atomic_write_json
 from .model import IGPT
-from .runs import Run, atomic_write, atomic_write_json, open_run
+from .progress import progress_bar
+from .runs import Run, as_run
 
 FEATURES_FORMAT = 1
 RESULTS_FORMAT = 1
@@ -82,11 +84,7 @@ def extract_features(model: IGPT, ids, layers, *, batch_size: int = 256, bert_ma
     rngs = [np.random.default_rng([seed, m]) for m in range(k)]
     per_call = max(1, batch_size // (k + 1))
     out = np.empty((len(layers), N, model.config.n_embd), dtype=np.float32)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=N, desc=desc, unit="img", leave=False, dynamic_ncols=True)
+    bar = progress_bar(progress, total=N, desc=desc, unit="img", leave=False)
     try:
         for start in range(0, N, per_call):
             batch = ids[start : start + per_call].to(device)
@@ -204,10 +202,6 @@ def results_path(run: Run, dataset: str) -> Path:
     return run.path / "probes" / f"{_safe(dataset)}.json"
 
 
-def _as_run(run, runs_dir=None) -> Run:
-    return run if isinstance(run, Run) else open_run(str(run), runs_dir)
-
-
 def _is_acc(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and 0.0 <= x <= 1.0
 
@@ -215,7 +209,7 @@ def _is_acc(x) -> bool:
 def load_probe_results(run, dataset: str | None = None, *, runs_dir=None) -> dict | None:
     """The stored probe table of `run` (a Run or a run name) on `dataset` (default: the run's own),
     or None if it was never probed. A damaged file raises IgptError naming the file."""
-    run = _as_run(run, runs_dir)
+    run = as_run(run, runs_dir)
     dataset = dataset or run.info.get("dataset")
     path = results_path(run, dataset)
     if not path.exists():
@@ -394,7 +388,7 @@ def probe_run(run_name, dataset: str | None = None, *, checkpoints="all", layers
     """
     from .train import pick_device
 
-    run = _as_run(run_name, runs_dir)
+    run = as_run(run_name, runs_dir)
     info = run.info
     config = run.model_config
     n = config.n_layer
@@ -464,11 +458,7 @@ def probe_run(run_name, dataset: str | None = None, *, checkpoints="all", layers
                   progress=progress)
     val_losses = run.val_losses()
     n_fits = len(steps) * len(layer_list)
-    fit_bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        fit_bar = tqdm(total=n_fits, desc=f"probing {run.name} on {dataset}", unit="fit", dynamic_ncols=True)
+    fit_bar = progress_bar(progress, total=n_fits, desc=f"probing {run.name} on {dataset}", unit="fit")
 
     def fit(feats, layer):
         return fit_probe(feats["train"][layer], labels["train"], feats["val"][layer], labels["val"],

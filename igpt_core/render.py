@@ -1,11 +1,14 @@
-"""Pictures for people: enlarged pixels, grids like the paper's figures, heat maps. numpy + PIL only."""
+"""Pictures for people: enlarged pixels, grids like the paper's figures, heat maps. numpy + PIL only
+(and files.py, which is standard library)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-BACKGROUND = (255, 255, 255)
+from .files import atomic_write
 
 
 def enlarge(image: np.ndarray, pixel: int) -> np.ndarray:
@@ -74,8 +77,4 @@ def heatmap(values: np.ndarray, vmax: float | None = None) -> np.ndarray:
 
 def save_png(image: np.ndarray, path) -> None:
     """Write a PNG atomically (lossless, so every palette colour survives)."""
-    from pathlib import Path
-
-    from .runs import atomic_write
-
     atomic_write(Path(path), lambda tmp: Image.fromarray(np.asarray(image)).save(tmp, format="PNG"))

@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +26,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from .errors import CheckpointError, IgptError, RunError
+from .errors import CheckpointError, IgptError, RunError, first_line
+from .files import atomic_write, atomic_write_json, building_folder, read_jsonl
 from .model import IGPT, ModelConfig
 from .palette import Palette
 
@@ -40,31 +39,6 @@ _STEP_FILE = re.compile(r"step_(\d+)\.safetensors$")
 def default_runs_dir() -> Path:
     """$IGPT_RUNS_DIR if set, else ./runs."""
     return Path(os.environ.get("IGPT_RUNS_DIR", "runs"))
-
-
-# -- atomic writes ----------------------------------------------------------------------------------
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename tmp_path onto path (same folder, so the rename is atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def atomic_write_json(path: Path, value) -> None:
-    atomic_write_text(path, json.dumps(value, indent=2) + "\n")
 
 
 # -- checkpoints ------------------------------------------------------------------------------------
@@ -130,8 +104,7 @@ def load_checkpoint(path: Path, device="cpu") -> tuple[IGPT, Palette, dict]:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        first = str(err).splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not fit the model config in the file ({first})") from None
+        raise CheckpointError(f"{path}: weights do not fit the model config in the file ({first_line(err)})") from None
     return model.to(device).eval(), palette, info
 
 
@@ -192,16 +165,7 @@ class Run:
 
     def metrics(self) -> list[dict]:
         """The metrics log; a damaged last line (a crash mid-write) is skipped."""
-        file = self.path / "metrics.jsonl"
-        if not file.exists():
-            return []
-        rows = []
-        for line in file.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-        return rows
+        return read_jsonl(self.path / "metrics.jsonl")
 
     def val_losses(self) -> dict[int, float]:
         """Validation loss (nats/token) by step."""
@@ -232,6 +196,11 @@ def bits_per_dim(nats_per_token: float) -> float:
     return nats_per_token / 0.6931471805599453
 
 
+def as_run(run: Run | str, runs_dir: Path | None = None) -> Run:
+    """A Run as it is, or the run of that name under runs_dir."""
+    return run if isinstance(run, Run) else open_run(str(run), runs_dir)
+
+
 def open_run(name: str, runs_dir: Path | None = None) -> Run:
     runs_dir = Path(runs_dir) if runs_dir is not None else default_runs_dir()
     path = runs_dir / name
@@ -252,24 +221,27 @@ def list_runs(runs_dir: Path | None = None) -> list[Run]:
     return [Run(p) for p in sorted(runs_dir.iterdir()) if (p / "run.json").is_file()]
 
 
-def create_run(runs_dir: Path | None, name: str, info: dict, palette: Palette, *, overwrite: bool = False) -> Run:
-    """Make a run folder with run.json and palette.json (atomically: a failure leaves nothing)."""
+def create_run(runs_dir: Path | None, name: str, info: dict, palette: Palette, *, overwrite: bool = False,
+               fill=None) -> Run:
+    """Make a run folder with run.json and palette.json, atomically: a failure leaves nothing.
+
+    fill(run), if given, writes more files (weights, a log) into the run while it is still in its
+    temporary folder, so the run appears complete or not at all. overwrite replaces an existing run
+    only once the new one is whole.
+    """
     runs_dir = Path(runs_dir) if runs_dir is not None else default_runs_dir()
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise RunError(f"run name {name!r} may use letters, digits, '.', '_' and '-' only")
     path = runs_dir / name
-    if path.exists():
-        if not overwrite:
-            raise RunError(f"a run named {name!r} already exists at {path}: pass --resume to continue it, "
-                           "--overwrite to replace it, or choose another --name")
-        shutil.rmtree(path)
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=runs_dir, prefix=f".{name}."))
+    if path.exists() and not overwrite:
+        raise RunError(f"a run named {name!r} already exists at {path}: pass --resume to continue it, "
+                       "--overwrite to replace it, or choose another --name")
     try:
-        atomic_write_json(tmp / "run.json", {"format": RUN_FORMAT, "name": name, **info})
-        palette.save(tmp / "palette.json")
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with building_folder(path, replace=overwrite) as tmp:
+            atomic_write_json(tmp / "run.json", {"format": RUN_FORMAT, "name": name, **info})
+            palette.save(tmp / "palette.json")
+            if fill is not None:
+                fill(Run(tmp))
+    except FileExistsError:
+        raise RunError(f"a run named {name!r} appeared at {path} while it was being made; choose another --name") from None
     return Run(path)

@@ -24,14 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from .data import load_dataset
 from .distributed import StopSignals, init_from_env, is_peer_failure, lost_peers_message, patient_group
 from .errors import ConfigError, IgptError, RunError
 from .model import IGPT, ModelConfig, preset
 from .palette import Palette
-from .runs import Run, atomic_write, atomic_write_json, bits_per_dim, create_run, open_run, save_checkpoint
+from .progress import progress_bar
+from .files import append_jsonl, atomic_write, atomic_write_json, write_jsonl
+from .runs import Run, bits_per_dim, create_run, open_run, save_checkpoint
 
 
 @dataclass
@@ -239,9 +241,27 @@ def evaluate(model: IGPT, ids: torch.Tensor, batch_size: int = 128, seed: int = 
 
 
 def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with the paper's β = (0.9, β2); fused kernels on CUDA."""
-    return torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, tc.beta2), weight_decay=tc.weight_decay,
+    """AdamW with the paper's β = (0.9, β2); fused kernels on CUDA.
+
+    Weight decay (if any) applies to matrices only — tensors with >= 2 dimensions: linear and
+    embedding weights — never to norm gains or biases, whose scale decay would only pull to zero.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr, betas=(0.9, tc.beta2),
                              fused=device.type == "cuda")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def copy_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A snapshot of module's state dict on the CPU (cloned), e.g. the best weights so far: it costs
+    no device memory and later steps cannot change it."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
 def forward_backward(net, micro_batches, *, autocast=None, seeds=None, no_sync=None) -> torch.Tensor:
@@ -346,11 +366,7 @@ def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None
     checkpoint_steps = set(tc.checkpoint_steps())
     tokens_per_step = tc.batch_size * config.n_positions  # the global batch, all processes together
     peak = _peak_flops(device)
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=tc.steps, initial=start, desc=f"training {run.name}", unit="step", dynamic_ncols=True)
+    bar = progress_bar(progress and rank == 0, total=tc.steps, initial=start, desc=f"training {run.name}", unit="step")
 
     pending: list[torch.Tensor] = []  # losses of finished steps not yet read back (reading makes the host wait)
 
@@ -362,9 +378,8 @@ def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None
                 for i, loss in enumerate(losses)]
         if rows and last_eval == upto:
             rows[-1].update(val_loss=last_val, val_bpd=bits_per_dim(last_val))
-        if rank == 0 and rows:
-            with open(log_file, "a") as f:
-                f.writelines(json.dumps(row) + "\n" for row in rows)
+        if rank == 0:
+            append_jsonl(log_file, rows)
         pending = []
 
     completed = start  # last step whose optimizer update is done (and whose loss is in `pending` or the log)
@@ -376,9 +391,7 @@ def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None
     with StopSignals() as signals:
         try:
             for step in range(start + 1, tc.steps + 1):
-                lr = lr_at(step, tc)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                set_lr(optimizer, lr_at(step, tc))
                 local = order.indices(step)[rank::world]
                 batches = [train_ids[idx].to(device, non_blocking=True).long() for idx in local.split(micro_batch)]
                 seeds = [tc.seed * 1_000_003 + step * 1009 + rank * 31 + micro for micro in range(len(batches))]
@@ -467,8 +480,6 @@ def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None
 
 
 def _save_resume(folder: Path, model: IGPT, optimizer, step: int) -> None:
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp))
     atomic_write(folder / "optimizer.pt", lambda tmp: torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp))
@@ -493,5 +504,4 @@ def _load_resume(folder: Path, model: IGPT, optimizer, device) -> int:
 def _truncate_metrics(run: Run, step: int) -> None:
     """Drop log lines after the resumed step, so the curve continues without duplicates."""
     rows = [row for row in run.metrics() if row["step"] <= step]
-    atomic_write(run.path / "metrics.jsonl",
-                 lambda tmp: Path(tmp).write_text("".join(json.dumps(row) + "\n" for row in rows)))
+    write_jsonl(run.path / "metrics.jsonl", rows)
