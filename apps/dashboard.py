@@ -26,8 +26,8 @@ import streamlit as st
 from plotly.colors import sample_colorscale
 
 from igpt_core.errors import IgptError
-from igpt_core.probe import RESULTS_FORMAT, load_probe_results, probe_run
-from igpt_core.runs import RUN_FORMAT, Run, default_runs_dir, list_runs
+from igpt_core.probe import ProbeTable, load_probe_results, probe_run
+from igpt_core.runs import Run, default_runs_dir, list_runs
 
 TRAIN_COMMAND = "igpt train --dataset digits --preset tiny --name digits"
 PROBE_COMMAND = "igpt probe digits"
@@ -78,26 +78,15 @@ def read_run(path: str, stamp: tuple) -> dict:
         out["error"] = f"run {run.name!r} no longer exists at {run.path} (deleted or moved?)"
         return out
     try:
-        info = run.info
-        config = info["model_config"]
-        out.update(
-            kind=info.get("kind", "pretrained"),
-            dataset=info.get("dataset"),
-            objective=str(config.get("objective", "ar")),
-            n_layer=int(config["n_layer"]),
-            base_run=info.get("base_run"),
-            base_step=info.get("base_step"),
-            test_acc=info.get("test_acc"),
-            val_acc=info.get("val_acc"),
-        )
-    except (IgptError, KeyError, TypeError, ValueError, AttributeError) as err:
-        out["error"] = (f"run {run.name!r} has a run.json this version of the dashboard cannot read "
-                        f"(older or unknown format: {err}); re-train it or update igpt")
+        info, config = run.info, run.model_config
+    except IgptError as err:  # an unreadable run.json: the library's message says which part and what to do
+        out["error"] = str(err)
         return out
-    fmt = info.get("format")
-    if not isinstance(fmt, int) or fmt > RUN_FORMAT:
-        out["warnings"].append(f"run {run.name!r} has run.json format {fmt!r} (this igpt writes {RUN_FORMAT}); "
-                               "showing what can be read")
+    out.update(kind=info.get("kind", "pretrained"), dataset=info.get("dataset"), objective=config.objective,
+               n_layer=config.n_layer, base_run=info.get("base_run"), base_step=info.get("base_step"),
+               test_acc=info.get("test_acc"), val_acc=info.get("val_acc"))
+    if note := run.format_note():
+        out["warnings"].append(note)
     try:
         out["metrics"] = [row for row in run.metrics() if isinstance(row, dict) and "step" in row]
     except OSError as err:
@@ -111,15 +100,8 @@ def read_run(path: str, stamp: tuple) -> dict:
         except OSError as err:  # deleted mid-read
             out["warnings"].append(f"run {run.name!r}: {file} could not be read ({err})")
             continue
-        if table is None:
-            continue
-        fmt = table.get("format", RESULTS_FORMAT)
-        if not isinstance(fmt, int) or fmt > RESULTS_FORMAT:
-            out["warnings"].append(f"the probe results {file} have format {fmt!r}, newer than this dashboard "
-                                   f"reads ({RESULTS_FORMAT}); skipped — update igpt")
-            continue
-        table["file"] = str(file)
-        out["probes"][str(table["dataset"])] = table
+        if table is not None:
+            out["probes"][table.dataset] = table
     return out
 
 
@@ -136,25 +118,19 @@ def load_runs(runs_dir: Path, extra_names: list[str]) -> dict[str, dict]:
 # -- tables (the numbers behind each chart) ------------------------------------------------------------
 
 
-def best_row(rows: list[dict]) -> dict:
-    """The checkpoint's best layer: highest validation accuracy, the shallower layer on ties
-    (chosen on val, never on test, as the paper does)."""
-    return max(sorted(rows, key=lambda r: r["layer"]), key=lambda r: r["val_acc"])
-
-
-def probe_frame(name: str, table: dict, steps: list[int]) -> pd.DataFrame:
+def probe_frame(name: str, table: ProbeTable, steps: list[int]) -> pd.DataFrame:
     """Chart 1's table: one row per (checkpoint, layer), then the raw-pixel and random-init references."""
     records = []
     for step in steps:
-        rows = sorted((r for r in table["rows"] if r["step"] == step), key=lambda r: r["layer"])
+        rows = sorted((r for r in table.rows if r["step"] == step), key=lambda r: r["layer"])
         if not rows:
             continue
-        best = best_row(rows)["layer"]
+        best = table.best(step)["layer"]
         for r in rows:
             records.append({"run": name, "series": "checkpoint", "step": step, "layer": r["layer"],
                             "val_loss": r.get("val_loss"), "val_acc": r["val_acc"], "test_acc": r["test_acc"],
                             "C": r.get("C"), "best_layer": r["layer"] == best})
-    refs = table.get("references") or {}
+    refs = table.references
     raw = refs.get("raw_pixels")
     if raw:
         records.append({"run": name, "series": "raw pixels", "val_acc": raw["val_acc"], "test_acc": raw["test_acc"],
@@ -169,24 +145,15 @@ def probe_frame(name: str, table: dict, steps: list[int]) -> pd.DataFrame:
     return frame
 
 
-def best_by_checkpoint(name: str, run: dict, table: dict) -> pd.DataFrame:
+def best_by_checkpoint(name: str, run: dict, table: ProbeTable) -> pd.DataFrame:
     """Chart 2's table: per checkpoint, its validation loss and its best layer's accuracies."""
     records = []
-    for step in sorted({r["step"] for r in table["rows"]}):
-        best = best_row([r for r in table["rows"] if r["step"] == step])
+    for best in table.best_by_step():
+        step = best["step"]
         records.append({"run": name, "objective": run["objective"], "step": step, "val_loss": best.get("val_loss"),
                         "best_layer": best["layer"], "val_acc": best["val_acc"], "test_acc": best["test_acc"]})
     return pd.DataFrame.from_records(
         records, columns=["run", "objective", "step", "val_loss", "best_layer", "val_acc", "test_acc"])
-
-
-def spearman(x: pd.Series, y: pd.Series) -> float | None:
-    """Spearman's rank correlation (Pearson on average ranks); None with fewer than 3 points or no spread."""
-    ok = x.notna() & y.notna()
-    x, y = x[ok].astype(float), y[ok].astype(float)
-    if len(x) < 3 or x.nunique() < 2 or y.nunique() < 2:
-        return None
-    return float(x.rank().corr(y.rank()))
 
 
 def metrics_frame(name: str, metrics: list[dict]) -> pd.DataFrame:
@@ -206,10 +173,10 @@ def step_colors(all_steps: list[int]) -> tuple[dict[int, str], float, float]:
     return {s: sample_colorscale(STEP_SCALE, [(v - lo) / span])[0] for s, v in logs.items()}, lo, hi
 
 
-def layer_chart(name: str, run: dict, table: dict, frame: pd.DataFrame, metric: str, dataset: str) -> go.Figure:
-    n_layer = int(table["n_layer"])
+def layer_chart(name: str, run: dict, table: ProbeTable, frame: pd.DataFrame, metric: str, dataset: str) -> go.Figure:
+    n_layer = table.n_layer
     label = "test accuracy" if metric == "test_acc" else "validation accuracy"
-    all_steps = sorted({r["step"] for r in table["rows"]})
+    all_steps = table.steps
     colors, lo, hi = step_colors(all_steps)
     fig = go.Figure()
     points = frame[frame.series == "checkpoint"]
@@ -386,7 +353,7 @@ def compute_probes(runs_dir: Path, runs: dict[str, dict], chosen: list[str], dat
     table = run["probes"].get(probe_dataset)
     n_layer = run["n_layer"]
     done = {}
-    for r in (table or {}).get("rows", []):
+    for r in table.rows if table else []:
         done.setdefault(r["step"], set()).add(r["layer"])
 
     def describe(step):
@@ -401,7 +368,7 @@ def compute_probes(runs_dir: Path, runs: dict[str, dict], chosen: list[str], dat
     st.sidebar.caption(f"dataset: {probe_dataset}; layers to probe: "
                        + (", ".join(map(str, missing)) if missing else "none"))
     # Keep the stored table's settings, so probe_run adds rows to it instead of replacing it.
-    settings = (table or {}).get("settings") or {}
+    settings = table.settings if table else {}
     options = {k: settings[k] for k in ("bert_masks", "seed") if k in settings}
     if settings.get("Cs"):
         options["Cs"] = tuple(settings["Cs"])
@@ -434,7 +401,7 @@ def compute_probes(runs_dir: Path, runs: dict[str, dict], chosen: list[str], dat
             st.error(f"probing failed unexpectedly: {type(err).__name__}: {err}")
             return
         status.update(label=f"Probed {name} at step {step}", state="complete")
-    best = max((r for r in result.rows if r["step"] == step), key=lambda r: r["val_acc"], default=None)
+    best = result.best(step)
     text = f"Probed {name} at step {step} in {time.perf_counter() - t0:.0f} s"
     if best:
         text += f": best layer {best['layer']}, test accuracy {best['test_acc']:.1%}"
@@ -519,7 +486,7 @@ def main() -> None:
                    f"randomly initialised model of the same shape. Showing {metric_label}.")
         for name in probed:
             table = runs[name]["probes"][dataset]
-            all_steps = sorted({r["step"] for r in table["rows"]})
+            all_steps = table.steps
             key, seen = f"steps:{name}", f"steps-seen:{name}"
             if key in st.session_state and st.session_state.get(seen) != all_steps:
                 # Checkpoints probed since the last run (the button, or `igpt probe`) join the selection.
@@ -541,7 +508,7 @@ def main() -> None:
                           ignore_index=True)
         # One ρ per run: losses of different runs (palettes, datasets, AR vs BERT's masked-pixel loss) are not
         # on one scale, so pooling their checkpoints would mix incomparable numbers.
-        rhos = {name: spearman(rows.val_loss, rows[metric]) for name, rows in frame.groupby("run", sort=False)}
+        rhos = {name: runs[name]["probes"][dataset].loss_accuracy_rho(metric) for name in probed}
         st.plotly_chart(loss_vs_accuracy_chart(frame, metric, rhos, colors), key="chart:loss-vs-acc",
                         config=PLOTLY_CONFIG)
         per_run = [f"{name}: ρ = {'n/a' if r is None else f'{r:+.2f}'} "
@@ -567,11 +534,10 @@ def main() -> None:
             records = []
             for name in probed:
                 table = runs[name]["probes"][dataset]
-                bests = best_by_checkpoint(name, runs[name], table)
-                step = int(bests.sort_values(["val_acc", "step"], ascending=[False, True]).step.iloc[0])
-                for r in sorted((r for r in table["rows"] if r["step"] == step), key=lambda r: r["layer"]):
+                step = table.best()["step"]  # the checkpoint of the run's best probe
+                for r in sorted((r for r in table.rows if r["step"] == step), key=lambda r: r["layer"]):
                     records.append({"run": name, "objective": runs[name]["objective"], "step": step,
-                                    "layer": r["layer"], "relative_depth": r["layer"] / table["n_layer"],
+                                    "layer": r["layer"], "relative_depth": r["layer"] / table.n_layer,
                                     "val_acc": r["val_acc"], "test_acc": r["test_acc"]})
             frame = pd.DataFrame.from_records(records)
             st.plotly_chart(depth_chart(frame, metric, colors), key="chart:ar-vs-bert", config=PLOTLY_CONFIG)
@@ -587,8 +553,8 @@ def main() -> None:
             records = []
             for base in [n for n in good if any(runs[c]["base_run"] == n for c in finetuned)]:
                 table = runs[base]["probes"].get(dataset)
-                if table and table["rows"]:
-                    best = max(table["rows"], key=lambda r: (r["val_acc"], -r["step"]))
+                best = table.best() if table else None
+                if best:
                     records.append({"base_run": base, "method": "best linear probe", "run": base,
                                     "dataset": dataset, "step": best["step"], "layer": best["layer"],
                                     "val_acc": best["val_acc"], "test_acc": best["test_acc"]})

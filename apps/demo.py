@@ -29,6 +29,7 @@ from PIL import Image
 
 from igpt_core import IgptError, complete_stream, inpaint_stream, list_runs, load_dataset, load_image, surprise_map
 from igpt_core.images import resize
+from igpt_core.likelihood import bits_per_dim, likelihood_kind
 from igpt_core.render import completion_grid, display_scale, enlarge, grid, heatmap, hide_rows
 from igpt_core.runs import default_runs_dir, open_run
 
@@ -184,7 +185,7 @@ class Demo:
         for run in list_runs(self.runs_dir):
             try:
                 out.append(run.summary())
-            except (IgptError, KeyError, ValueError) as err:
+            except IgptError as err:  # an unreadable run.json: listed with the library's one-line reason
                 out.append({"name": run.name, "error": str(err)})
         return out
 
@@ -416,9 +417,8 @@ class Demo:
         picture = grid([[view, heatmap(nll - low, vmax=max(high - low, 1e-6))]],
                        labels=["model's view", f"surprise ({low:.1f}..{high:.1f} nats)"],
                        pixel=display_scale(size, 256))
-        kind = ("exact" if model.config.objective == "ar"
-                else "a pseudo-likelihood (BERT: each pixel scored with ~15% of the others hidden)")
-        text = (f"Mean surprise **{nll.mean():.3f} nats per pixel** ({nll.mean() / np.log(2):.3f} bits), {kind}. "
+        text = (f"Mean surprise **{nll.mean():.3f} nats per pixel** ({bits_per_dim(nll.mean()):.3f} bits), "
+                f"{likelihood_kind(model.config)} likelihood. "
                 f"Bright = the model did not expect that colour there; the most surprising pixel is at row "
                 f"{worst[0] + 1}, column {worst[1] + 1} ({nll.max():.2f} nats).")
         return picture, text

@@ -1,6 +1,6 @@
 """Fine-tuning a pre-trained run into a classifier, and classifying images with it.
 
-As in the paper (Chen et al. 2020, §3.4 / DESIGN.md §1): the classifier is the pre-trained iGPT
+As in the paper (Chen et al. 2020, §2.3 and §3.4; docs/design.md §6): the classifier is the pre-trained iGPT
 plus a linear head on the mean over positions of ln_f(h^L) — read through the public
 `model.features(ids, [n_layer])` — trained on L = L_CLF + gen_weight · L_GEN, where L_GEN is the
 model's own generative loss (`model(ids, targets=ids)`; for BERT runs the masked loss). AdamW with

@@ -1,6 +1,6 @@
 """Hugging Face ImageGPT <-> igpt runs: import OpenAI's released weights, export our AR models.
 
-Hugging Face's `ImageGPTForCausalImageModeling` is OpenAI's iGPT block exactly (DESIGN.md §2), so
+Hugging Face's `ImageGPTForCausalImageModeling` is OpenAI's iGPT block exactly (docs/design.md §3), so
 conversion is renaming and transposing, nothing else:
 
 - names: ours are HF's without the `transformer.` prefix (`lm_head.weight` has none in either);

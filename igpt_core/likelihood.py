@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import IGPT
+from .model import IGPT, ModelConfig
 
 LOSSY_NOTE = ("bits/dim are per palette token (and /3 per RGB sub-pixel); the palette is lossy, so they are "
               "not comparable with bits/dim on raw 8-bit pixels")
@@ -24,8 +24,9 @@ def pixel_nll(model: IGPT, ids: torch.Tensor, batch_size: int = 64) -> torch.Ten
     """Negative log-likelihood in nats of every pixel, (N, T).
 
     AR: the exact -log p(x_t | x_<t). BERT models have no such factorisation: each pixel is scored
-    with it and ~15% of the others hidden (positions split into 1/mask_prob interleaved groups,
-    each hidden in turn) — a pseudo-likelihood, useful for comparing BERT runs with each other only.
+    hidden together with about mask_prob of the others (positions split into round(1/mask_prob)
+    interleaved groups, each hidden in turn) — a pseudo-likelihood, useful for comparing BERT runs
+    with each other only.
     """
     device = next(model.parameters()).device
     ids = torch.as_tensor(ids).long()
@@ -36,7 +37,7 @@ def pixel_nll(model: IGPT, ids: torch.Tensor, batch_size: int = 64) -> torch.Ten
             logits, _ = model(batch)
             out.append(F.cross_entropy(logits.float().transpose(1, 2), batch, reduction="none").cpu())
             continue
-        groups = max(1, round(1 / model.config.mask_prob))
+        groups = _bert_groups(model.config)
         nll = torch.zeros(batch.shape, dtype=torch.float32)
         for g in range(groups):
             mask = torch.zeros_like(batch, dtype=torch.bool)
@@ -48,23 +49,39 @@ def pixel_nll(model: IGPT, ids: torch.Tensor, batch_size: int = 64) -> torch.Ten
     return torch.cat(out)
 
 
-def summarize(nll: torch.Tensor, objective: str) -> dict:
+def _bert_groups(config: ModelConfig) -> int:
+    return max(1, round(1 / config.mask_prob))
+
+
+def bits_per_dim(nats_per_token: float) -> float:
+    """Bits per palette token (nats / ln 2). Per RGB sub-pixel it is a third of this."""
+    return nats_per_token / math.log(2)
+
+
+def likelihood_kind(config: ModelConfig) -> str:
+    """What `pixel_nll` measures for this model, in words."""
+    if config.objective == "ar":
+        return "exact"
+    return f"pseudo (BERT: each pixel scored with ~{1 / _bert_groups(config):.0%} of the image hidden)"
+
+
+def summarize(nll: torch.Tensor, config: ModelConfig) -> dict:
     nats = float(nll.double().mean())
-    bits = nats / math.log(2)
+    bits = bits_per_dim(nats)
     return {
         "nats_per_token": nats,
         "bits_per_dim": bits,  # per palette token
         "bits_per_subpixel": bits / 3,
         "images": int(nll.shape[0]),
-        "objective": objective,
-        "likelihood": "exact" if objective == "ar" else "pseudo (BERT: each pixel scored with ~15% hidden)",
+        "objective": config.objective,
+        "likelihood": likelihood_kind(config),
         "note": LOSSY_NOTE,
     }
 
 
 def score(model: IGPT, ids: torch.Tensor, batch_size: int = 64) -> dict:
     """Mean likelihood of images given as ids (N, T), in nats/token and bits/dim."""
-    return summarize(pixel_nll(model, ids, batch_size), model.config.objective)
+    return summarize(pixel_nll(model, ids, batch_size), model.config)
 
 
 def surprise_map(model: IGPT, ids) -> np.ndarray:

@@ -1,7 +1,7 @@
 """The Image GPT model: one file, top to bottom — norm, attention, MLP, block, model.
 
 The block is OpenAI's iGPT block exactly (so that their released weights give the same logits,
-see DESIGN.md §2): RMS-style norm without bias, quick-GELU, pre-norm residuals, an untied 512-way
+see docs/design.md §3): RMS-style norm without bias, quick-GELU, pre-norm residuals, an untied 512-way
 head and a start-of-sequence token (id = number of colours) that precedes pixel 1.
 
 One class serves both objectives of the paper:

@@ -1,6 +1,6 @@
 """Linear probes: how linearly separable are the classes in each layer's features, at each checkpoint?
 
-The paper's probe (Chen et al. 2020, §3.4 / DESIGN.md §1): the feature of layer l is the mean over
+The paper's probe (Chen et al. 2020, §2.4; docs/design.md §5): the feature of layer l is the mean over
 positions of layer_norm(h^l) — the input norm of block l, or ln_f for l = n_layer — read through
 the model's public `IGPT.features`; a logistic regression (L-BFGS, as scikit-learn does it) is fitted
 on standardised features of the training split, its regularisation C chosen on the validation
@@ -175,10 +175,32 @@ class ProbeTable:
     def __iter__(self):
         return iter(self.rows)
 
+    @property
+    def steps(self) -> list[int]:
+        """The probed checkpoints, ascending."""
+        return sorted({r["step"] for r in self.rows})
+
     def best(self, step: int | None = None) -> dict | None:
-        """The row with the best validation accuracy (of one checkpoint, if `step` is given)."""
+        """The row with the best validation accuracy (of one checkpoint, if `step` is given).
+
+        Chosen on validation, never on test accuracy, as the paper does; ties go to the earlier
+        checkpoint, then the shallower layer.
+        """
         rows = [r for r in self.rows if step is None or r["step"] == step]
-        return max(rows, key=lambda r: (r["val_acc"], -r["step"]), default=None)
+        return max(rows, key=lambda r: (r["val_acc"], -r["step"], -r["layer"]), default=None)
+
+    def best_by_step(self) -> list[dict]:
+        """Each checkpoint's best-layer row, by step."""
+        return [self.best(step) for step in self.steps]
+
+    def loss_accuracy_rho(self, metric: str = "test_acc") -> float | None:
+        """Spearman ρ between the checkpoints' validation loss and their best layer's accuracy.
+
+        The paper's "better generative models learn better features" (§4.1, Figure 3) is a negative ρ.
+        Checkpoints without a stored val loss are left out; None with fewer than 3 of them.
+        """
+        rows = [r for r in self.best_by_step() if r.get("val_loss") is not None]
+        return spearman([r["val_loss"] for r in rows], [r[metric] for r in rows])
 
     def to_dict(self) -> dict:
         return {
@@ -191,6 +213,27 @@ class ProbeTable:
             "references": self.references,
             "created": self.created,
         }
+
+
+def spearman(x, y) -> float | None:
+    """Spearman's rank correlation (Pearson's on average ranks, so ties share a rank); None with
+    fewer than 3 points or when either side has no spread."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) < 3 or len(np.unique(x)) < 2 or len(np.unique(y)) < 2:
+        return None
+    rx, ry = _average_ranks(x), _average_ranks(y)
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, tied values sharing the mean of their ranks."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    unique, inverse = np.unique(values, return_inverse=True)
+    sums = np.bincount(inverse, weights=ranks)
+    counts = np.bincount(inverse)
+    return (sums / counts)[inverse]
 
 
 def _safe(name: str) -> str:
@@ -206,9 +249,10 @@ def _is_acc(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and 0.0 <= x <= 1.0
 
 
-def load_probe_results(run, dataset: str | None = None, *, runs_dir=None) -> dict | None:
+def load_probe_results(run, dataset: str | None = None, *, runs_dir=None) -> ProbeTable | None:
     """The stored probe table of `run` (a Run or a run name) on `dataset` (default: the run's own),
-    or None if it was never probed. A damaged file raises IgptError naming the file."""
+    or None if it was never probed. A damaged file, or one of a newer format than this igpt reads,
+    raises IgptError naming the file."""
     run = as_run(run, runs_dir)
     dataset = dataset or run.info.get("dataset")
     path = results_path(run, dataset)
@@ -225,6 +269,10 @@ def load_probe_results(run, dataset: str | None = None, *, runs_dir=None) -> dic
         raise damaged(f"not readable JSON: {err}") from None
     if not isinstance(value, dict):
         raise damaged("not a JSON object")
+    fmt = value.get("format", RESULTS_FORMAT)
+    if not isinstance(fmt, int) or fmt > RESULTS_FORMAT:
+        raise IgptError(f"the probe results {path} have format {fmt!r}, newer than this igpt reads "
+                        f"({RESULTS_FORMAT}); update igpt")
     for key in ("dataset", "rows", "references", "objective", "n_layer"):
         if key not in value:
             raise damaged(f"missing {key!r}")
@@ -257,7 +305,8 @@ def load_probe_results(run, dataset: str | None = None, *, runs_dir=None) -> dic
         for r in rand
     ):
         raise damaged("'references.random_init' is malformed")
-    return value
+    return ProbeTable(dataset=str(value["dataset"]), rows=value["rows"], references=refs, objective=value["objective"],
+                      n_layer=n_layer, path=path, settings=value.get("settings") or {}, created=value.get("created"))
 
 
 # -- data and the feature cache ----------------------------------------------------------------------------
@@ -444,12 +493,12 @@ def probe_run(run_name, dataset: str | None = None, *, checkpoints="all", layers
     except IgptError:
         stored = None
         notes.append(f"{path.name} was damaged; it was replaced by this call's results")
-    if stored is not None and stored.get("settings") != settings:
-        if stored.get("rows"):
+    if stored is not None and stored.settings != settings:
+        if stored.rows:
             notes.append(f"the stored probe table of {dataset} was made with other settings; it was replaced")
         stored = None
-    rows = {(r["step"], r["layer"]): r for r in (stored or {}).get("rows", [])}
-    refs = (stored or {}).get("references") or {"raw_pixels": None, "random_init": []}
+    rows = {(r["step"], r["layer"]): r for r in (stored.rows if stored else [])}
+    refs = (stored.references if stored else None) or {"raw_pixels": None, "random_init": []}
     refs.setdefault("raw_pixels", None)
     refs.setdefault("random_init", [])
 

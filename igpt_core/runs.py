@@ -28,6 +28,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from .errors import CheckpointError, IgptError, RunError, first_line
 from .files import atomic_write, atomic_write_json, building_folder, read_jsonl
+from .likelihood import bits_per_dim
 from .model import IGPT, ModelConfig
 from .palette import Palette
 
@@ -123,17 +124,29 @@ class Run:
 
     @property
     def info(self) -> dict:
+        """run.json, checked: a JSON object with a usable model config, or a RunError that says so."""
         file = self.path / "run.json"
         try:
-            return json.loads(file.read_text())
+            info = json.loads(file.read_text())
         except FileNotFoundError:
             raise RunError(f"run {self.name!r} has no run.json at {file}: it is incomplete; delete it and re-train") from None
-        except ValueError as err:
+        except (ValueError, OSError) as err:
             raise RunError(f"run {self.name!r}: run.json is damaged ({err}); delete the run and re-train") from None
+        if not isinstance(info, dict):
+            raise RunError(f"run {self.name!r}: run.json is damaged (not a JSON object); delete the run and re-train")
+        _model_config(self.name, info)
+        return info
 
     @property
     def model_config(self) -> ModelConfig:
-        return ModelConfig.from_dict(self.info["model_config"])
+        return _model_config(self.name, self.info)
+
+    def format_note(self) -> str | None:
+        """A warning if run.json is of another format than this igpt writes (its other fields may be misread)."""
+        fmt = self.info.get("format")
+        if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt <= RUN_FORMAT:
+            return None
+        return f"run {self.name!r} has run.json format {fmt!r} (this igpt writes {RUN_FORMAT}); showing what can be read"
 
     @property
     def palette(self) -> Palette:
@@ -172,18 +185,18 @@ class Run:
         return {row["step"]: row["val_loss"] for row in self.metrics() if "val_loss" in row}
 
     def summary(self) -> dict:
-        """One row for `igpt runs` and the apps' model pickers."""
+        """One row for `igpt runs` and the apps' model pickers. A run that cannot be read raises RunError."""
         info = self.info
+        config = self.model_config
         val = self.val_losses()
         best = min(val.values()) if val else None
-        config = info["model_config"]
         return {
             "name": self.name,
             "dataset": info.get("dataset"),
-            "objective": config.get("objective"),
+            "objective": config.objective,
             "preset": info.get("preset"),
-            "resolution": ModelConfig.from_dict(config).image_size,
-            "colors": config["vocab_size"] - 1,
+            "resolution": config.image_size,
+            "colors": config.n_colors,
             "steps": max(self.checkpoints(), default=0),
             "best_val_loss": best,
             "best_val_bpd": None if best is None else bits_per_dim(best),
@@ -191,9 +204,16 @@ class Run:
         }
 
 
-def bits_per_dim(nats_per_token: float) -> float:
-    """Bits per palette token (nats / ln 2). Per RGB sub-pixel it is a third of this."""
-    return nats_per_token / 0.6931471805599453
+def _model_config(name: str, info: dict) -> ModelConfig:
+    config = info.get("model_config")
+    why = "it has no model_config" if config is None else None
+    if config is not None:
+        try:
+            return ModelConfig.from_dict(config)
+        except (IgptError, TypeError, ValueError) as err:
+            why = f"its model_config does not fit this igpt: {first_line(err)}"
+    raise RunError(f"run {name!r} has a run.json this igpt cannot read ({why}; older or unknown format); "
+                   "re-train it or update igpt")
 
 
 def as_run(run: Run | str, runs_dir: Path | None = None) -> Run:

@@ -29,11 +29,12 @@ from safetensors.torch import load_file, save_file
 from .data import load_dataset
 from .distributed import StopSignals, init_from_env, is_peer_failure, lost_peers_message, patient_group
 from .errors import ConfigError, IgptError, RunError
+from .files import append_jsonl, atomic_write, atomic_write_json, write_jsonl
+from .likelihood import bits_per_dim
 from .model import IGPT, ModelConfig, preset
 from .palette import Palette
 from .progress import progress_bar
-from .files import append_jsonl, atomic_write, atomic_write_json, write_jsonl
-from .runs import Run, bits_per_dim, create_run, open_run, save_checkpoint
+from .runs import Run, create_run, open_run, save_checkpoint
 
 
 @dataclass

@@ -29,6 +29,9 @@ def workdir(tmp_path_factory):
                "--set", "n_layer=2", "--set", "n_embd=32", "--set", "n_head=2", "--name", "t", "--json", cwd=work)
     summary = json.loads(out.stdout)
     assert summary["steps"] == 12 and Path(summary["path"]).is_dir()
+    image = np.zeros((20, 20, 3), np.uint8)
+    image[5:15, 8:12] = 255
+    Image.fromarray(image).save(work / "digit.png")  # a bar, like a 1
     return work
 
 
@@ -48,10 +51,23 @@ def test_train_writes_a_run_that_runs_lists(workdir):
     assert "t " in igpt("runs", cwd=workdir).stdout
 
 
+def test_runs_lists_an_unreadable_run_in_one_line(tmp_path):
+    (tmp_path / "runs" / "old").mkdir(parents=True)
+    (tmp_path / "runs" / "old" / "run.json").write_text(json.dumps({"format": 1, "dataset": "digits"}))
+    (tmp_path / "runs" / "odd").mkdir()
+    (tmp_path / "runs" / "odd" / "run.json").write_text(json.dumps({"model_config": {"layers": 3}}))
+    result = igpt("runs", cwd=tmp_path)
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3 and "Traceback" not in result.stderr  # the header, then one line per run
+    assert lines[1].startswith("odd ") and "unreadable" in lines[1] and "model_config does not fit" in lines[1]
+    assert lines[2].startswith("old ") and "run.json this igpt cannot read (it has no model_config" in lines[2]
+    rows = json.loads(igpt("runs", "--json", cwd=tmp_path).stdout)
+    assert [(r["name"], "error" in r) for r in rows] == [("odd", True), ("old", True)]
+    result = igpt("probe", "old", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "cannot read" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
 def test_sample_score_surprise(workdir):
-    image = np.zeros((20, 20, 3), np.uint8)
-    image[5:15, 8:12] = 255
-    Image.fromarray(image).save(workdir / "digit.png")
     out = json.loads(igpt("sample", "t", "--image", "digit.png", "-n", "3", "--keep-rows", "4", "--out", "g.png",
                           "--json", cwd=workdir).stdout)
     grid = np.asarray(Image.open(workdir / "g.png"))

@@ -406,7 +406,7 @@ def test_unreadable_or_unknown_run_formats_warn(fake_runs, app):
     at = app(fake_runs)
     no_exception(at)
     warnings = texts(at.warning)
-    assert "'old' has a run.json this version of the dashboard cannot read" in warnings
+    assert "'old' has a run.json this igpt cannot read (it has no model_config" in warnings
     assert "'broken'" in warnings and "run.json format 7" in warnings
     titles = list(charts(at))
     assert any(t.startswith("Linear-probe test accuracy by layer — ar ") for t in titles)
@@ -478,13 +478,13 @@ def test_compute_missing_probes_from_the_page(tmp_path, app, one_torch_thread):
     no_exception(at)
     assert "Probed real at step" in texts(at.success)
     table = load_probe_results(run)
-    assert sorted((r["step"], r["layer"]) for r in table["rows"]) == [(last, layer) for layer in range(3)]
+    assert sorted((r["step"], r["layer"]) for r in table.rows) == [(last, layer) for layer in range(3)]
     lines = traces(chart(at, "Linear-probe test accuracy by layer — real (AR, 2 layers"))
-    rows = by_layer(table, last)
+    rows = by_layer(table.to_dict(), last)
     assert lines[f"step {last}"]["x"] == [0, 1, 2]
     assert lines[f"step {last}"]["y"] == pytest.approx([r["test_acc"] for r in rows])
-    assert lines["raw pixels"]["y"] == pytest.approx([table["references"]["raw_pixels"]["test_acc"]] * 2)
-    assert table["settings"]["max_train"] == 300
+    assert lines["raw pixels"]["y"] == pytest.approx([table.references["raw_pixels"]["test_acc"]] * 2)
+    assert table.settings["max_train"] == 300
     assert at.button(key="probe_go").disabled  # nothing missing at that checkpoint any more
 
 

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy.stats import spearmanr
 
 from igpt_core import probe as probe_mod
 from igpt_core.data import load_dataset
 from igpt_core.errors import IgptError
 from igpt_core.finetune import classify, finetune
 from igpt_core.model import IGPT
-from igpt_core.probe import extract_features, fit_probe, load_probe_results, probe_run
+from igpt_core.probe import ProbeTable, extract_features, fit_probe, load_probe_results, probe_run, spearman
 from igpt_core.runs import open_run
 from igpt_core.train import TrainConfig, start_run, train
 
@@ -78,10 +79,36 @@ def test_one_row_per_checkpoint_and_layer(table, ar_run):
 
 def test_results_file_format(table, ar_run):
     stored = load_probe_results(ar_run)
-    assert stored == json.loads((ar_run.path / "probes" / "digits.json").read_text())
-    assert stored["dataset"] == "digits" and stored["objective"] == "ar" and stored["n_layer"] == 2
-    assert stored["rows"] == table.rows and "created" in stored
+    assert stored.to_dict() == json.loads((ar_run.path / "probes" / "digits.json").read_text())
+    assert stored.dataset == "digits" and stored.objective == "ar" and stored.n_layer == 2
+    assert stored.rows == table.rows and stored.created and stored.path == table.path
     assert load_probe_results(ar_run, "mnist") is None  # never probed on it
+
+
+def test_spearman_matches_scipy_with_ties():
+    rng = np.random.default_rng(0)
+    for n in (3, 7, 40):
+        x, y = rng.integers(0, 5, n).astype(float), rng.normal(size=n)
+        x[:2] = [0, 1]  # some spread
+        assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic)
+    assert spearman([1, 2], [2, 1]) is None  # too few points
+    assert spearman([1, 1, 1], [1, 2, 3]) is None  # no spread
+
+
+def test_best_layer_rule_and_loss_accuracy_rho(tmp_path):
+    def row(step, layer, val_acc, val_loss):
+        return {"step": step, "layer": layer, "val_acc": val_acc, "test_acc": val_acc - 0.01, "C": 1.0,
+                "val_loss": val_loss}
+
+    rows = [row(10, 0, 0.5, 3.0), row(10, 1, 0.6, 3.0), row(10, 2, 0.6, 3.0),  # a tie: the shallower layer
+            row(20, 0, 0.5, 2.0), row(20, 1, 0.8, 2.0), row(20, 2, 0.7, 2.0),
+            row(30, 0, 0.6, 1.5), row(30, 1, 0.8, 1.5), row(30, 2, 0.9, 1.5)]
+    table = ProbeTable("digits", rows, {}, "ar", 2, tmp_path / "digits.json")
+    assert [(r["step"], r["layer"]) for r in table.best_by_step()] == [(10, 1), (20, 1), (30, 2)]
+    assert (table.best()["step"], table.best()["layer"]) == (30, 2)
+    assert table.loss_accuracy_rho() == pytest.approx(-1.0)  # lower loss, better best layer, every time
+    rows[-1]["val_acc"] = rows[-2]["val_acc"] = rows[-3]["val_acc"] = 0.55
+    assert table.loss_accuracy_rho("val_acc") == pytest.approx(spearmanr([3.0, 2.0, 1.5], [0.6, 0.8, 0.55]).statistic)
 
 
 def test_references_present_and_sensible(table):
@@ -111,7 +138,7 @@ def test_cached_features_are_reused(table, runs_dir, monkeypatch):
     # A subset of what is cached needs no forward pass either, and keeps the other rows stored.
     probe_run("tiny-ar", runs_dir=runs_dir, checkpoints=[30], layers=[1], progress=False)
     assert calls == []
-    assert len(load_probe_results(open_run("tiny-ar", runs_dir))["rows"]) == 6
+    assert len(load_probe_results(open_run("tiny-ar", runs_dir)).rows) == 6
 
 
 def test_damaged_results_file_is_reported(ar_run, tmp_path):
@@ -129,7 +156,7 @@ def test_damaged_results_file_is_reported(ar_run, tmp_path):
     # Probing again replaces the damaged file (from the copied feature cache) and says so.
     again = probe_run("tiny-ar", runs_dir=tmp_path, checkpoints="last", layers=[1], progress=False)
     assert "damaged" in again.note and [(r["step"], r["layer"]) for r in again.rows] == [(30, 1)]
-    assert load_probe_results(open_run("tiny-ar", tmp_path))["rows"] == again.rows
+    assert load_probe_results(open_run("tiny-ar", tmp_path)).rows == again.rows
 
 
 # -- features ----------------------------------------------------------------------------------------------
