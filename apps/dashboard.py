@@ -19,6 +19,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -415,24 +416,21 @@ def compute_probes(runs_dir: Path, runs: dict[str, dict], chosen: list[str], dat
 # -- the page -------------------------------------------------------------------------------------------
 
 
-def main() -> None:
-    st.set_page_config(page_title="iGPT probe dashboard", page_icon=":material/insights:", layout="wide")
-    runs_dir = runs_dir_from_args(sys.argv[1:])
-    st.title("Image GPT probe dashboard")
-    st.caption("How linearly separable are the classes in each layer's features, at each checkpoint? "
-               "(Chen et al. 2020, *Generative Pretraining from Pixels*, Figures 2–3) · "
-               f"runs from `{runs_dir.resolve()}`")
+class View(NamedTuple):
+    """What the sidebar chose, for the page's sections."""
 
-    runs = load_runs(runs_dir, list(st.session_state.get("runs", [])))
-    if not runs:
-        st.warning(f"No runs under `{runs_dir.resolve()}` yet.")
-        st.info("Train a run, probe it, then reload this page:")
-        st.code(f"{TRAIN_COMMAND}\n{PROBE_COMMAND}", language="bash")
-        st.caption("The dashboard reads runs from `$IGPT_RUNS_DIR` (set by `igpt dashboard --runs-dir DIR`) or "
-                   "`streamlit run apps/dashboard.py -- --runs-dir DIR`.")
-        return
+    runs: dict[str, dict]  # every run read, by name
+    chosen: list[str]
+    good: list[str]  # the chosen runs that could be read
+    probed: list[str]  # the good runs with probe results on `dataset`
+    dataset: str | None
+    metric: str  # "test_acc" or "val_acc"
+    metric_label: str
+    colors: dict[str, str]  # one colour per run, the same in every chart
 
-    # -- choices --
+
+def choose(runs: dict[str, dict]) -> View:
+    """The sidebar's choices (runs, probe dataset, test or validation accuracy), with each run's warnings."""
     st.sidebar.header("Runs")
     names = sorted(runs)
     with_probes = [n for n in names if runs[n]["has_probe_files"]]  # damaged ones too: their warning shows
@@ -464,118 +462,134 @@ def main() -> None:
     metric = "val_acc" if use_val else "test_acc"
     metric_label = "validation accuracy" if use_val else "test accuracy"
     colors = {n: RUN_COLORS[i % len(RUN_COLORS)] for i, n in enumerate(good)}
-    compute_probes(runs_dir, runs, chosen, dataset)
-
-    if not chosen:
-        st.info("Choose one or more runs in the sidebar.")
-        return
     probed = [n for n in good if dataset in runs[n]["probes"]]
-    unprobed = [n for n in good if n not in probed]
+    return View(runs, chosen, good, probed, dataset, metric, metric_label, colors)
+
+
+def accuracy_by_layer(view: View) -> None:
+    """Chart 1: probe accuracy by layer, one line per checkpoint, for each probed run."""
+    runs, probed, dataset, metric, metric_label = view.runs, view.probed, view.dataset, view.metric, view.metric_label
     if not probed:
-        st.subheader("No probe results for the chosen runs yet")
-        how_to_make_probes(unprobed)
-    elif unprobed:
-        st.caption("No probe results on this dataset for: " + ", ".join(unprobed)
-                   + f" — `igpt probe RUN{'' if dataset is None else ' --dataset ' + dataset}` makes them.")
-
-    # -- 1. accuracy by layer --
-    if probed:
-        st.header("1 · Probe accuracy by layer")
-        st.caption(f"One line per checkpoint, coloured by training step; ★ = the checkpoint's best layer "
-                   f"(chosen on validation accuracy); dashed: a probe on raw pixels; dotted: a probe on a "
-                   f"randomly initialised model of the same shape. Showing {metric_label}.")
-        for name in probed:
-            table = runs[name]["probes"][dataset]
-            all_steps = table.steps
-            key, seen = f"steps:{name}", f"steps-seen:{name}"
-            if key in st.session_state and st.session_state.get(seen) != all_steps:
-                # Checkpoints probed since the last run (the button, or `igpt probe`) join the selection.
-                fresh = set(all_steps) - set(st.session_state.get(seen) or [])
-                st.session_state[key] = sorted((set(st.session_state[key]) & set(all_steps)) | fresh)
-            st.session_state[seen] = all_steps
-            steps = st.multiselect(f"checkpoints of {name}", all_steps, key=key,
-                                   default=None if key in st.session_state else all_steps,
-                                   format_func=lambda s: f"step {s}")
-            frame = probe_frame(name, table, steps)
-            st.plotly_chart(layer_chart(name, runs[name], table, frame, metric, dataset), key=f"chart:layers:{name}",
-                            config=PLOTLY_CONFIG)
-            table_with_download(frame, f"probe-by-layer_{name}_{dataset}.csv", f"layers:{name}")
-
-    # -- 2. val loss vs best-layer accuracy --
-    if probed:
-        st.header("2 · Better generative models learn better features")
-        frame = pd.concat([best_by_checkpoint(n, runs[n], runs[n]["probes"][dataset]) for n in probed],
-                          ignore_index=True)
-        # One ρ per run: losses of different runs (palettes, datasets, AR vs BERT's masked-pixel loss) are not
-        # on one scale, so pooling their checkpoints would mix incomparable numbers.
-        rhos = {name: runs[name]["probes"][dataset].loss_accuracy_rho(metric) for name in probed}
-        st.plotly_chart(loss_vs_accuracy_chart(frame, metric, rhos, colors), key="chart:loss-vs-acc",
+        return
+    st.header("1 · Probe accuracy by layer")
+    st.caption(f"One line per checkpoint, coloured by training step; ★ = the checkpoint's best layer "
+               f"(chosen on validation accuracy); dashed: a probe on raw pixels; dotted: a probe on a "
+               f"randomly initialised model of the same shape. Showing {metric_label}.")
+    for name in probed:
+        table = runs[name]["probes"][dataset]
+        all_steps = table.steps
+        key, seen = f"steps:{name}", f"steps-seen:{name}"
+        if key in st.session_state and st.session_state.get(seen) != all_steps:
+            # Checkpoints probed since the last run (the button, or `igpt probe`) join the selection.
+            fresh = set(all_steps) - set(st.session_state.get(seen) or [])
+            st.session_state[key] = sorted((set(st.session_state[key]) & set(all_steps)) | fresh)
+        st.session_state[seen] = all_steps
+        steps = st.multiselect(f"checkpoints of {name}", all_steps, key=key,
+                               default=None if key in st.session_state else all_steps,
+                               format_func=lambda s: f"step {s}")
+        frame = probe_frame(name, table, steps)
+        st.plotly_chart(layer_chart(name, runs[name], table, frame, metric, dataset), key=f"chart:layers:{name}",
                         config=PLOTLY_CONFIG)
-        per_run = [f"{name}: ρ = {'n/a' if r is None else f'{r:+.2f}'} "
-                   f"({int(frame[frame.run == name].val_loss.notna().sum())} checkpoints)" for name, r in rhos.items()]
-        st.caption("One point per checkpoint (labelled by its training step); its best layer is chosen on "
-                   "validation accuracy. Spearman rank correlation between val loss and best-layer accuracy, per "
-                   "run — a negative ρ means lower loss goes with better features, as in the paper: "
-                   + "; ".join(per_run) + (" (n/a: fewer than 3 checkpoints)." if None in rhos.values() else ".")
-                   + (" Losses of runs with different palettes, datasets or objectives are not on one scale (BERT's "
-                      "is on masked pixels only)." if len(probed) > 1 else ""))
-        missing = int(frame.val_loss.isna().sum())
-        if missing:
-            st.caption(f"{missing} checkpoint(s) have no stored validation loss and are not plotted.")
-        table_with_download(frame, f"val-loss-vs-probe_{dataset}.csv", "loss-vs-acc")
+        table_with_download(frame, f"probe-by-layer_{name}_{dataset}.csv", f"layers:{name}")
 
-    # -- 3. AR vs BERT, and fine-tuning --
+
+def loss_vs_accuracy(view: View) -> None:
+    """Chart 2: validation loss against best-layer accuracy per checkpoint, with Spearman ρ per run."""
+    runs, probed, dataset, metric, colors = view.runs, view.probed, view.dataset, view.metric, view.colors
+    if not probed:
+        return
+    st.header("2 · Better generative models learn better features")
+    frame = pd.concat([best_by_checkpoint(n, runs[n], runs[n]["probes"][dataset]) for n in probed],
+                      ignore_index=True)
+    # One ρ per run: losses of different runs (palettes, datasets, AR vs BERT's masked-pixel loss) are not
+    # on one scale, so pooling their checkpoints would mix incomparable numbers.
+    rhos = {name: runs[name]["probes"][dataset].loss_accuracy_rho(metric) for name in probed}
+    st.plotly_chart(loss_vs_accuracy_chart(frame, metric, rhos, colors), key="chart:loss-vs-acc",
+                    config=PLOTLY_CONFIG)
+    per_run = [f"{name}: ρ = {'n/a' if r is None else f'{r:+.2f}'} "
+               f"({int(frame[frame.run == name].val_loss.notna().sum())} checkpoints)" for name, r in rhos.items()]
+    st.caption("One point per checkpoint (labelled by its training step); its best layer is chosen on "
+               "validation accuracy. Spearman rank correlation between val loss and best-layer accuracy, per "
+               "run — a negative ρ means lower loss goes with better features, as in the paper: "
+               + "; ".join(per_run) + (" (n/a: fewer than 3 checkpoints)." if None in rhos.values() else ".")
+               + (" Losses of runs with different palettes, datasets or objectives are not on one scale (BERT's "
+                  "is on masked pixels only)." if len(probed) > 1 else ""))
+    missing = int(frame.val_loss.isna().sum())
+    if missing:
+        st.caption(f"{missing} checkpoint(s) have no stored validation loss and are not plotted.")
+    table_with_download(frame, f"val-loss-vs-probe_{dataset}.csv", "loss-vs-acc")
+
+
+def ar_vs_bert_and_finetuning(view: View) -> None:
+    """Section 3: AR against BERT by relative depth, and the best probe against fine-tuning."""
+    runs, good, probed = view.runs, view.good, view.probed
     finetuned = [n for n, r in runs.items() if not r["error"] and r.get("kind") == "classifier"
                  and r.get("base_run") in good]
-    if probed or finetuned:
-        st.header("3 · AR vs BERT, and linear probe vs fine-tuning")
-        objectives = {runs[n]["objective"] for n in probed}
-        if {"ar", "bert"} <= objectives:
-            records = []
-            for name in probed:
-                table = runs[name]["probes"][dataset]
-                step = table.best()["step"]  # the checkpoint of the run's best probe
-                for r in sorted((r for r in table.rows if r["step"] == step), key=lambda r: r["layer"]):
-                    records.append({"run": name, "objective": runs[name]["objective"], "step": step,
-                                    "layer": r["layer"], "relative_depth": r["layer"] / table.n_layer,
-                                    "val_acc": r["val_acc"], "test_acc": r["test_acc"]})
-            frame = pd.DataFrame.from_records(records)
-            st.plotly_chart(depth_chart(frame, metric, colors), key="chart:ar-vs-bert", config=PLOTLY_CONFIG)
-            st.caption("Solid: autoregressive runs; dashed: BERT runs. The paper finds AR features probe better "
-                       "than BERT's, with the best layers in the middle of the network.")
-            table_with_download(frame, f"ar-vs-bert_{dataset}.csv", "ar-vs-bert")
-        elif probed:
-            have = ", ".join(sorted(o.upper() for o in objectives))
-            st.info(f"The chosen probed runs are all {have}: choose runs of both objectives to compare AR and "
-                    "BERT (train one with `igpt train --dataset digits --preset tiny --objective bert "
-                    "--name digits-bert`, then `igpt probe digits-bert`).")
-        if finetuned:
-            records = []
-            for base in [n for n in good if any(runs[c]["base_run"] == n for c in finetuned)]:
-                table = runs[base]["probes"].get(dataset)
-                best = table.best() if table else None
-                if best:
-                    records.append({"base_run": base, "method": "best linear probe", "run": base,
-                                    "dataset": dataset, "step": best["step"], "layer": best["layer"],
-                                    "val_acc": best["val_acc"], "test_acc": best["test_acc"]})
-                for clf in sorted(c for c in finetuned if runs[c]["base_run"] == base):
-                    r = runs[clf]
-                    records.append({"base_run": base, "method": f"fine-tuned ({clf})", "run": clf,
-                                    "dataset": r.get("dataset"), "step": r.get("base_step"), "layer": None,
-                                    "val_acc": r.get("val_acc"), "test_acc": r.get("test_acc")})
-            frame = pd.DataFrame.from_records(records)
-            for col in ("val_acc", "test_acc"):
-                frame[col] = pd.to_numeric(frame[col], errors="coerce")
-            st.plotly_chart(finetune_chart(frame), key="chart:finetune", config=PLOTLY_CONFIG)
-            st.caption("Fine-tuning trains the whole network with a linear head on mean-pooled ln_f features "
-                       "(L_CLF + L_GEN); the probe only fits a logistic regression on frozen features. `step` is "
-                       "the pre-training checkpoint each started from.")
-            table_with_download(frame, "probe-vs-finetune.csv", "finetune")
-        elif probed:
-            st.caption("No fine-tuned classifiers of the chosen runs: `igpt finetune RUN` makes one "
-                       "(it appears here as a bar next to the best probe).")
+    if not (probed or finetuned):
+        return
+    st.header("3 · AR vs BERT, and linear probe vs fine-tuning")
+    objectives = {runs[n]["objective"] for n in probed}
+    if {"ar", "bert"} <= objectives:
+        ar_vs_bert(view)
+    elif probed:
+        have = ", ".join(sorted(o.upper() for o in objectives))
+        st.info(f"The chosen probed runs are all {have}: choose runs of both objectives to compare AR and "
+                "BERT (train one with `igpt train --dataset digits --preset tiny --objective bert "
+                "--name digits-bert`, then `igpt probe digits-bert`).")
+    if finetuned:
+        probe_vs_finetuning(view, finetuned)
+    elif probed:
+        st.caption("No fine-tuned classifiers of the chosen runs: `igpt finetune RUN` makes one "
+                   "(it appears here as a bar next to the best probe).")
 
-    # -- 4. training curves --
+
+def ar_vs_bert(view: View) -> None:
+    """Chart 3a: each probed run's best checkpoint, accuracy by relative depth, AR solid and BERT dashed."""
+    runs, probed, dataset, metric, colors = view.runs, view.probed, view.dataset, view.metric, view.colors
+    records = []
+    for name in probed:
+        table = runs[name]["probes"][dataset]
+        step = table.best()["step"]  # the checkpoint of the run's best probe
+        for r in sorted((r for r in table.rows if r["step"] == step), key=lambda r: r["layer"]):
+            records.append({"run": name, "objective": runs[name]["objective"], "step": step,
+                            "layer": r["layer"], "relative_depth": r["layer"] / table.n_layer,
+                            "val_acc": r["val_acc"], "test_acc": r["test_acc"]})
+    frame = pd.DataFrame.from_records(records)
+    st.plotly_chart(depth_chart(frame, metric, colors), key="chart:ar-vs-bert", config=PLOTLY_CONFIG)
+    st.caption("Solid: autoregressive runs; dashed: BERT runs. The paper finds AR features probe better "
+               "than BERT's, with the best layers in the middle of the network.")
+    table_with_download(frame, f"ar-vs-bert_{dataset}.csv", "ar-vs-bert")
+
+
+def probe_vs_finetuning(view: View, finetuned: list[str]) -> None:
+    """Chart 3b: for each base run, its best linear probe beside its fine-tuned classifiers."""
+    runs, good, dataset = view.runs, view.good, view.dataset
+    records = []
+    for base in [n for n in good if any(runs[c]["base_run"] == n for c in finetuned)]:
+        table = runs[base]["probes"].get(dataset)
+        best = table.best() if table else None
+        if best:
+            records.append({"base_run": base, "method": "best linear probe", "run": base,
+                            "dataset": dataset, "step": best["step"], "layer": best["layer"],
+                            "val_acc": best["val_acc"], "test_acc": best["test_acc"]})
+        for clf in sorted(c for c in finetuned if runs[c]["base_run"] == base):
+            r = runs[clf]
+            records.append({"base_run": base, "method": f"fine-tuned ({clf})", "run": clf,
+                            "dataset": r.get("dataset"), "step": r.get("base_step"), "layer": None,
+                            "val_acc": r.get("val_acc"), "test_acc": r.get("test_acc")})
+    frame = pd.DataFrame.from_records(records)
+    for col in ("val_acc", "test_acc"):
+        frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    st.plotly_chart(finetune_chart(frame), key="chart:finetune", config=PLOTLY_CONFIG)
+    st.caption("Fine-tuning trains the whole network with a linear head on mean-pooled ln_f features "
+               "(L_CLF + L_GEN); the probe only fits a logistic regression on frozen features. `step` is "
+               "the pre-training checkpoint each started from.")
+    table_with_download(frame, "probe-vs-finetune.csv", "finetune")
+
+
+def training_curves(view: View) -> None:
+    """Chart 4: training and validation loss of the chosen runs."""
+    runs, good, colors = view.runs, view.good, view.colors
     st.header("4 · Training curves")
     frames = [metrics_frame(n, runs[n]["metrics"]) for n in good if runs[n]["metrics"]]
     if frames:
@@ -587,6 +601,42 @@ def main() -> None:
         table_with_download(frame, "training-curves.csv", "training")
     else:
         st.info("No training metrics for the chosen runs (metrics.jsonl is written by `igpt train`).")
+
+
+def main() -> None:
+    st.set_page_config(page_title="iGPT probe dashboard", page_icon=":material/insights:", layout="wide")
+    runs_dir = runs_dir_from_args(sys.argv[1:])
+    st.title("Image GPT probe dashboard")
+    st.caption("How linearly separable are the classes in each layer's features, at each checkpoint? "
+               "(Chen et al. 2020, *Generative Pretraining from Pixels*, Figures 2–3) · "
+               f"runs from `{runs_dir.resolve()}`")
+
+    runs = load_runs(runs_dir, list(st.session_state.get("runs", [])))
+    if not runs:
+        st.warning(f"No runs under `{runs_dir.resolve()}` yet.")
+        st.info("Train a run, probe it, then reload this page:")
+        st.code(f"{TRAIN_COMMAND}\n{PROBE_COMMAND}", language="bash")
+        st.caption("The dashboard reads runs from `$IGPT_RUNS_DIR` (set by `igpt dashboard --runs-dir DIR`) or "
+                   "`streamlit run apps/dashboard.py -- --runs-dir DIR`.")
+        return
+
+    view = choose(runs)
+    compute_probes(runs_dir, runs, view.chosen, view.dataset)
+    if not view.chosen:
+        st.info("Choose one or more runs in the sidebar.")
+        return
+    unprobed = [n for n in view.good if n not in view.probed]
+    if not view.probed:
+        st.subheader("No probe results for the chosen runs yet")
+        how_to_make_probes(unprobed)
+    elif unprobed:
+        st.caption("No probe results on this dataset for: " + ", ".join(unprobed)
+                   + f" — `igpt probe RUN{'' if view.dataset is None else ' --dataset ' + view.dataset}` makes them.")
+
+    accuracy_by_layer(view)
+    loss_vs_accuracy(view)
+    ar_vs_bert_and_finetuning(view)
+    training_curves(view)
 
 
 if __name__ == "__main__":

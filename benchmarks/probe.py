@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import numpy as np
 import torch
+from machine import machine_facts  # benchmarks/machine.py (scripts run from this folder)
 
 from igpt_core.model import IGPT, ModelConfig
 from igpt_core.probe import DEFAULT_CS, extract_features, fit_probe
@@ -130,9 +130,7 @@ def main() -> None:
         "shapes": {"n_layer": config.n_layer, "n_embd": config.n_embd, "n_head": config.n_head,
                    "image": f"{args.size}x{args.size}", "images": args.images, "batch": args.batch,
                    "layers_extracted": len(layers)},
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
+        "machine": machine_facts(),
         "weights_converted_with": converter,
         "hf_attn_implementation": getattr(hf.config, "_attn_implementation", None),
         "seconds": {

@@ -182,13 +182,7 @@ def finetune(run_name, dataset: str | None = None, *, name: str | None = None, s
     settings = {"steps": steps, "lr": lr, "batch_size": batch_size, "gen_weight": gen_weight, "patience": patience,
                 "eval_every": tc.eval_every, "augment": bool(augment), "seed": seed, "base_step": base_step,
                 "max_train": max_train, "warmup": tc.warmup, "beta2": tc.beta2, "grad_clip": tc.grad_clip}
-    run_info = {
-        "kind": "classifier", "base_run": base.name, "base_step": base_step, "dataset": dataset, "classes": classes,
-        "preset": info.get("preset"), "model_config": model.config.to_dict(), "train_config": settings,
-        "data_dir": str(data_dir) if data_dir else (info.get("data_dir") if dataset == info.get("dataset") else None),
-        "best_step": result["best_step"], "val_acc": result["val_acc"], "test_acc": test_acc, "note": note,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
+    run_info = _classifier_info(base, dataset, data_dir, model.config, classes, settings, result, test_acc, note)
     path = _save_classifier(runs_root, name, run_info, palette, clf, classes, result["metrics"], result["best_step"],
                             overwrite)
     return {
@@ -196,6 +190,19 @@ def finetune(run_name, dataset: str | None = None, *, name: str | None = None, s
         "best_step": result["best_step"], "steps_run": result["steps_run"], "stopped_early": result["stopped_early"],
         "val_acc": result["val_acc"], "test_acc": test_acc, "augment": bool(augment), "lr": lr, "seconds": seconds,
         "note": note,
+    }
+
+
+def _classifier_info(base: Run, dataset: str, data_dir, config, classes, settings: dict, result: dict,
+                     test_acc: float, note: str | None) -> dict:
+    """The classifier run's run.json: what it was fine-tuned from, on what, how, and how well."""
+    info = base.info
+    return {
+        "kind": "classifier", "base_run": base.name, "base_step": settings["base_step"], "dataset": dataset,
+        "classes": classes, "preset": info.get("preset"), "model_config": config.to_dict(), "train_config": settings,
+        "data_dir": str(data_dir) if data_dir else (info.get("data_dir") if dataset == info.get("dataset") else None),
+        "best_step": result["best_step"], "val_acc": result["val_acc"], "test_acc": test_acc, "note": note,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
 

@@ -183,7 +183,7 @@ class IGPT(nn.Module):
 
     # -- the network ---------------------------------------------------------------------------------
 
-    def _inputs(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _inputs(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids as the network reads them. AR: SOS then pixels 1..T-1. BERT: the pixels."""
         if self.config.objective == "ar":
             sos = torch.full_like(ids[:, :1], self.config.sos_id)
@@ -227,7 +227,7 @@ class IGPT(nn.Module):
             mask = torch.rand(ids.shape, device=ids.device) < self.config.mask_prob
         if self.config.objective == "ar" and mask is not None:
             raise ValueError("masks are for BERT-objective models; AR models see only the past anyway")
-        x = self._embed(self._inputs(ids, mask), mask)
+        x = self._embed(self._inputs(ids), mask)
         x, _ = self._blocks(x)
         logits = self.lm_head(self.ln_f(x))  # (B, T, n_colors)
         loss = None
@@ -255,6 +255,6 @@ class IGPT(nn.Module):
         bad = [layer for layer in layers if not 0 <= layer <= n]
         if bad:
             raise ValueError(f"layer {bad[0]} is out of range: this model has layers 0..{n}")
-        x = self._embed(self._inputs(ids, mask), mask)
+        x = self._embed(self._inputs(ids), mask)
         _, collected = self._blocks(x, stop=min(max(layers) + 1, n), collect=set(layers))  # block l's input norm needs blocks < l
         return torch.stack([collected[layer].mean(dim=1) for layer in layers])

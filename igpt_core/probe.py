@@ -33,19 +33,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import load_dataset
+from .data import SPLITS, load_dataset
 from .errors import IgptError
 from .files import atomic_write, atomic_write_json
 from .model import IGPT
 from .progress import progress_bar
 from .runs import Run, as_run
+from .train import pick_device
 
 FEATURES_FORMAT = 1
 RESULTS_FORMAT = 1
 # Regularisation strengths tried, ascending (each fit warm-starts from the previous one). Features
 # are standardised, so one grid serves every width; the best C is chosen on the validation split.
 DEFAULT_CS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
-PROBE_SPLITS = ("train", "val", "test")
 # The raw-pixel reference fits on at most this many training images (a seeded subset): on CIFAR,
 # L-BFGS over 45 000 × 3072 standardised pixels would take longer than probing the model itself.
 RAW_PIXELS_MAX_TRAIN = 10_000
@@ -335,7 +335,7 @@ def _load_probe_data(run: Run, dataset: str, size: int, data_dir, max_train: int
     for split in ("train", "test"):
         splits[split] = load_dataset(dataset, split, data_dir=data_dir, seed=data_seed, resolution=size)
     out = {}
-    for split in PROBE_SPLITS:
+    for split in SPLITS:
         d = splits[split]
         images, labels = d.images, d.labels
         if split == "train" and max_train is not None and len(images) > max_train:
@@ -390,7 +390,7 @@ class _FeatureSource:
 
     def get(self, layers: list[int], data_hashes: dict) -> dict[str, dict[int, np.ndarray]]:
         out = {}
-        for split in PROBE_SPLITS:
+        for split in SPLITS:
             path = self.path(split, data_hashes[split])
             cached = _read_cache(path)
             n = len(self.ids[split])
@@ -435,8 +435,6 @@ def probe_run(run_name, dataset: str | None = None, *, checkpoints="all", layers
     initialised model of the same shape (torch.manual_seed(seed)) at the requested layers.
     on_progress(done, total) is called after each (checkpoint, layer) fit, e.g. for a progress bar in an app.
     """
-    from .train import pick_device
-
     run = as_run(run_name, runs_dir)
     info = run.info
     config = run.model_config

@@ -1,6 +1,9 @@
-"""Shared fixtures: tiny trained runs on the embedded digits data, made once per test session."""
+"""Shared fixtures: tiny trained runs on the embedded digits data, made once per test session;
+the Chromium that browser tests drive."""
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -33,3 +36,30 @@ def tiny_run(runs_dir):
 @pytest.fixture(scope="session")
 def bert_run(runs_dir):
     return make_run(runs_dir, "tiny-bert", objective="bert", steps=20)
+
+
+# -- browser tests -------------------------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+def chromium() -> str:
+    """Debian's Chromium for playwright. Missing, the test skips on a developer's machine but fails
+    where $CI is set: a CI machine without the browser must not pass the browser tests silently."""
+    if not Path(CHROMIUM).exists():
+        message = f"needs Debian's chromium at {CHROMIUM} (apt-get install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; CI is set, so a missing browser is a failure")
+        pytest.skip(message)
+    return CHROMIUM
+
+
+def keep_screenshot(path: Path) -> None:
+    """Copy a screenshot to $IGPT_SCREENSHOT_DIR, if set, for a developer who wants to look at it."""
+    folder = os.environ.get("IGPT_SCREENSHOT_DIR")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(folder) / path.name)

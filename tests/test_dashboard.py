@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import CHROMIUM_ARGS, keep_screenshot
+from playwright.sync_api import sync_playwright
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
@@ -32,9 +34,6 @@ from igpt_core.runs import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "apps" / "dashboard.py"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 # -- a runs folder written by hand, in the stored formats -----------------------------------------------------
@@ -497,9 +496,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)")
-def test_page_renders_in_chromium(fake_runs, tmp_path):
-    from playwright.sync_api import sync_playwright
+def test_page_renders_in_chromium(fake_runs, tmp_path, chromium):
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "IGPT_RUNS_DIR"}
@@ -521,7 +518,7 @@ def test_page_renders_in_chromium(fake_runs, tmp_path):
                 assert time.monotonic() < deadline, "the server did not start"
                 time.sleep(0.3)
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
             try:
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
                 page.goto(f"http://127.0.0.1:{port}/", timeout=90_000)
@@ -535,7 +532,7 @@ def test_page_renders_in_chromium(fake_runs, tmp_path):
                 shot = tmp_path / "dashboard.png"
                 page.screenshot(path=str(shot))
                 assert shot.stat().st_size > 10_000
-                shutil.copy(shot, "/tmp/igpt-dashboard.png")
+                keep_screenshot(shot)
             finally:
                 browser.close()
     finally:

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import make_run
+from conftest import CHROMIUM_ARGS, keep_screenshot, make_run
 from PIL import Image
 
 from igpt_core import load_dataset, open_run, surprise_map
@@ -32,15 +32,12 @@ from igpt_core.render import completion_grid
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
+from playwright.sync_api import sync_playwright  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "apps" / "demo.py"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SIZE = 8  # digits runs are 8×8
 GREY = (128, 128, 128)  # pixels not generated yet
 WHOLE = (1, 50, 50)  # region: zoom, centre across %, centre down % — the whole picture
@@ -451,6 +448,20 @@ WATCH_GRID = """(selector) => {
 }"""
 
 
+# One ordered log of the completion's grid frames and progress messages, to judge what came after what.
+WATCH_EVENTS = """() => {
+    const events = window.__events = [];
+    const grid = document.querySelector('#grid'), progress = document.querySelector('#progress');
+    let last = null;
+    new MutationObserver(() => {
+        const img = grid.querySelector('img');
+        if (img && img.src && img.src !== last) { last = img.src; events.push(['grid', '']); }
+    }).observe(grid, {subtree: true, childList: true, attributes: true, attributeFilter: ['src']});
+    new MutationObserver(() => events.push(['progress', progress.innerText]))
+        .observe(progress, {subtree: true, childList: true, characterData: true});
+}"""
+
+
 IDLE = """(selector) => {
     const status = document.querySelector(selector + ' [data-testid=status-tracker]');
     return !status || status.classList.contains('hide');
@@ -476,11 +487,9 @@ def set_number(page, elem_id: str, value) -> None:
     box.press("Enter")
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)")
-def test_browser_streams_a_completion_and_inpaints_a_painted_mask(app, tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api")
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+def test_browser_streams_a_completion_and_inpaints_a_painted_mask(app, tmp_path, chromium):
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1300})
             page.goto(app.url)
@@ -517,23 +526,25 @@ def test_browser_streams_a_completion_and_inpaints_a_painted_mask(app, tmp_path)
             for sample in cells[3:]:
                 assert np.array_equal(sample[:3], view[:3])
             page.screenshot(path=str(tmp_path / "completed.png"), full_page=True)
-            page.screenshot(path="/tmp/igpt-demo.png", full_page=True)
+            keep_screenshot(tmp_path / "completed.png")
 
             # Stop: a longer stream (all 8 rows, updated after every pixel) ends early and the page says so
             set_number(page, "keep-rows", 0)
             set_number(page, "seed", 1)
             page.get_by_label("every pixel").check()
             page.evaluate(WATCH_GRID, "#grid")
+            page.evaluate(WATCH_EVENTS)
             page.locator("#complete-btn").click()
             page.wait_for_function("() => window.__grids['#grid'].length >= 2", timeout=60_000)
             page.locator("#stop-btn").click()
             page.wait_for_function("() => document.querySelector('#progress').innerText.includes('Stopped at row')",
                                    timeout=30_000)
-            page.wait_for_timeout(1500)
-            assert "Done" not in page.inner_text("#progress")
-            stopped_at = len(page.evaluate("window.__grids['#grid']"))
-            page.wait_for_timeout(1000)
-            assert len(page.evaluate("window.__grids['#grid']")) == stopped_at, "nothing streams after Stop"
+            page.wait_for_function(IDLE, arg="#grid", timeout=30_000)  # the cancelled stream has settled
+            events = page.evaluate("window.__events")
+            stopped = next(i for i, (kind, text) in enumerate(events) if kind == "progress" and "Stopped at row" in text)
+            assert not any(kind == "progress" and "Done" in text for kind, text in events), "Stop ends the stream early"
+            assert [kind for kind, _ in events[stopped:]].count("grid") == 0, "nothing streams after Stop"
+            assert "grid" in [kind for kind, _ in events[:stopped]]  # it did stream before Stop
 
             # Inpaint with the brush on a BERT run
             page.locator("#run input").click()
@@ -558,5 +569,6 @@ def test_browser_streams_a_completion_and_inpaints_a_painted_mask(app, tmp_path)
                                    timeout=60_000)
             assert len(page.evaluate("window.__grids['#inpaint-grid']")) >= 2
             page.screenshot(path=str(tmp_path / "inpainted.png"), full_page=True)
+            keep_screenshot(tmp_path / "inpainted.png")
         finally:
             browser.close()

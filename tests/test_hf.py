@@ -23,8 +23,7 @@ from igpt_core.model import IGPT, ModelConfig
 from igpt_core.palette import Palette
 from igpt_core.runs import create_run, open_run, save_checkpoint
 
-transformers = pytest.importorskip("transformers")
-from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling, ImageGPTImageProcessorPil  # noqa: E402
+from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling, ImageGPTImageProcessorPil
 
 SHAPES = [  # small but varied: depth, width, heads, palette size, resolution, the one allowed HF option
     dict(n_layer=2, n_embd=32, n_head=2, vocab_size=17, n_positions=16),

@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
+import nbclient
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-# The small size aims at < 2 min per notebook on an idle 2-core CPU; the bound allows for a shared CI machine.
-BUDGET_SECONDS = 300
 
 
 def test_every_notebook_has_the_size_knob_and_uses_the_library():
@@ -47,7 +43,4 @@ def test_notebook_runs_without_errors(path, tmp_path, monkeypatch):
     notebook = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(notebook, kernel_name="python3", timeout=300,
                                      resources={"metadata": {"path": str(path.parent)}})
-    start = time.perf_counter()
     client.execute()  # raises CellExecutionError, naming the cell, on the first error
-    seconds = time.perf_counter() - start
-    assert seconds < BUDGET_SECONDS, f"{path.name} took {seconds:.0f} s with IGPT_NOTEBOOK_SIZE=small"
