@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the hub
@@ -36,6 +37,18 @@ def tiny_run(runs_dir):
 @pytest.fixture(scope="session")
 def bert_run(runs_dir):
     return make_run(runs_dir, "tiny-bert", objective="bert", steps=20)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
+    """Every parameter random, so that a swapped, untransposed or dropped tensor shows (the default
+    init zeroes the output head): norm gains around 1, everything else around 0, none exactly 0.
+    Works on our IGPT and on Hugging Face's ImageGPT alike (their norms are the "ln_" tensors)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            mean = 1.0 if "ln_" in name else 0.0
+            p.copy_(mean + std * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model.eval()
 
 
 # -- browser tests -------------------------------------------------------------------------------------

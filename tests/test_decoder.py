@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from conftest import randomize
 
 from igpt_core import decoder as decoder_module
 from igpt_core.decoder import Decoder
@@ -18,12 +19,7 @@ SHAPES = [  # depth, width, heads, palette, resolution and eps all varied
 
 
 def randomized(shape) -> IGPT:
-    torch.manual_seed(0)
-    model = IGPT(ModelConfig(**shape))
-    with torch.no_grad():
-        for name, p in model.named_parameters():  # norm gains around 1, everything else around 0, none trivial
-            p.normal_(mean=1.0 if ".ln_" in name or name.startswith("ln_") else 0.0, std=0.3)
-    return model.eval()
+    return randomize(IGPT(ModelConfig(**shape)))
 
 
 def close(a, b):

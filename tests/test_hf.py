@@ -14,6 +14,7 @@ import huggingface_hub
 import numpy as np
 import pytest
 import torch
+from conftest import randomize
 from safetensors.torch import save_file
 
 from igpt_core import hf
@@ -41,20 +42,8 @@ def no_hub(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
 
 
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Every parameter random (std 0.2), so that a swapped, untransposed or dropped tensor shows."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            mean = 1.0 if "ln_" in name else 0.0  # norm gains around 1, biases around 0, none exactly 0
-            p.copy_(mean + 0.2 * torch.randn(p.shape, generator=gen))
-    model.eval()
-
-
 def hf_model(seed: int = 0, **shape) -> ImageGPTForCausalImageModeling:
-    model = ImageGPTForCausalImageModeling(ImageGPTConfig(**shape))
-    randomize(model, seed)
-    return model
+    return randomize(ImageGPTForCausalImageModeling(ImageGPTConfig(**shape)), seed, std=0.2)
 
 
 def random_clusters(k: int, seed: int = 0) -> np.ndarray:
@@ -144,7 +133,7 @@ def test_weight_files_other_than_model_safetensors(tmp_path):
 def make_run(runs_dir, name="mine", objective="ar", seed=4):
     config = ModelConfig(vocab_size=17, n_positions=64, n_layer=2, n_head=4, n_embd=32, objective=objective)
     model = IGPT(config)
-    randomize(model, seed)
+    randomize(model, seed, std=0.2)
     palette = Palette(random_clusters(16, seed))
     info = {"dataset": "test", "preset": None, "model_config": config.to_dict(), "train_config": None, "classes": None}
     run = create_run(runs_dir, name, info, palette)

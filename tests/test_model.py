@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import randomize
 
 from igpt_core.errors import CheckpointError, ConfigError
 from igpt_core.model import IGPT, preset
@@ -12,18 +13,14 @@ from igpt_core.runs import load_checkpoint, save_checkpoint
 
 
 def random_model(objective="ar", **overrides):
-    torch.manual_seed(0)
     config = preset("tiny", vocab_size=17, n_positions=36, n_layer=2, n_embd=32, n_head=4, objective=objective, **overrides)
-    model = IGPT(config)
-    for p in model.parameters():  # the default init zeroes the head; random everywhere tests more
-        torch.nn.init.normal_(p, std=0.3)
-    return model.eval()
+    return randomize(IGPT(config))
 
 
 def test_causality_gradient_of_later_inputs_is_zero():
     model = random_model()
     ids = torch.randint(0, 16, (2, 36))
-    x = model._embed(model._inputs(ids, None)).detach().requires_grad_(True)
+    x = model._embed(model._inputs(ids)).detach().requires_grad_(True)
     h, _ = model._blocks(x)
     t = 17
     h[:, t].sum().backward()
@@ -82,7 +79,7 @@ def test_features_are_the_input_norm_of_each_block_averaged_over_positions():
     feats = model.features(ids)  # all layers 0..n_layer
     assert feats.shape == (3, 2, 32)
     # by hand, through the modules: the stream after l blocks, normed by the next reader
-    x = model._embed(model._inputs(ids, None))
+    x = model._embed(model._inputs(ids))
     expected = [model.h[0].ln_1(x).mean(1)]
     x = model.h[0](x, True)
     expected.append(model.h[1].ln_1(x).mean(1))
