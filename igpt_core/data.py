@@ -42,6 +42,7 @@ SPLITS = ("train", "val", "test")
 TEST_PERCENT = 20  # only for sources without an official test set
 VAL_PERCENT = 10  # of what remains for training (iGPT holds out 10% of the training set)
 FOLDER_PREFIX = "folder:"
+FOLDER_KEY = "folder:PATH"  # how DATASETS names the folder source; "folder:/some/path" picks a folder
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp")
 
 DATASETS: dict[str, str] = {
@@ -51,7 +52,7 @@ DATASETS: dict[str, str] = {
     "cifar100": "CIFAR-100, 32×32 colour, 100 fine classes (python files in DATA_DIR/cifar-100-python)",
     "mnist": "MNIST handwritten digits, 28×28, 10 classes (IDX files in DATA_DIR/mnist)",
     "fashion-mnist": "Fashion-MNIST clothing, 28×28, 10 classes (IDX files in DATA_DIR/fashion-mnist)",
-    "folder:PATH": "every image under PATH, centre-cropped to a square and resized to 32×32; "
+    FOLDER_KEY: "every image under PATH, centre-cropped to a square and resized to 32×32; "
     "sub-folders are class labels",
 }
 
@@ -94,7 +95,7 @@ def default_data_dir() -> Path:
 class _Request:
     """What a loader is asked for; each loader uses the fields it needs."""
 
-    key: str  # normalised registry key ("cifar10", "folder", ...)
+    key: str  # the dataset's key in DATASETS ("cifar10", "folder:PATH", ...)
     split: str
     seed: int
     data_dir: Path
@@ -141,10 +142,10 @@ def _parse_name(name: str) -> tuple[str, Path | None]:
         path = stripped[len(FOLDER_PREFIX) :]
         if not path:
             raise DatasetError("folder: needs a path, e.g. folder:/home/me/pictures")
-        return "folder", Path(path).expanduser()
+        return FOLDER_KEY, Path(path).expanduser()
     # Be lenient about case and "_" vs "-" (fashion_mnist): there is no ambiguity to protect.
     key = stripped.lower().replace("_", "-")
-    if key not in _LOADERS or key == "folder":
+    if key not in _LOADERS:
         raise DatasetError(f"unknown dataset {name!r} — known: {', '.join(DATASETS)}")
     return key, None
 
@@ -646,5 +647,5 @@ _LOADERS = {
     "cifar100": _load_cifar,
     "mnist": _load_idx,
     "fashion-mnist": _load_idx,
-    "folder": _load_folder,
+    FOLDER_KEY: _load_folder,
 }

@@ -463,6 +463,7 @@ def test_unknown_name_lists_known():
     for name in DATASETS:
         assert name in message
     assert "folder:PATH" in DATASETS
+    assert data._LOADERS.keys() == DATASETS.keys()  # every dataset has a description and a loader
 
 
 def test_unknown_split():
