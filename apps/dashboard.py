@@ -330,6 +330,40 @@ def how_to_make_probes(names: list[str]) -> None:
     st.caption("…or compute them from here with **Compute missing probes** in the sidebar.")
 
 
+def probe_from_the_page(runs_dir: Path, name: str, dataset: str, step: int, layers: list[int],
+                        options: dict) -> str | None:
+    """Run `probe_run` for the missing layers of one checkpoint, with live progress in the sidebar;
+    the success message, or None after showing the error."""
+    with st.sidebar.status(f"Probing {name} at step {step} on {dataset}…", expanded=True) as status:
+        st.write(f"layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}: features, then one "
+                 "logistic regression per layer (and the raw-pixel / random-init references if missing)")
+        t0 = time.perf_counter()
+        bar = st.progress(0.0, text="extracting features (one forward pass for all layers)…")
+
+        def show(done, total):
+            bar.progress(done / total, text=f"{done}/{total} layers fitted")
+
+        try:
+            result = probe_run(name, dataset, checkpoints=[step], layers=layers, runs_dir=runs_dir,
+                               progress=False, on_progress=show, **options)
+        except IgptError as err:
+            status.update(label=f"Probing {name} failed", state="error")
+            st.error(str(err))
+            return None
+        except Exception as err:  # noqa: BLE001 — keep the page alive; show what went wrong
+            status.update(label=f"Probing {name} failed", state="error")
+            st.error(f"probing failed unexpectedly: {type(err).__name__}: {err}")
+            return None
+        status.update(label=f"Probed {name} at step {step}", state="complete")
+    best = result.best(step)
+    text = f"Probed {name} at step {step} in {time.perf_counter() - t0:.0f} s"
+    if best:
+        text += f": best layer {best['layer']}, test accuracy {best['test_acc']:.1%}"
+    if result.note:
+        text += f" ({result.note})"
+    return text
+
+
 def compute_probes(runs_dir: Path, runs: dict[str, dict], chosen: list[str], dataset: str | None) -> None:
     """Sidebar form: probe the missing layers of one checkpoint with `probe_run`, then refresh the page."""
     st.sidebar.header("Compute missing probes")
@@ -381,33 +415,9 @@ def compute_probes(runs_dir: Path, runs: dict[str, dict], chosen: list[str], dat
     if not st.sidebar.button("Compute probes", key="probe_go", disabled=not missing, type="primary"):
         return
     options["max_train"] = int(max_train) or None
-    with st.sidebar.status(f"Probing {name} at step {step} on {probe_dataset}…", expanded=True) as status:
-        st.write(f"layer{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))}: features, then one "
-                 "logistic regression per layer (and the raw-pixel / random-init references if missing)")
-        t0 = time.perf_counter()
-        bar = st.progress(0.0, text="extracting features (one forward pass for all layers)…")
-
-        def show(done, total):
-            bar.progress(done / total, text=f"{done}/{total} layers fitted")
-
-        try:
-            result = probe_run(name, probe_dataset, checkpoints=[step], layers=missing, runs_dir=runs_dir,
-                               progress=False, on_progress=show, **options)
-        except IgptError as err:
-            status.update(label=f"Probing {name} failed", state="error")
-            st.error(str(err))
-            return
-        except Exception as err:  # noqa: BLE001 — keep the page alive; show what went wrong
-            status.update(label=f"Probing {name} failed", state="error")
-            st.error(f"probing failed unexpectedly: {type(err).__name__}: {err}")
-            return
-        status.update(label=f"Probed {name} at step {step}", state="complete")
-    best = result.best(step)
-    text = f"Probed {name} at step {step} in {time.perf_counter() - t0:.0f} s"
-    if best:
-        text += f": best layer {best['layer']}, test accuracy {best['test_acc']:.1%}"
-    if result.note:
-        text += f" ({result.note})"
+    text = probe_from_the_page(runs_dir, name, probe_dataset, step, missing, options)
+    if text is None:
+        return
     st.session_state["probe_message"] = ("success", text)
     read_run.clear()
     st.rerun()
