@@ -3,10 +3,12 @@
 import json
 
 import pytest
+import torch
 
 from igpt_core.errors import ConfigError, DatasetError, RunError
 from igpt_core.runs import open_run
-from igpt_core.train import TrainConfig, check_resume, lr_at, start_run, train
+from igpt_core.model import IGPT, preset
+from igpt_core.train import TrainConfig, check_resume, copy_state, lr_at, make_optimizer, start_run, train
 
 from conftest import TINY
 
@@ -76,3 +78,24 @@ def test_schedule_warms_up_then_decays_to_zero():
     tc = TrainConfig(steps=100, lr=1.0, warmup=0.1)
     assert lr_at(1, tc) == pytest.approx(0.1) and lr_at(10, tc) == pytest.approx(1.0)
     assert lr_at(55, tc) == pytest.approx(0.5) and lr_at(100, tc) == pytest.approx(0.0)
+
+
+def test_weight_decay_only_on_matrices():
+    model = IGPT(preset("tiny", vocab_size=17, n_positions=16, **TINY))
+    optimizer = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(names)  # every parameter, once
+    assert {names[i] for i in decay} == {name for name, p in model.named_parameters() if p.dim() >= 2}
+    assert not any("ln_" in names[i] or names[i].endswith(".bias") for i in decay)
+
+
+def test_copy_state_is_a_cpu_snapshot():
+    model = IGPT(preset("tiny", vocab_size=17, n_positions=16, **TINY))
+    snapshot = copy_state(model)
+    name, weight = next(iter(model.named_parameters()))
+    with torch.no_grad():
+        weight.add_(1.0)
+    assert all(t.device.type == "cpu" for t in snapshot.values())
+    assert not torch.equal(snapshot[name], weight)  # a copy: later steps do not change it
+    model.load_state_dict(snapshot)  # and it loads back
