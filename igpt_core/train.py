@@ -248,8 +248,10 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device
     embedding weights — never to norm gains or biases, whose scale decay would only pull to zero.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [{"params": params, "weight_decay": 0.0}]  # no decay (the default): one group, as resume states hold
+    if tc.weight_decay:
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr, betas=(0.9, tc.beta2),
                              fused=device.type == "cuda")
 
