@@ -5,12 +5,19 @@
 - built in, no files needed: scikit-learn's `digits` (labelled) and `photos`, unlabelled crops of the
   photos that scikit-learn and scikit-image ship;
 - real datasets in their standard on-disk formats under a data folder: CIFAR-10/100 (the official
-  python pickle batches), MNIST / Fashion-MNIST (IDX files, raw or gzipped);
-- `folder:PATH`, any folder of images, where sub-folders are class labels.
+  python pickle batches), MNIST / Fashion-MNIST (IDX files, raw or gzipped), STL-10 (the official
+  binary files, read through np.memmap), downsampled ImageNet 32² / 64² (the official .npz batches);
+- `folder:PATH`, any folder of images, where sub-folders are class labels;
+- `hf:NAME`, any image-classification dataset of the Hugging Face `datasets` library (hf_data.py).
 
-Splits are deterministic given `seed`. Where the source has an official test set (CIFAR, MNIST)
-`test` is that set and `val` is 10% of the official training set held out by a seeded permutation,
-as in the iGPT paper. Otherwise a seeded 20% is `test` and 10% of the rest is `val`.
+Splits are deterministic given `seed`. Where the source has an official test set (CIFAR, MNIST,
+STL-10, ImageNet's validation set) `test` is that set and `val` is 10% of the official training set
+held out by a seeded permutation, as in the iGPT paper. Otherwise a seeded 20% is `test` and 10% of
+the rest is `val`.
+
+Sources too large for memory (ImageNet, STL-10's 100 000 unlabelled images) are read lazily:
+`open_dataset` gives a `DatasetStream` that yields batches of images, resized as they are read;
+`load_dataset` reads all of it into one array.
 
 Nothing here touches the network unless `download=True` is passed.
 """
@@ -26,6 +33,8 @@ import struct
 import tarfile
 import tempfile
 import urllib.request
+import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -43,6 +52,8 @@ TEST_PERCENT = 20  # only for sources without an official test set
 VAL_PERCENT = 10  # of what remains for training (iGPT holds out 10% of the training set)
 FOLDER_PREFIX = "folder:"
 FOLDER_KEY = "folder:PATH"  # how DATASETS names the folder source; "folder:/some/path" picks a folder
+HF_PREFIX = "hf:"
+HF_KEY = "hf:NAME"  # how DATASETS names the Hugging Face source
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp")
 
 DATASETS: dict[str, str] = {
@@ -52,6 +63,11 @@ DATASETS: dict[str, str] = {
     "cifar100": "CIFAR-100, 32×32 colour, 100 fine classes (python files in DATA_DIR/cifar-100-python)",
     "mnist": "MNIST handwritten digits, 28×28, 10 classes (IDX files in DATA_DIR/mnist)",
     "fashion-mnist": "Fashion-MNIST clothing, 28×28, 10 classes (IDX files in DATA_DIR/fashion-mnist)",
+    "stl10": "STL-10, 96×96 colour, 10 classes, 5000 train / 8000 test (binary files in DATA_DIR/stl10_binary)",
+    "stl10-unlabeled": "STL-10's 100 000 unlabelled 96×96 images, for pre-training (same folder as stl10)",
+    "imagenet32": "downsampled ImageNet 32×32, 1000 classes, 1.28M train / 50 000 test "
+    "(.npz batches in DATA_DIR/imagenet32; needs an ImageNet login, no --download)",
+    "imagenet64": "downsampled ImageNet 64×64, as imagenet32 (.npz batches in DATA_DIR/imagenet64)",
     FOLDER_KEY: "every image under PATH, centre-cropped to a square and resized to 32×32; "
     "sub-folders are class labels",
 }
@@ -102,9 +118,22 @@ class _Request:
     resolution: int | None
     download: bool
     path: Path | None = None  # for folder:PATH
+    source: str | None = None  # for hf:NAME, what follows "hf:"
 
 
-def load_dataset(
+def load_dataset(name: str, split: str = "train", **options) -> Dataset:
+    """Load one split of a named dataset (see `DATASETS`) as a `Dataset` of uint8 RGB images.
+
+    Options are `open_dataset`'s: data_dir, seed, resolution, download. `resolution`, when given and
+    different from the source's native size, resizes the images with `images.resize` (bilinear, as
+    Hugging Face's ImageGPT processor does). Missing or malformed files, unknown names and unknown
+    splits raise `DatasetError` with a message saying what to do.
+    """
+    stream = open_dataset(name, split, **options)
+    return Dataset(name=name, split=split, images=stream.read(), labels=stream.labels, classes=stream.classes)
+
+
+def open_dataset(
     name: str,
     split: str = "train",
     *,
@@ -112,12 +141,12 @@ def load_dataset(
     seed: int = 0,
     resolution: int | None = None,
     download: bool = False,
-) -> Dataset:
-    """Load one split of a named dataset (see `DATASETS`) as a `Dataset` of uint8 RGB images.
+) -> DatasetStream:
+    """Like `load_dataset`, but the images stay where they are until read, batch by batch.
 
-    `resolution`, when given and different from the source's native size, resizes the images with
-    `images.resize` (bilinear, as Hugging Face's ImageGPT processor does). Missing or malformed files,
-    unknown names and unknown splits raise `DatasetError` with a message saying what to do.
+    Labels and class names are read at once (they are small); images are read, and resized to
+    `resolution`, only as `DatasetStream.batches` or `.take` asks for them, so a dataset larger than
+    memory can be walked through (e.g. to tokenise it into shards).
     """
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
@@ -126,28 +155,101 @@ def load_dataset(
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise DatasetError(f"seed must be a whole number >= 0, got {seed!r}")
     data_dir = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-    key, path = _parse_name(name)
-    request = _Request(key, split, int(seed), data_dir, resolution, bool(download), path)
+    key, path, source = _parse_name(name)
+    request = _Request(key, split, int(seed), data_dir, resolution, bool(download), path, source)
     images, labels, classes = _LOADERS[key](request)
-    if resolution is not None and len(images):
-        images = resize(images, resolution)
+    rows = images if isinstance(images, ImageRows) else ImageRows.of(images)
     if labels is not None:
         labels = np.asarray(labels, dtype=np.int64)
-    return Dataset(name=name, split=split, images=np.ascontiguousarray(images), labels=labels, classes=classes)
+    return DatasetStream(name, split, rows, labels, classes, resolution or rows.side)
 
 
-def _parse_name(name: str) -> tuple[str, Path | None]:
+def _parse_name(name: str) -> tuple[str, Path | None, str | None]:
     stripped = str(name).strip()
     if stripped.lower().startswith(FOLDER_PREFIX):
         path = stripped[len(FOLDER_PREFIX) :]
         if not path:
             raise DatasetError("folder: needs a path, e.g. folder:/home/me/pictures")
-        return FOLDER_KEY, Path(path).expanduser()
+        return FOLDER_KEY, Path(path).expanduser(), None
+    if stripped.lower().startswith(HF_PREFIX):
+        source = stripped[len(HF_PREFIX) :]
+        if not source:
+            raise DatasetError("hf: needs a dataset, e.g. hf:uoft-cs/cifar10 or hf:/path/saved/with/save_to_disk")
+        return HF_KEY, None, source
     # Be lenient about case and "_" vs "-" (fashion_mnist): there is no ambiguity to protect.
     key = stripped.lower().replace("_", "-")
     if key not in _LOADERS:
         raise DatasetError(f"unknown dataset {name!r} — known: {', '.join(DATASETS)}")
-    return key, None
+    return key, None, None
+
+
+# ------------------------------------------------------------------------------------ lazy images
+
+
+class ImageRows:
+    """N square images kept where they are (np.memmap, .npz files, an Arrow table) and read on demand.
+
+    The images come in parts, each `(count, take)`: `take(local_indices)` returns those images of
+    the part as uint8 (n, side, side, 3). Indexing with an array of sorted indices gives a subset,
+    still unread, so splits can be cut before anything is read.
+    """
+
+    def __init__(self, parts: list[tuple[int, Callable[[np.ndarray], np.ndarray]]], side: int,
+                 index: np.ndarray | None = None):
+        self.parts, self.side = parts, side
+        self.starts = np.cumsum([0] + [count for count, _ in parts])
+        self.index = np.arange(self.starts[-1]) if index is None else index
+
+    @classmethod
+    def of(cls, images: np.ndarray) -> ImageRows:
+        """Images already in memory (or any array-like view, such as a transposed np.memmap)."""
+        return cls([(len(images), lambda local: np.asarray(images[local]))], int(images.shape[1]))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, rows: np.ndarray) -> ImageRows:
+        return ImageRows(self.parts, self.side, self.index[rows])
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Images at positions `rows` (sorted) of this subset, read from their parts, as uint8 (n, side, side, 3)."""
+        wanted = self.index[rows]
+        out = []
+        for (count, take), start in zip(self.parts, self.starts):
+            local = wanted[(wanted >= start) & (wanted < start + count)] - start
+            if len(local):
+                out.append(take(local))
+        return np.concatenate(out) if out else np.zeros((0, self.side, self.side, 3), np.uint8)
+
+
+@dataclass
+class DatasetStream:
+    """One split of a dataset whose images are read in batches (see `open_dataset`)."""
+
+    name: str
+    split: str
+    rows: ImageRows
+    labels: np.ndarray | None  # int64 (N,), or None for unlabelled data
+    classes: list[str] | None
+    resolution: int  # side of the images that batches() and take() return
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, rows) -> np.ndarray:
+        """Images at sorted positions `rows`, resized to `resolution`: uint8 (n, R, R, 3)."""
+        images = self.rows.take(np.asarray(rows, dtype=np.int64))
+        return resize(images, self.resolution) if len(images) else images.reshape(0, *[self.resolution] * 2, 3)
+
+    def batches(self, size: int = 1024) -> Iterator[np.ndarray]:
+        """The images in order, `size` at a time (the last batch may be smaller)."""
+        for begin in range(0, len(self), size):
+            yield self.take(np.arange(begin, min(begin + size, len(self))))
+
+    def read(self) -> np.ndarray:
+        """All the images in one array (N, R, R, 3)."""
+        parts = list(self.batches(4096))
+        return np.ascontiguousarray(np.concatenate(parts)) if parts else self.take([])
 
 
 # ---------------------------------------------------------------------------------------- splits
@@ -484,6 +586,157 @@ def _load_idx(request: _Request):
     return images, labels, list(spec.classes)
 
 
+# ----------------------------------------------------------------------------------------- STL-10
+
+STL10_FOLDER = "stl10_binary"  # as extracted from the official archive
+STL10_SIDE = 96
+STL10_FILES = {  # split -> (images, labels); the unlabelled images have no labels file
+    "train": ("train_X.bin", "train_y.bin"),
+    "test": ("test_X.bin", "test_y.bin"),
+    "unlabeled": ("unlabeled_X.bin", None),
+}
+STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
+STL10_URL = "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz"
+STL10_MD5 = "91f7769df0f17e558f3565bffb0c7dfb"
+
+
+def _read_stl10_images(path: Path) -> np.ndarray:
+    """The images of an STL-10 .bin file as a lazy (N, 96, 96, 3) view of an np.memmap.
+
+    Each image is 3 channels of 96×96 bytes, each channel stored column by column (the files were
+    written from MATLAB): read as (N, 3, 96, 96) that is (N, C, x, y), transposed to (N, y, x, C).
+    """
+    per_image = 3 * STL10_SIDE * STL10_SIDE
+    size = path.stat().st_size
+    if size == 0 or size % per_image:
+        raise DatasetError(
+            f"{path} holds {size} bytes, not a whole number of 3×96×96 images ({per_image} bytes each): "
+            "it is truncated or not an STL-10 file; replace it with the official file"
+        )
+    raw = np.memmap(path, dtype=np.uint8, mode="r", shape=(size // per_image, 3, STL10_SIDE, STL10_SIDE))
+    return raw.transpose(0, 3, 2, 1)
+
+
+def _read_stl10_labels(path: Path, n_images: int, images_path: Path) -> np.ndarray:
+    labels = np.fromfile(path, dtype=np.uint8).astype(np.int64)
+    if len(labels) != n_images:
+        raise DatasetError(
+            f"{path} holds {len(labels)} labels but {images_path} holds {n_images} images: a file is truncated "
+            "or they do not belong together; replace them with the official files"
+        )
+    if len(labels) and (labels.min() < 1 or labels.max() > len(STL10_CLASSES)):
+        raise DatasetError(f"labels in {path} run {labels.min()}..{labels.max()}, not 1..10: replace it with the official file")
+    return labels - 1  # the files number the classes from 1
+
+
+def _load_stl10(request: _Request):
+    """`stl10`: the 5000 labelled training and 8000 test images. `stl10-unlabeled`: the 100 000
+    unlabelled images, for pre-training (train and val cut from them; test = the test images, unlabelled)."""
+    folder = request.data_dir / STL10_FOLDER
+    names = [n for pair in STL10_FILES.values() for n in pair if n]
+    by_hand = (f"Download {STL10_URL} elsewhere and extract it into {request.data_dir}, so that "
+               f"{folder} holds {', '.join(names)}.")
+    fetch = lambda: _download_archive(STL10_URL, STL10_MD5, request.data_dir, STL10_FOLDER, names, by_hand)  # noqa: E731
+    _ensure_files(folder, names, "STL-10", STL10_URL, request, fetch)
+    unlabelled = request.key == "stl10-unlabeled"
+    if request.split == "test" or not unlabelled:
+        image_name, label_name = STL10_FILES["test" if request.split == "test" else "train"]
+        images = _read_stl10_images(folder / image_name)
+        labels = _read_stl10_labels(folder / label_name, len(images), folder / image_name)
+    else:
+        images, labels = _read_stl10_images(folder / STL10_FILES["unlabeled"][0]), None
+    rows = ImageRows.of(images)
+    if request.split != "test":
+        rows, labels = _take_split(rows, labels, request, test_percent=0)
+    if unlabelled:
+        return rows, None, None
+    return rows, labels, list(STL10_CLASSES)
+
+
+# ------------------------------------------------------------------------------ ImageNet 32² / 64²
+
+IMAGENET_TRAIN_FILES = tuple(f"train_data_batch_{i}.npz" for i in range(1, 11))
+IMAGENET_TEST_FILE = "val_data.npz"  # the official validation set serves as the test set, as in the paper
+IMAGENET_SOURCE = "https://image-net.org/download-images (Downsampled ImageNet, after logging in)"
+
+
+def _npz_shape(path: Path, key: str) -> tuple[int, ...]:
+    """Shape of array `key` in an .npz file, read from its header only (the data may be GBs)."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as member:
+            version = np.lib.format.read_magic(member)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, _ = read_header(member)
+    except KeyError:
+        raise DatasetError(f"{path} has no array {key!r}: it is not a downsampled-ImageNet batch; replace it "
+                           "with the official file") from None
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        raise DatasetError(f"{path} could not be read ({err}); it may be truncated: replace it with the official file") from None
+    return tuple(shape)
+
+
+def _read_npz(path: Path, key: str) -> np.ndarray:
+    try:
+        with np.load(path) as archive:
+            return archive[key]
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as err:
+        raise DatasetError(f"{path} could not be read ({err}); it may be truncated: replace it with the official file") from None
+
+
+def _imagenet_part(path: Path, side: int, cache: dict) -> tuple[int, Callable[[np.ndarray], np.ndarray]]:
+    """One .npz batch as a lazy part: the whole file is read (.npz allows no less) when first asked for.
+
+    `cache` is shared by the parts of one split and holds one file, so reading in order keeps at
+    most one batch file in memory (~0.4 GB at 32², ~1.6 GB at 64²).
+    """
+    shape = _npz_shape(path, "data")
+    if len(shape) != 2 or shape[1] != 3 * side * side:
+        raise DatasetError(f"{path} holds data of shape {shape}; expected (N, {3 * side * side}) for {side}×{side} "
+                           "images: replace it with the official file of this resolution")
+
+    def take(local: np.ndarray) -> np.ndarray:
+        if cache.get("path") != path:
+            cache.clear()
+            data = _read_npz(path, "data")
+            if data.shape != shape:
+                raise DatasetError(f"{path} holds data of shape {data.shape}, its header said {shape}: replace it")
+            # Rows are channel-first (s² R, then s² G, then s² B, each row-major), as in CIFAR.
+            cache.update(path=path, images=data.reshape(-1, 3, side, side).transpose(0, 2, 3, 1))
+        return cache["images"][local]
+
+    return shape[0], take
+
+
+def _load_imagenet(request: _Request):
+    side = int(request.key.removeprefix("imagenet"))
+    folder = request.data_dir / request.key
+    names = [*IMAGENET_TRAIN_FILES, IMAGENET_TEST_FILE]
+
+    def refuse_download():
+        raise DatasetError(f"downsampled ImageNet cannot be downloaded by igpt (it needs an ImageNet login): "
+                           f"download the {side}×{side} .npz files from {IMAGENET_SOURCE} and place "
+                           f"{', '.join(names)} in {folder}")
+
+    _ensure_files(folder, names, f"ImageNet {side}×{side}", IMAGENET_SOURCE, request, refuse_download)
+    files = [folder / IMAGENET_TEST_FILE] if request.split == "test" else [folder / f for f in IMAGENET_TRAIN_FILES]
+    cache: dict = {}
+    parts = [_imagenet_part(path, side, cache) for path in files]
+    labels = []
+    for path, (count, _) in zip(files, parts):
+        part_labels = np.asarray(_read_npz(path, "labels"), dtype=np.int64).ravel()
+        if len(part_labels) != count:
+            raise DatasetError(f"{path} holds {count} images but {len(part_labels)} labels: replace it with the official file")
+        if count and (part_labels.min() < 1 or part_labels.max() > 1000):
+            raise DatasetError(f"labels in {path} run {part_labels.min()}..{part_labels.max()}, not 1..1000: "
+                               "replace it with the official file")
+        labels.append(part_labels - 1)  # the files number the classes from 1
+    rows, labels = ImageRows(parts, side), np.concatenate(labels)
+    if request.split != "test":
+        rows, labels = _take_split(rows, labels, request, test_percent=0)
+    # The distributed files carry class numbers only; names are the files' own numbers, 1..1000.
+    return rows, labels, [str(i) for i in range(1, 1001)]
+
+
 # ----------------------------------------------------------------------------------------- folder
 
 
@@ -583,14 +836,19 @@ def _download(url: str, dest: Path, md5: str, by_hand: str) -> None:
 
 
 def _download_cifar(spec: _CifarSpec, data_dir: Path) -> None:
-    archive = data_dir / spec.url.rsplit("/", 1)[1]
     by_hand = (
         f"Download {spec.url} elsewhere and extract it into {data_dir}, so that "
         f"{data_dir / spec.folder} holds {', '.join(spec.files)}."
     )
-    if not (archive.is_file() and _md5(archive) == spec.md5):
-        _download(spec.url, archive, spec.md5, by_hand)
-    _extract_tar(archive, data_dir, spec.folder, spec.files)
+    _download_archive(spec.url, spec.md5, data_dir, spec.folder, spec.files, by_hand)
+
+
+def _download_archive(url: str, md5: str, data_dir: Path, folder: str, names, by_hand: str) -> None:
+    """Fetch a .tar.gz (unless a verified copy is there) and extract folder/<names> from it."""
+    archive = data_dir / url.rsplit("/", 1)[1]
+    if not (archive.is_file() and _md5(archive) == md5):
+        _download(url, archive, md5, by_hand)
+    _extract_tar(archive, data_dir, folder, names)
 
 
 def _download_idx(spec: _IdxSpec, folder: Path) -> None:
@@ -647,5 +905,9 @@ _LOADERS = {
     "cifar100": _load_cifar,
     "mnist": _load_idx,
     "fashion-mnist": _load_idx,
+    "stl10": _load_stl10,
+    "stl10-unlabeled": _load_stl10,
+    "imagenet32": _load_imagenet,
+    "imagenet64": _load_imagenet,
     FOLDER_KEY: _load_folder,
 }

@@ -594,3 +594,177 @@ def test_download_rejects_escaping_tar_members(tmp_path, monkeypatch):
         load_dataset("cifar10", data_dir=target, download=True)
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "deep" / "escaped").exists()
     assert [p.name for p in files_under(tmp_path / "deep")] == ["cifar-10-python.tar.gz"]
+
+
+# ------------------------------------------------------------------------------------- STL-10
+
+
+def stl_images(ids, side=96) -> np.ndarray:
+    """(N, side, side, 3) images: R at (0, 0) = id, and the known pixel at row 2, column 5."""
+    images = np.zeros((len(ids), side, side, 3), dtype=np.uint8)
+    images[:, 0, 0, 0] = ids
+    images[:, KNOWN_YX[0], KNOWN_YX[1]] = KNOWN_RGB
+    return images
+
+
+def write_stl_images(path: Path, images: np.ndarray) -> None:
+    # The official layout: per image 3 channels, each 96×96 stored column by column -> (N, C, x, y).
+    path.write_bytes(np.ascontiguousarray(images.transpose(0, 3, 2, 1)).tobytes())
+
+
+def make_stl10(root: Path, n_train=20, n_test=10, n_unlabeled=30) -> Path:
+    folder = root / "stl10_binary"
+    folder.mkdir(parents=True)
+    for split, ids in {"train": range(1, 1 + n_train), "test": range(101, 101 + n_test)}.items():
+        write_stl_images(folder / f"{split}_X.bin", stl_images(list(ids)))
+        (folder / f"{split}_y.bin").write_bytes(np.array([1 + i % 10 for i in ids], dtype=np.uint8).tobytes())
+    write_stl_images(folder / "unlabeled_X.bin", stl_images([200 + i for i in range(n_unlabeled)]))
+    return folder
+
+
+def test_stl10_layout_labels_splits_and_resize(tmp_path):
+    make_stl10(tmp_path)
+    test = load_dataset("stl10", "test", data_dir=tmp_path)
+    assert test.images.shape == (10, 96, 96, 3) and test.images[:, 0, 0, 0].tolist() == list(range(101, 111))
+    assert (test.images[:, 2, 5] == KNOWN_RGB).all() and (test.images[:, 5, 2] == 0).all()  # column-major undone
+    assert test.labels.tolist() == [i % 10 for i in range(101, 111)]  # files count classes from 1
+    assert test.classes[:3] == ["airplane", "bird", "car"] and len(test.classes) == 10
+    train, val = (load_dataset("stl10", s, data_dir=tmp_path) for s in ("train", "val"))
+    train_ids, val_ids = train.images[:, 0, 0, 0].tolist(), val.images[:, 0, 0, 0].tolist()
+    assert (len(train_ids), len(val_ids)) == (18, 2) and set(train_ids) | set(val_ids) == set(range(1, 21))
+    assert train.labels.tolist() == [i % 10 for i in train_ids]
+    small = load_dataset("stl10", "test", data_dir=tmp_path, resolution=32)
+    assert small.images.shape == (10, 32, 32, 3)
+
+
+def test_stl10_unlabeled_for_pretraining(tmp_path):
+    make_stl10(tmp_path)
+    train = load_dataset("stl10-unlabeled", "train", data_dir=tmp_path, resolution=16)
+    val = load_dataset("stl10-unlabeled", "val", data_dir=tmp_path, resolution=16)
+    test = load_dataset("stl10-unlabeled", "test", data_dir=tmp_path)
+    assert (len(train), len(val), len(test)) == (27, 3, 10) and train.resolution == 16
+    assert train.labels is None and train.classes is None and test.labels is None
+    full = data.open_dataset("stl10-unlabeled", "train", data_dir=tmp_path)
+    assert full.resolution == 96
+    ids = sorted(full.take(np.arange(len(full)))[:, 0, 0, 0].tolist() + load_dataset(
+        "stl10-unlabeled", "val", data_dir=tmp_path).images[:, 0, 0, 0].tolist())
+    assert ids == [200 + i for i in range(30)]
+
+
+def test_stl10_images_are_read_from_disk_when_asked(tmp_path):
+    folder = make_stl10(tmp_path)
+    stream = data.open_dataset("stl10-unlabeled", "train", data_dir=tmp_path)
+    first = stream.take([0])[0, 0, 0, 0]
+    with open(folder / "unlabeled_X.bin", "r+b") as f:  # change image 0's first byte in place, after opening
+        f.write(bytes([7]))
+    assert first != 7 and stream.take([0])[0, 0, 0, 0] == 7  # the file is mapped, not a copy in memory
+
+
+@pytest.mark.parametrize("file, cut, expected", [
+    ("train_X.bin", 1000, "not a whole number of 3×96×96 images"),
+    ("train_y.bin", 1, "19 labels but"),
+    ("test_X.bin", 27648, "9 images"),
+])
+def test_stl10_truncated_files_named(tmp_path, file, cut, expected):
+    folder = make_stl10(tmp_path)
+    path = folder / file
+    path.write_bytes(path.read_bytes()[:-cut])
+    split = "test" if file.startswith("test") else "train"
+    with pytest.raises(DatasetError, match=expected) as err:
+        load_dataset("stl10", split, data_dir=tmp_path)
+    assert str(path) in str(err.value)
+
+
+def test_stl10_bad_labels_and_missing_files(tmp_path):
+    folder = make_stl10(tmp_path)
+    (folder / "test_y.bin").write_bytes(bytes(10))  # class 0 does not exist: the files count from 1
+    with pytest.raises(DatasetError, match="not 1..10") as err:
+        load_dataset("stl10", "test", data_dir=tmp_path)
+    assert str(folder / "test_y.bin") in str(err.value)
+    (folder / "unlabeled_X.bin").unlink()
+    with pytest.raises(DatasetError, match="--download") as err:
+        load_dataset("stl10-unlabeled", data_dir=tmp_path)
+    assert str(folder / "unlabeled_X.bin") in str(err.value)
+
+
+def test_download_stl10_archive_extracted(tmp_path, monkeypatch):
+    source = make_stl10(tmp_path / "made")
+    blob = io.BytesIO()
+    with tarfile.open(fileobj=blob, mode="w:gz") as tar:
+        tar.add(source, arcname="stl10_binary")
+    monkeypatch.setattr(data, "STL10_MD5", hashlib.md5(blob.getvalue()).hexdigest())
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(blob.getvalue()))
+    root = tmp_path / "data"
+    test = load_dataset("stl10", "test", data_dir=root, download=True)
+    assert test.images[:, 0, 0, 0].tolist() == list(range(101, 111))
+    assert not list(root.glob(".extract-*")) and (root / "stl10_binary.tar.gz").is_file()
+
+
+# --------------------------------------------------------------------------------- ImageNet
+
+
+def imagenet_rows(ids, side) -> np.ndarray:
+    """Channel-first rows (s² R, s² G, s² B) as distributed: R at (0, 0) = id % 256, and the known pixel."""
+    rows = np.zeros((len(ids), 3 * side * side), dtype=np.uint8)
+    rows[:, 0] = np.asarray(ids) % 256
+    y, x = KNOWN_YX
+    for c, value in enumerate(KNOWN_RGB):
+        rows[:, c * side * side + y * side + x] = value
+    return rows
+
+
+def make_imagenet(root: Path, side=32, per_batch=2, n_test=3) -> Path:
+    folder = root / f"imagenet{side}"
+    folder.mkdir(parents=True)
+    for b in range(10):
+        ids = list(range(1 + b * per_batch, 1 + (b + 1) * per_batch))
+        save = np.savez_compressed if b % 2 else np.savez  # both forms occur; .npz is read either way
+        save(folder / f"train_data_batch_{b + 1}.npz", data=imagenet_rows(ids, side),
+             labels=[1 + i * 37 % 1000 for i in ids], mean=np.zeros(3 * side * side))
+    ids = list(range(101, 101 + n_test))
+    np.savez(folder / "val_data.npz", data=imagenet_rows(ids, side), labels=[1000, 1, 2])
+    return folder
+
+
+@pytest.mark.parametrize("side", [32, 64])
+def test_imagenet_layout_labels_and_splits(tmp_path, side):
+    make_imagenet(tmp_path, side)
+    name = f"imagenet{side}"
+    test = load_dataset(name, "test", data_dir=tmp_path)
+    assert test.images.shape == (3, side, side, 3) and test.images[:, 0, 0, 0].tolist() == [101, 102, 103]
+    assert (test.images[:, 2, 5] == KNOWN_RGB).all()
+    assert test.labels.tolist() == [999, 0, 1] and len(test.classes) == 1000 and test.classes[0] == "1"
+    train, val = (load_dataset(name, s, data_dir=tmp_path) for s in ("train", "val"))
+    train_ids, val_ids = train.images[:, 0, 0, 0].tolist(), val.images[:, 0, 0, 0].tolist()
+    assert (len(train_ids), len(val_ids)) == (18, 2) and set(train_ids) | set(val_ids) == set(range(1, 21))
+    assert train.labels.tolist() == [i * 37 % 1000 for i in train_ids]
+    stream = data.open_dataset(name, "train", data_dir=tmp_path, resolution=8)
+    batches = list(stream.batches(5))
+    assert [len(b) for b in batches] == [5, 5, 5, 3] and batches[0].shape[1:] == (8, 8, 3)
+
+
+def test_imagenet_wrong_shape_or_truncated_names_file(tmp_path):
+    folder = make_imagenet(tmp_path)
+    path = folder / "train_data_batch_3.npz"
+    np.savez(path, data=np.zeros((2, 3 * 64 * 64), np.uint8), labels=[1, 2])  # a 64² file among the 32² ones
+    with pytest.raises(DatasetError, match="expected \\(N, 3072\\)") as err:
+        load_dataset("imagenet32", "train", data_dir=tmp_path)
+    assert str(path) in str(err.value)
+    path = folder / "val_data.npz"
+    path.write_bytes(path.read_bytes()[:-300])
+    with pytest.raises(DatasetError, match="truncated") as err:
+        load_dataset("imagenet32", "test", data_dir=tmp_path)
+    assert str(path) in str(err.value)
+    np.savez(path, data=imagenet_rows([1, 2], 32), labels=[1, 2, 3])
+    with pytest.raises(DatasetError, match="2 images but 3 labels") as err:
+        load_dataset("imagenet32", "test", data_dir=tmp_path)
+
+
+def test_imagenet_missing_files_say_where_and_no_download(tmp_path):
+    with pytest.raises(DatasetError) as err:
+        load_dataset("imagenet64", "train", data_dir=tmp_path)
+    assert str(tmp_path / "imagenet64" / "train_data_batch_1.npz") in str(err.value)
+    assert "image-net.org" in str(err.value)
+    with pytest.raises(DatasetError, match="cannot be downloaded") as err:
+        load_dataset("imagenet32", "train", data_dir=tmp_path, download=True)
+    assert str(tmp_path / "imagenet32") in str(err.value) and files_under(tmp_path) == []
