@@ -26,7 +26,7 @@ $(VENV)/.installed-base: pyproject.toml requirements/constraints.txt
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed-base
-	$(PIP) -e ".[apps,notebooks,dev]"
+	$(PIP) -e ".[apps,notebooks,datasets,dev]"
 	touch $@
 
 install: $(VENV)/.installed-base

@@ -68,6 +68,8 @@ DATASETS: dict[str, str] = {
     "imagenet32": "downsampled ImageNet 32×32, 1000 classes, 1.28M train / 50 000 test "
     "(.npz batches in DATA_DIR/imagenet32; needs an ImageNet login, no --download)",
     "imagenet64": "downsampled ImageNet 64×64, as imagenet32 (.npz batches in DATA_DIR/imagenet64)",
+    HF_KEY: "a Hugging Face image-classification dataset: hf:NAME, hf:NAME:CONFIG or hf:SAVED_FOLDER, "
+    "optionally ?image=COLUMN&label=COLUMN (needs the datasets package: pip install igpt[datasets])",
     FOLDER_KEY: "every image under PATH, centre-cropped to a square and resized to 32×32; "
     "sub-folders are class labels",
 }
@@ -796,6 +798,15 @@ def _read_folder_image(path: Path, size: int) -> np.ndarray:
     return resize(center_square(image), size)
 
 
+# -------------------------------------------------------------------------------- Hugging Face
+
+
+def _load_hf(request: _Request):
+    from .hf_data import load_hf  # imported here: hf_data imports this module
+
+    return load_hf(request)
+
+
 # -------------------------------------------------------------------------------- files & download
 
 
@@ -910,4 +921,5 @@ _LOADERS = {
     "imagenet32": _load_imagenet,
     "imagenet64": _load_imagenet,
     FOLDER_KEY: _load_folder,
+    HF_KEY: _load_hf,
 }
