@@ -40,6 +40,7 @@ def _int_list(text: str) -> list[int]:
 
 def cmd_train(args) -> None:
     from .runs import open_run
+    from .shards import shards_path
     from .train import TrainConfig, check_resume, start_run, train
 
     overrides = {}
@@ -58,13 +59,17 @@ def cmd_train(args) -> None:
             _emit(args, run.summary(), f"run {name!r} is already trained ({run.path}); nothing to do")
             return
     quiet = args.json or int(os.environ.get("RANK", 0)) != 0  # under torchrun, rank 0 speaks for all
+    # --colors left out: 16, except for shards (their palette) and --resume (the run's palette)
+    colors = args.colors if args.colors is not None or shards_path(args.dataset) or args.resume else 16
     if args.resume:
         run = open_run(name, runs_dir)
-        check_resume(run, args.dataset, args.preset, args.objective, args.colors, tc, overrides)
+        check_resume(run, args.dataset, args.preset, args.objective, colors, tc, overrides)
     else:
         if not quiet:
-            print(f"fitting a {args.colors}-colour palette on {args.dataset} and creating run {name!r} ...", file=sys.stderr)
-        run = start_run(name, args.dataset, args.preset, args.objective, args.colors, args.resolution, tc,
+            what = ("reading the shards' palette" if shards_path(args.dataset)
+                    else f"fitting a {colors}-colour palette on {args.dataset}")
+            print(f"{what} and creating run {name!r} ...", file=sys.stderr)
+        run = start_run(name, args.dataset, args.preset, args.objective, colors, args.resolution, tc,
                         overrides, runs_dir, args.data_dir, overwrite=args.overwrite)
     try:
         summary = train(run, resume=args.resume, progress=not args.json, data_dir=args.data_dir)
@@ -110,13 +115,14 @@ def cmd_runs(args) -> None:
 def cmd_data(args) -> None:
     import numpy as np
 
-    from .data import load_dataset
+    from .data import open_dataset
     from .render import grid, save_png
 
-    data = load_dataset(args.dataset, args.split, data_dir=args.data_dir, download=args.download)
+    data = open_dataset(args.dataset, args.split, data_dir=args.data_dir, download=args.download)  # reads 32 images only
     out = Path(args.out or f"{args.dataset.replace(':', '-').replace('/', '-')}-{args.split}.png")
     picks = np.random.default_rng(0).choice(len(data), size=min(32, len(data)), replace=False)
-    save_png(grid([list(data.images[picks[i : i + 8]]) for i in range(0, len(picks), 8)]), out)
+    examples = data.take(np.sort(picks))
+    save_png(grid([list(examples[i : i + 8]) for i in range(0, len(picks), 8)]), out)
     counts = None
     if data.labels is not None:
         counts = {data.classes[c]: int(n) for c, n in zip(*np.unique(data.labels, return_counts=True))}
@@ -126,6 +132,42 @@ def cmd_data(args) -> None:
         if data.classes else "unlabelled"
     _emit(args, result, f"{args.dataset} [{args.split}]: {len(data)} images, {data.resolution}×{data.resolution}, "
                         f"{labels}\nexamples: {out}")
+
+
+def cmd_tokenize(args) -> None:
+    from .shards import fit_palette, tokenize
+
+    if (args.palette is None) == (args.colors is None):
+        raise IgptError("give --palette RUN_OR_FILE (reuse a run's palette) or --colors K (fit one), not both")
+    if args.palette is not None:
+        palette = _palette_of(args.palette, args)
+    else:
+        if not args.json:
+            print(f"fitting a {args.colors}-colour palette on a sample of {args.dataset} ...", file=sys.stderr)
+        palette = fit_palette(args.dataset, args.colors, data_dir=args.data_dir, seed=args.seed, resolution=args.resolution)
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    shards = tokenize(args.dataset, palette, args.out, resolution=args.resolution, splits=splits, data_dir=args.data_dir,
+                      seed=args.seed, download=args.download, shard_images=args.shard_images, overwrite=args.overwrite,
+                      progress=not args.json)
+    sizes = {name: entry["images"] for name, entry in shards.index["splits"].items()}
+    result = {"out": str(shards.path), "dataset": args.dataset, "resolution": shards.resolution, "colors": len(palette),
+              "palette_fingerprint": shards.index["palette_fingerprint"], "images": sizes}
+    _emit(args, result, f"tokenised {args.dataset} at {shards.resolution}×{shards.resolution} with a {len(palette)}-colour "
+                        f"palette: {', '.join(f'{n} {k}' for k, n in sizes.items())} images -> {shards.path}\n"
+                        f"train on them with `igpt train --dataset shards:{shards.path}`")
+
+
+def _palette_of(source: str, args):
+    """--palette: a palette JSON file (a run's palette.json, a shards folder's) or a run name."""
+    from .palette import Palette
+    from .runs import open_run
+
+    path = Path(source).expanduser()
+    if path.is_file():
+        return Palette.load(path)
+    if path.is_dir() and (path / "palette.json").is_file():
+        return Palette.load(path / "palette.json")
+    return open_run(source, _runs_dir(args)).palette
 
 
 # -- sampling and likelihood ------------------------------------------------------------------------
@@ -346,11 +388,15 @@ def build_parser() -> argparse.ArgumentParser:
                 "Fit a palette on the training images, then train with AdamW (0.9, 0.95), warm-up and cosine decay. "
                 "Checkpoints are kept at log-spaced steps so that probes can follow training. "
                 "Launch with torchrun for several processes or GPUs.")
-    p.add_argument("--dataset", default="digits", help=f"one of: {datasets} (default digits)")
+    p.add_argument("--dataset", default="digits",
+                   help=f"one of: {datasets} (default digits); these are tokenised into memory when training "
+                        "starts. For data larger than memory: shards:DIR, palette ids written by `igpt tokenize`, "
+                        "streamed from disk (each process reads only its share of every batch)")
     p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model size (default tiny)")
     p.add_argument("--objective", default="ar", choices=["ar", "bert"], help="autoregressive or BERT (default ar)")
     p.add_argument("--name", help="run name (default DATASET-PRESET-OBJECTIVE)")
-    p.add_argument("--colors", type=int, default=16, help="palette size k (the paper: 512; default 16)")
+    p.add_argument("--colors", type=int,
+                   help="palette size k (the paper: 512; default 16; shards: their palette's, --resume: the run's)")
     p.add_argument("--resolution", type=int, help="image side to train at (default: the dataset's own)")
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"global batch (default {d.batch_size})")
@@ -380,8 +426,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", choices=["train", "val", "test"])
     p.add_argument("--out", help="PNG to write (default DATASET-SPLIT.png)")
     p.add_argument("--data-dir", help="where dataset files live (default $IGPT_DATA_DIR or ./data)")
-    p.add_argument("--download", action="store_true", help="download CIFAR/MNIST files if missing (needs a network)")
+    p.add_argument("--download", action="store_true",
+                   help="download CIFAR/MNIST/STL-10 files if missing (needs a network; ImageNet needs a login)")
     p.add_argument("--json", action="store_true", help="print as JSON")
+
+    p = command("tokenize", cmd_tokenize, "write a dataset's palette ids as memory-mapped shards, for data larger than memory",
+                "Maps every image of the chosen splits to palette ids at one resolution and writes them as uint16 .npy "
+                "shards plus labels and index.json (sizes, resolution, palette fingerprint), in a folder that appears "
+                "only when complete. Then `igpt train --dataset shards:DIR` streams batches from it, whatever its size.")
+    p.add_argument("dataset", help=f"one of: {datasets}")
+    p.add_argument("--out", required=True, help="folder to write (must not exist, unless --overwrite)")
+    p.add_argument("--palette", help="reuse a palette: a run name, its palette.json, or a shards folder")
+    p.add_argument("--colors", type=int, help=f"or fit a K-colour palette on up to 10 000 training images")
+    p.add_argument("--resolution", type=int, help="image side (default: the dataset's own)")
+    p.add_argument("--splits", default="train,val,test", help="comma-separated splits (default train,val,test)")
+    p.add_argument("--shard-images", type=int, help="images per shard file (default: ~256 MB a shard)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the val split and the palette sample (default 0)")
+    p.add_argument("--data-dir", help="where dataset files live (default $IGPT_DATA_DIR or ./data)")
+    p.add_argument("--download", action="store_true", help="download CIFAR/MNIST/STL-10 files if missing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (no progress bar)")
 
     p = command("sample", cmd_sample, "complete an image from its top rows, or sample unconditionally",
                 "Writes a grid: original, the model's view (resized, quantised), the kept rows, and N completions.")

@@ -35,6 +35,7 @@ from .model import IGPT, ModelConfig, preset
 from .palette import Palette
 from .progress import progress_bar
 from .runs import Run, create_run, open_run, save_checkpoint
+from .shards import open_shards, shards_path
 
 
 @dataclass
@@ -87,10 +88,17 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 def unigram_loss(train_ids: np.ndarray, val_ids: np.ndarray, n_colors: int) -> float:
     """Cross-entropy (nats/token) of val under the training colour frequencies: the baseline a model
-    that ignores every other pixel would reach. Add-one smoothing so unseen colours cost finitely."""
-    counts = np.bincount(train_ids.ravel(), minlength=n_colors) + 1.0
+    that ignores every other pixel would reach."""
+    return unigram_loss_from_counts(np.bincount(train_ids.ravel(), minlength=n_colors),
+                                    np.bincount(val_ids.ravel(), minlength=n_colors))
+
+
+def unigram_loss_from_counts(train_counts: np.ndarray, val_counts: np.ndarray) -> float:
+    """`unigram_loss` from colour counts (what tokenised shards keep). Add-one smoothing so unseen
+    colours cost finitely."""
+    counts = np.asarray(train_counts, dtype=np.float64) + 1.0
     logp = np.log(counts / counts.sum())
-    return float(-logp[val_ids.ravel()].mean())
+    return float(-(np.asarray(val_counts) * logp).sum() / max(1, np.sum(val_counts)))
 
 
 # -- making a run -----------------------------------------------------------------------------------
@@ -101,7 +109,7 @@ def start_run(
     dataset: str = "digits",
     preset_name: str = "tiny",
     objective: str = "ar",
-    n_colors: int = 16,
+    n_colors: int | None = 16,  # None: the palette size of shards:DIR (other datasets: 16)
     resolution: int | None = None,
     train_config: TrainConfig | None = None,
     model_overrides: dict | None = None,
@@ -140,29 +148,53 @@ def start_run(
 
 def _create_run(name, dataset, preset_name, objective, n_colors, resolution, train_config, model_overrides,
                 runs_dir, data_dir, overwrite) -> Run:
-    data = load_dataset(dataset, "train", data_dir=data_dir, seed=train_config.seed, resolution=resolution)
-    size = data.resolution
-    palette = Palette.fit(data.images, n_colors, seed=train_config.seed)
-    config = preset(preset_name, vocab_size=n_colors + 1, n_positions=size * size, objective=objective,
+    shards_dir = shards_path(dataset)
+    if shards_dir is None:
+        palette, size, classes, unigram = _fit_palette(dataset, n_colors or 16, resolution, train_config.seed, data_dir)
+    else:
+        palette, size, classes, unigram = _shards_palette(open_shards(shards_dir), n_colors, resolution)
+    config = preset(preset_name, vocab_size=len(palette) + 1, n_positions=size * size, objective=objective,
                     **(model_overrides or {}))
-    val = load_dataset(dataset, "val", data_dir=data_dir, seed=train_config.seed, resolution=size)
     info = {
         "dataset": dataset,
         "preset": preset_name,
         "model_config": config.to_dict(),
         "train_config": asdict(train_config),
-        "classes": data.classes,
+        "classes": classes,
         "data_dir": str(data_dir) if data_dir else None,
-        "unigram_val_loss": unigram_loss(palette.encode(data.images, size), palette.encode(val.images, size), n_colors),
+        "unigram_val_loss": unigram,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     return create_run(runs_dir, name, info, palette, overwrite=overwrite)
+
+
+def _fit_palette(dataset, n_colors, resolution, seed, data_dir):
+    """A palette fitted on the training images; (palette, size, classes, unigram val loss)."""
+    data = load_dataset(dataset, "train", data_dir=data_dir, seed=seed, resolution=resolution)
+    size = data.resolution
+    palette = Palette.fit(data.images, n_colors, seed=seed)
+    val = load_dataset(dataset, "val", data_dir=data_dir, seed=seed, resolution=size)
+    unigram = unigram_loss(palette.encode(data.images, size), palette.encode(val.images, size), n_colors)
+    return palette, size, data.classes, unigram
+
+
+def _shards_palette(shards, n_colors, resolution):
+    """The palette the shards were tokenised with; (palette, size, classes, unigram val loss)."""
+    if n_colors is not None and n_colors != len(shards.palette):
+        raise ConfigError(f"--colors {n_colors}, but the shards in {shards.path} hold ids of a "
+                          f"{len(shards.palette)}-colour palette: leave --colors out, or tokenise again")
+    if resolution is not None and resolution != shards.resolution:
+        raise ConfigError(f"--resolution {resolution}, but the shards in {shards.path} are at {shards.resolution}: "
+                          "leave --resolution out, or tokenise again at that resolution")
+    unigram = unigram_loss_from_counts(shards.split("train").color_counts, shards.split("val").color_counts)
+    return shards.palette, shards.resolution, shards.classes, unigram
 
 
 def check_resume(run: Run, dataset: str, preset_name: str, objective: str, n_colors: int,
                  train_config: TrainConfig, model_overrides: dict | None) -> None:
     """Refuse to resume a run with settings that differ from the ones it was started with."""
     info = run.info
+    n_colors = len(run.palette) if n_colors is None else n_colors  # None: the run's own (always so for shards)
     wanted = preset(preset_name, vocab_size=n_colors + 1, n_positions=run.model_config.n_positions,
                     objective=objective, **(model_overrides or {}))
     changes = []
@@ -334,13 +366,8 @@ def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None
         raise ConfigError(f"batch_size {tc.batch_size} must divide by grad_accum ({tc.grad_accum}) × processes ({world})")
 
     palette = run.palette
-    data_dir = data_dir or info.get("data_dir")
-    train_images = load_dataset(info["dataset"], "train", data_dir=data_dir, seed=tc.seed, resolution=config.image_size)
-    val_images = load_dataset(info["dataset"], "val", data_dir=data_dir, seed=tc.seed, resolution=config.image_size)
-    # int16 ids: 2 bytes a pixel in host memory (ImageNet-32: 2.7 GB, not 10.7); int64 per batch on the device
-    train_ids = torch.from_numpy(palette.encode(train_images.images, config.image_size).astype(np.int16))
-    val_ids = torch.from_numpy(palette.encode(val_images.images[: tc.eval_images], config.image_size)).to(device)
-    del train_images, val_images
+    train_ids, val_ids = training_ids(run, config.image_size, tc, data_dir or info.get("data_dir"))
+    val_ids = val_ids.to(device)
 
     torch.manual_seed(tc.seed)  # same initial weights on every process
     model = IGPT(config).to(device)
@@ -480,6 +507,27 @@ def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None
         "checkpoints": run.checkpoints(),
         "processes": world,
     }
+
+
+def training_ids(run: Run, size: int, tc: TrainConfig, data_dir) -> tuple:
+    """The run's training ids (rows read with `ids[indices]`) and its first `eval_images` val ids (a tensor).
+
+    A dataset name is tokenised here, into memory; `shards:DIR` is read from its memory-mapped
+    shards, so each process reads only the rows of its share of each batch, and memory does not grow
+    with the dataset.
+    """
+    dataset, palette = run.info["dataset"], run.palette
+    shards_dir = shards_path(dataset)
+    if shards_dir is not None:
+        shards = open_shards(shards_dir)
+        shards.check_palette(palette, f"run {run.name!r}")
+        train_ids, val_ids = shards.split("train"), shards.split("val")
+        return train_ids, val_ids[np.arange(min(tc.eval_images, len(val_ids)))]
+    train_images = load_dataset(dataset, "train", data_dir=data_dir, seed=tc.seed, resolution=size)
+    val_images = load_dataset(dataset, "val", data_dir=data_dir, seed=tc.seed, resolution=size)
+    # int16 ids: 2 bytes a pixel in host memory (ImageNet-32: 2.7 GB, not 10.7); int64 per batch on the device
+    train_ids = torch.from_numpy(palette.encode(train_images.images, size).astype(np.int16))
+    return train_ids, torch.from_numpy(palette.encode(val_images.images[: tc.eval_images], size))
 
 
 def _save_resume(folder: Path, model: IGPT, optimizer, step: int) -> None:

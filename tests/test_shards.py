@@ -1,0 +1,149 @@
+"""Tokenised shards: written by `igpt tokenize`, read back equal to the in-memory path, trained on with
+the same loss curve, palette mismatches and damaged files refused, and memory that does not grow with them."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from conftest import TINY
+from igpt_core.cli import main
+from igpt_core.data import SPLITS, load_dataset
+from igpt_core.errors import IgptError
+from igpt_core.palette import Palette
+from igpt_core.shards import open_shards, palette_fingerprint, tokenize
+from igpt_core.train import TrainConfig, start_run, train, training_ids
+
+
+def tiny_config(steps=6, eval_images=64):
+    return TrainConfig(steps=steps, batch_size=16, eval_every=3, eval_images=eval_images)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A digits run made the usual way (palette fitted in memory), trained for 6 steps."""
+    runs = tmp_path_factory.mktemp("runs")
+    run = start_run("mem", "digits", "tiny", "ar", 16, train_config=tiny_config(), model_overrides=TINY, runs_dir=runs)
+    train(run, progress=False)
+    return run
+
+
+def test_tokenize_command_round_trips_ids_and_labels(digits_run, tmp_path, capsys):
+    out = tmp_path / "digits-shards"
+    main(["tokenize", "digits", "--palette", digits_run.name, "--runs-dir", str(digits_run.path.parent),
+          "--out", str(out), "--shard-images", "500", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == {"train": 1294, "val": 144, "test": 359} and result["resolution"] == 8
+    shards = open_shards(out)
+    assert shards.palette == digits_run.palette and shards.classes == [str(d) for d in range(10)]
+    assert shards.index["palette_fingerprint"] == palette_fingerprint(digits_run.palette)
+    assert [s["images"] for s in shards.index["splits"]["train"]["shards"]] == [500, 500, 294]
+    for split in SPLITS:
+        data = load_dataset("digits", split)
+        part = shards.split(split)
+        expected = digits_run.palette.encode(data.images, 8)
+        assert np.array_equal(part[np.arange(len(part))].numpy(), expected)
+        assert np.array_equal(part.labels, data.labels)
+        assert part.color_counts.tolist() == np.bincount(expected.ravel(), minlength=16).tolist()
+    rows = np.array([1293, 0, 777, 501, 0])  # any order, across shards, repeats
+    assert np.array_equal(shards.split("train")[rows].numpy(), digits_run.palette.encode(load_dataset("digits").images[rows], 8))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the temporary folder is gone
+
+
+def test_training_on_shards_gives_the_in_memory_curve(digits_run, tmp_path):
+    out = tmp_path / "shards"
+    tokenize("digits", digits_run.palette, out, progress=False)
+    run = start_run("from-shards", f"shards:{out}", "tiny", "ar", None, train_config=tiny_config(),
+                    model_overrides=TINY, runs_dir=tmp_path / "runs")
+    assert run.palette == digits_run.palette
+    assert run.info["unigram_val_loss"] == pytest.approx(digits_run.info["unigram_val_loss"], rel=1e-12)
+    train(run, progress=False)
+    assert [r["loss"] for r in run.metrics()] == [r["loss"] for r in digits_run.metrics()]
+    assert [r.get("val_loss") for r in run.metrics()] == [r.get("val_loss") for r in digits_run.metrics()]
+
+
+def test_palette_mismatch_is_one_clear_error(digits_run, tmp_path, capsys):
+    out = tmp_path / "shards"
+    tokenize("digits", digits_run.palette, out, splits=("train", "val"), progress=False)
+    run = start_run("r", f"shards:{out}", "tiny", "ar", None, train_config=tiny_config(steps=1),
+                    model_overrides=TINY, runs_dir=tmp_path / "runs")
+    other = Palette(np.linspace(-1, 1, 48).reshape(16, 3))
+    tokenize("digits", other, out, splits=("train", "val"), overwrite=True, progress=False)
+    with pytest.raises(IgptError, match=f"tokenised with palette {palette_fingerprint(other)}.*run 'r' uses palette"):
+        train(run, progress=False)
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--dataset", f"shards:{out}", "--colors", "32", "--runs-dir", str(tmp_path / "runs"), "--name", "x"])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert re.fullmatch(r"error: --colors 32, but the shards in .* hold ids of a 16-colour palette.*", last)
+
+
+def test_damaged_shards_name_the_file(digits_run, tmp_path):
+    out = tmp_path / "shards"
+    tokenize("digits", digits_run.palette, out, splits=("train",), shard_images=700, progress=False)
+    shard = out / "train-00001.npy"
+    shard.write_bytes(shard.read_bytes()[:-64])
+    with pytest.raises(IgptError, match="truncated") as err:
+        open_shards(out).split("train")
+    assert str(shard) in str(err.value)
+    np.save(shard, np.zeros((594, 63), np.uint16))  # a row length that is not the index's 64
+    with pytest.raises(IgptError, match=r"\(594, 63\).*\(594, 64\)") as err:
+        open_shards(out).split("train")
+    assert str(shard) in str(err.value)
+    with pytest.raises(IgptError, match="no val split"):
+        open_shards(out).split("val")
+    with pytest.raises(IgptError, match="already exists"):
+        tokenize("digits", digits_run.palette, out, progress=False)
+    with pytest.raises(IgptError, match="no shards at"):
+        open_shards(tmp_path / "absent")
+
+
+def write_random_shards(folder, palette, n_train, n_val, size, seed=0):
+    """Shards in the format `tokenize` writes (index.json, palette.json, uint16 .npy), with random ids:
+    big enough to matter, without quantising hundreds of thousands of images in a test."""
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    tokens = size * size
+    splits = {}
+    for split, n in (("train", n_train), ("val", n_val)):
+        array = np.lib.format.open_memmap(folder / f"{split}-00000.npy", mode="w+", dtype=np.uint16, shape=(n, tokens))
+        counts = np.zeros(len(palette), np.int64)
+        for begin in range(0, n, 20_000):
+            ids = rng.integers(0, len(palette), size=(min(20_000, n - begin), tokens), dtype=np.uint16)
+            array[begin : begin + len(ids)] = ids
+            counts += np.bincount(ids.ravel(), minlength=len(palette))
+        array.flush()
+        del array
+        splits[split] = {"images": n, "shards": [{"file": f"{split}-00000.npy", "images": n}], "labels": None,
+                         "color_counts": counts.tolist()}
+    palette.save(folder / "palette.json")
+    index = {"format": "igpt-shards", "version": 1, "dataset": "random", "seed": seed, "resolution": size,
+             "tokens_per_image": tokens, "n_colors": len(palette), "palette_fingerprint": palette_fingerprint(palette),
+             "classes": None, "splits": splits}
+    (folder / "index.json").write_text(json.dumps(index))
+
+
+def anonymous_memory() -> int:
+    """Bytes of this process's resident anonymous memory (heap, not pages of mapped files)."""
+    status = open("/proc/self/status").read()
+    return int(re.search(r"RssAnon:\s+(\d+) kB", status).group(1)) * 1024
+
+
+def test_training_memory_does_not_grow_with_the_shards(tmp_path):
+    bound = 32 << 20
+    palette = Palette(np.linspace(-1, 1, 48).reshape(16, 3))
+    folder = tmp_path / "big"
+    write_random_shards(folder, palette, n_train=240_000, n_val=256, size=16)  # 240 000 × 256 ids: 123 MB
+    assert sum(p.stat().st_size for p in folder.glob("*.npy")) > 3 * bound
+    config = tiny_config(steps=4, eval_images=32)
+    run = start_run("big", f"shards:{folder}", "tiny", "ar", None, train_config=config, model_overrides=TINY,
+                    runs_dir=tmp_path / "runs")
+    ids, _ = training_ids(run, 16, config, None)
+    assert all(isinstance(array, np.memmap) for array in ids.arrays)  # rows are read on demand
+    train(run, progress=False)  # warm-up: torch's kernels and buffers, the first pages of the files
+    before, during = anonymous_memory(), []
+    train(run, progress=False, on_step=lambda step, loss: during.append(anonymous_memory()))
+    assert len(during) == 4 and max(during) - before < bound
