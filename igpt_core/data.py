@@ -54,6 +54,8 @@ FOLDER_PREFIX = "folder:"
 FOLDER_KEY = "folder:PATH"  # how DATASETS names the folder source; "folder:/some/path" picks a folder
 HF_PREFIX = "hf:"
 HF_KEY = "hf:NAME"  # how DATASETS names the Hugging Face source
+SHARDS_PREFIX = "shards:"
+SHARDS_KEY = "shards:DIR"  # how DATASETS names tokenised shards
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp")
 
 DATASETS: dict[str, str] = {
@@ -70,6 +72,7 @@ DATASETS: dict[str, str] = {
     "imagenet64": "downsampled ImageNet 64×64, as imagenet32 (.npz batches in DATA_DIR/imagenet64)",
     HF_KEY: "a Hugging Face image-classification dataset: hf:NAME, hf:NAME:CONFIG or hf:SAVED_FOLDER, "
     "optionally ?image=COLUMN&label=COLUMN (needs the datasets package: pip install igpt[datasets])",
+    SHARDS_KEY: "palette ids written by `igpt tokenize`, in their palette's colours (training streams them from disk)",
     FOLDER_KEY: "every image under PATH, centre-cropped to a square and resized to 32×32; "
     "sub-folders are class labels",
 }
@@ -173,6 +176,11 @@ def _parse_name(name: str) -> tuple[str, Path | None, str | None]:
         if not path:
             raise DatasetError("folder: needs a path, e.g. folder:/home/me/pictures")
         return FOLDER_KEY, Path(path).expanduser(), None
+    if stripped.lower().startswith(SHARDS_PREFIX):
+        path = stripped[len(SHARDS_PREFIX) :]
+        if not path:
+            raise DatasetError("shards: needs the folder written by `igpt tokenize`, e.g. shards:data/imagenet32-512")
+        return SHARDS_KEY, Path(path).expanduser(), None
     if stripped.lower().startswith(HF_PREFIX):
         source = stripped[len(HF_PREFIX) :]
         if not source:
@@ -807,6 +815,22 @@ def _load_hf(request: _Request):
     return load_hf(request)
 
 
+def _load_shards(request: _Request):
+    """Tokenised shards as images: each id shown as its palette colour, so every command can read them.
+    Re-encoding with the same palette gives the same ids back; other palettes see a quantised image."""
+    from .shards import open_shards  # imported here: shards imports this module
+
+    shards = open_shards(request.path)
+    split = shards.split(request.split)
+    side = shards.resolution
+
+    def part(array):
+        return len(array), lambda local: shards.palette.decode(np.asarray(array[local]), side)
+
+    labels = None if split.labels is None else np.asarray(split.labels)
+    return ImageRows([part(array) for array in split.arrays], side), labels, shards.classes
+
+
 # -------------------------------------------------------------------------------- files & download
 
 
@@ -922,4 +946,5 @@ _LOADERS = {
     "imagenet64": _load_imagenet,
     FOLDER_KEY: _load_folder,
     HF_KEY: _load_hf,
+    SHARDS_KEY: _load_shards,
 }

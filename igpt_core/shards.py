@@ -27,11 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import SPLITS, open_dataset
+from .data import SHARDS_PREFIX, SPLITS, _parse_name, open_dataset
 from .errors import DatasetError
 from .palette import Palette
 
-PREFIX = "shards:"
 FORMAT, VERSION = "igpt-shards", 1
 SHARD_BYTES = 256 << 20  # ~256 MB a shard: few files for ImageNet, and each one easy to copy
 PALETTE_SAMPLE = 10_000  # training images sampled to fit a palette (Palette.fit then samples their pixels)
@@ -44,12 +43,9 @@ def palette_fingerprint(palette: Palette) -> str:
 
 def shards_path(dataset: str) -> Path | None:
     """The folder of a `shards:DIR` dataset name, or None for other names."""
-    if not str(dataset).startswith(PREFIX):
+    if not str(dataset).strip().lower().startswith(SHARDS_PREFIX):
         return None
-    path = str(dataset)[len(PREFIX) :]
-    if not path:
-        raise DatasetError("shards: needs the folder written by `igpt tokenize`, e.g. shards:data/imagenet32-512")
-    return Path(path).expanduser()
+    return _parse_name(dataset)[1]
 
 
 def fit_palette(dataset: str, n_colors: int, *, data_dir=None, seed: int = 0, resolution: int | None = None) -> Palette:

@@ -293,4 +293,4 @@ def test_every_command_in_the_recipes_parses():
         assert parsed.batch_size % (parsed.grad_accum * processes) == 0, f"batch does not split: {shlex.join(words)}"
         assert 0 < parsed.warmup < 1 and parsed.lr > 0
         overrides = {k: json.loads(v) for k, _, v in (item.partition("=") for item in parsed.set or [])}
-        preset(parsed.preset, vocab_size=parsed.colors + 1, n_positions=(parsed.resolution or 32) ** 2, **overrides)
+        preset(parsed.preset, vocab_size=(parsed.colors or 16) + 1, n_positions=(parsed.resolution or 32) ** 2, **overrides)

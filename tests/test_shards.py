@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 
 from conftest import TINY
+from test_distributed import assert_same_curve, curve, finish, torchrun
+
 from igpt_core.cli import main
 from igpt_core.data import SPLITS, load_dataset
 from igpt_core.errors import IgptError
 from igpt_core.palette import Palette
+from igpt_core.runs import open_run
 from igpt_core.shards import open_shards, palette_fingerprint, tokenize
 from igpt_core.train import TrainConfig, start_run, train, training_ids
 
@@ -51,6 +54,10 @@ def test_tokenize_command_round_trips_ids_and_labels(digits_run, tmp_path, capsy
     rows = np.array([1293, 0, 777, 501, 0])  # any order, across shards, repeats
     assert np.array_equal(shards.split("train")[rows].numpy(), digits_run.palette.encode(load_dataset("digits").images[rows], 8))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the temporary folder is gone
+    # As a dataset (for probe, score, data ...): images in the palette's colours, which encode to the same ids.
+    as_images = load_dataset(f"shards:{out}", "test")
+    assert np.array_equal(digits_run.palette.encode(as_images.images, 8), shards.split("test")[np.arange(359)].numpy())
+    assert np.array_equal(as_images.labels, load_dataset("digits", "test").labels) and as_images.classes == shards.classes
 
 
 def test_training_on_shards_gives_the_in_memory_curve(digits_run, tmp_path):
@@ -147,3 +154,16 @@ def test_training_memory_does_not_grow_with_the_shards(tmp_path):
     before, during = anonymous_memory(), []
     train(run, progress=False, on_step=lambda step, loss: during.append(anonymous_memory()))
     assert len(during) == 4 and max(during) - before < bound
+
+
+def test_two_processes_on_shards_give_the_one_process_curve(digits_run, tmp_path):
+    """Under torchrun each process reads only its share of every batch from the shards; the global
+    batch, and so the loss curve, is the one of a single process tokenising in memory."""
+    out = tmp_path / "shards"
+    tokenize("digits", digits_run.palette, out, splits=("train", "val"), progress=False)
+    launch = torchrun(["--dataset", f"shards:{out}", "--steps", "6", "--batch-size", "16", "--eval-every", "3",
+                       "--set", "n_layer=2", "--set", "n_embd=32", "--set", "n_head=2", "--name", "ddp",
+                       "--runs-dir", str(tmp_path / "runs"), "--json"], cwd=tmp_path)
+    output = finish(launch)
+    assert launch.returncode == 0, output[-3000:]
+    assert_same_curve(curve(open_run("ddp", tmp_path / "runs")), curve(digits_run))
