@@ -257,9 +257,11 @@ class DatasetStream:
             yield self.take(np.arange(begin, min(begin + size, len(self))))
 
     def read(self) -> np.ndarray:
-        """All the images in one array (N, R, R, 3)."""
-        parts = list(self.batches(4096))
-        return np.ascontiguousarray(np.concatenate(parts)) if parts else self.take([])
+        """All the images in one array (N, R, R, 3), filled batch by batch (no second copy)."""
+        out = np.empty((len(self), self.resolution, self.resolution, 3), dtype=np.uint8)
+        for begin, images in zip(range(0, len(self), 4096), self.batches(4096)):
+            out[begin : begin + len(images)] = images
+        return out
 
 
 # ---------------------------------------------------------------------------------------- splits

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import os
 import pickle
 import struct
@@ -768,3 +769,18 @@ def test_imagenet_missing_files_say_where_and_no_download(tmp_path):
     with pytest.raises(DatasetError, match="cannot be downloaded") as err:
         load_dataset("imagenet32", "train", data_dir=tmp_path, download=True)
     assert str(tmp_path / "imagenet32") in str(err.value) and files_under(tmp_path) == []
+
+
+def test_cli_lists_and_shows_the_paper_datasets(tmp_path, capsys):
+    from igpt_core.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["data", "--help"])
+    listed = " ".join(capsys.readouterr().out.split())
+    for name in ("stl10,", "stl10-unlabeled", "imagenet32", "imagenet64", "hf:NAME", "shards:DIR"):
+        assert name in listed
+    make_stl10(tmp_path)
+    out = tmp_path / "grid.png"
+    main(["data", "stl10-unlabeled", "--data-dir", str(tmp_path), "--out", str(out), "--json"])
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["images"] == 27 and shown["resolution"] == 96 and not shown["labelled"] and out.is_file()
