@@ -167,3 +167,18 @@ def test_two_processes_on_shards_give_the_one_process_curve(digits_run, tmp_path
     output = finish(launch)
     assert launch.returncode == 0, output[-3000:]
     assert_same_curve(curve(open_run("ddp", tmp_path / "runs")), curve(digits_run))
+
+
+def test_tokenize_fits_a_palette_or_says_what_it_needs(tmp_path, capsys):
+    out = tmp_path / "fitted"
+    main(["tokenize", "digits", "--colors", "8", "--splits", "train,val", "--out", str(out), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["colors"] == 8 and result["images"] == {"train": 1294, "val": 144}
+    assert len(open_shards(out).palette) == 8
+    for options in ([], ["--colors", "8", "--palette", str(out)]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["tokenize", "digits", "--out", str(tmp_path / "x"), *options])
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err == "error: give --palette RUN_OR_FILE (reuse a run's palette) or --colors K (fit one), not both\n"
+    main(["tokenize", "digits", "--palette", str(out), "--splits", "test", "--out", str(tmp_path / "again"), "--json"])
+    assert open_shards(tmp_path / "again").palette == open_shards(out).palette  # a shards folder's palette reused
