@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", help=f"one of: {datasets}")
     p.add_argument("--out", required=True, help="folder to write (must not exist, unless --overwrite)")
     p.add_argument("--palette", help="reuse a palette: a run name, its palette.json, or a shards folder")
-    p.add_argument("--colors", type=int, help=f"or fit a K-colour palette on up to 10 000 training images")
+    p.add_argument("--colors", type=int, help="or fit a K-colour palette on up to 10 000 training images")
     p.add_argument("--resolution", type=int, help="image side (default: the dataset's own)")
     p.add_argument("--splits", default="train,val,test", help="comma-separated splits (default train,val,test)")
     p.add_argument("--shard-images", type=int, help="images per shard file (default: ~256 MB a shard)")

@@ -150,9 +150,10 @@ def _create_run(name, dataset, preset_name, objective, n_colors, resolution, tra
                 runs_dir, data_dir, overwrite) -> Run:
     shards_dir = shards_path(dataset)
     if shards_dir is None:
-        palette, size, classes, unigram = _fit_palette(dataset, n_colors or 16, resolution, train_config.seed, data_dir)
+        palette, size, classes, unigram = _palette_from_images(dataset, n_colors or 16, resolution, train_config.seed,
+                                                               data_dir)
     else:
-        palette, size, classes, unigram = _shards_palette(open_shards(shards_dir), n_colors, resolution)
+        palette, size, classes, unigram = _palette_from_shards(open_shards(shards_dir), n_colors, resolution)
     config = preset(preset_name, vocab_size=len(palette) + 1, n_positions=size * size, objective=objective,
                     **(model_overrides or {}))
     info = {
@@ -168,7 +169,7 @@ def _create_run(name, dataset, preset_name, objective, n_colors, resolution, tra
     return create_run(runs_dir, name, info, palette, overwrite=overwrite)
 
 
-def _fit_palette(dataset, n_colors, resolution, seed, data_dir):
+def _palette_from_images(dataset, n_colors, resolution, seed, data_dir):
     """A palette fitted on the training images; (palette, size, classes, unigram val loss)."""
     data = load_dataset(dataset, "train", data_dir=data_dir, seed=seed, resolution=resolution)
     size = data.resolution
@@ -178,7 +179,7 @@ def _fit_palette(dataset, n_colors, resolution, seed, data_dir):
     return palette, size, data.classes, unigram
 
 
-def _shards_palette(shards, n_colors, resolution):
+def _palette_from_shards(shards, n_colors, resolution):
     """The palette the shards were tokenised with; (palette, size, classes, unigram val loss)."""
     if n_colors is not None and n_colors != len(shards.palette):
         raise ConfigError(f"--colors {n_colors}, but the shards in {shards.path} hold ids of a "

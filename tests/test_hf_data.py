@@ -110,3 +110,13 @@ def test_hub_name_read_from_the_datasets_cache_offline(tmp_path, monkeypatch):
         assert test.images[:, 0, 0, 0].tolist() == [101, 102, 103] and test.classes == CLASSES
     with pytest.raises(DatasetError, match="owner/absent"):
         load_dataset("hf:owner/absent", "test")
+
+
+def test_unlabelled_rows_are_refused_in_a_labelled_split(tmp_path):
+    path = tmp_path / "nolabels"
+    test = Dataset.from_dict({"img": pictures([1, 2]), "label": [-1, -1]},
+                             features=Features({"img": Image(), "label": ClassLabel(names=CLASSES)}))
+    DatasetDict(train=table(range(1, 11)), test=test).save_to_disk(str(path))
+    with pytest.raises(DatasetError, match="without a label"):
+        load_dataset(f"hf:{path}", "test")
+    assert len(load_dataset(f"hf:{path}", "train")) == 9

@@ -179,6 +179,22 @@ def test_tokenize_fits_a_palette_or_says_what_it_needs(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_:
             main(["tokenize", "digits", "--out", str(tmp_path / "x"), *options])
         assert exit_.value.code == 2
-        assert capsys.readouterr().err == "error: give --palette RUN_OR_FILE (reuse a run's palette) or --colors K (fit one), not both\n"
+        assert capsys.readouterr().err.startswith("error: give --palette RUN_OR_FILE (reuse a run's palette) or --colors K")
     main(["tokenize", "digits", "--palette", str(out), "--splits", "test", "--out", str(tmp_path / "again"), "--json"])
     assert open_shards(tmp_path / "again").palette == open_shards(out).palette  # a shards folder's palette reused
+
+
+def test_an_interrupted_tokenize_leaves_nothing(digits_run, tmp_path, monkeypatch):
+    palette, calls = digits_run.palette, []
+    encode = Palette.encode
+
+    def encode_then_stop(self, images, size):
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C half-way through the training split
+        return encode(self, images, size)
+
+    monkeypatch.setattr(Palette, "encode", encode_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize("digits", palette, tmp_path / "shards", shard_images=500, progress=False)
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []
