@@ -367,8 +367,7 @@ def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None
         raise ConfigError(f"batch_size {tc.batch_size} must divide by grad_accum ({tc.grad_accum}) × processes ({world})")
 
     palette = run.palette
-    train_ids, val_ids = training_ids(run, config.image_size, tc, data_dir or info.get("data_dir"))
-    val_ids = val_ids.to(device)
+    train_ids, val_ids = _token_ids(run, config, tc, device, data_dir)
 
     torch.manual_seed(tc.seed)  # same initial weights on every process
     model = IGPT(config).to(device)
@@ -510,25 +509,27 @@ def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None
     }
 
 
-def training_ids(run: Run, size: int, tc: TrainConfig, data_dir) -> tuple:
-    """The run's training ids (rows read with `ids[indices]`) and its first `eval_images` val ids (a tensor).
+def _token_ids(run: Run, config: ModelConfig, tc: TrainConfig, device, data_dir) -> tuple:
+    """(training ids on the host, validation ids on the device): the run's dataset through its palette.
 
-    A dataset name is tokenised here, into memory; `shards:DIR` is read from its memory-mapped
-    shards, so each process reads only the rows of its share of each batch, and memory does not grow
-    with the dataset.
+    A dataset name is tokenised here, into memory. `shards:DIR` stays on disk: the training ids are
+    a `ShardSplit`, whose rows (`ids[indices]`) are read from memory-mapped shards, so each process
+    reads only its share of each batch and memory does not grow with the dataset.
     """
-    dataset, palette = run.info["dataset"], run.palette
-    shards_dir = shards_path(dataset)
+    info, palette = run.info, run.palette
+    shards_dir = shards_path(info["dataset"])
     if shards_dir is not None:
         shards = open_shards(shards_dir)
         shards.check_palette(palette, f"run {run.name!r}")
         train_ids, val_ids = shards.split("train"), shards.split("val")
-        return train_ids, val_ids[np.arange(min(tc.eval_images, len(val_ids)))]
-    train_images = load_dataset(dataset, "train", data_dir=data_dir, seed=tc.seed, resolution=size)
-    val_images = load_dataset(dataset, "val", data_dir=data_dir, seed=tc.seed, resolution=size)
+        return train_ids, val_ids[np.arange(min(tc.eval_images, len(val_ids)))].to(device)
+    data_dir = data_dir or info.get("data_dir")
+    train_images = load_dataset(info["dataset"], "train", data_dir=data_dir, seed=tc.seed, resolution=config.image_size)
+    val_images = load_dataset(info["dataset"], "val", data_dir=data_dir, seed=tc.seed, resolution=config.image_size)
     # int16 ids: 2 bytes a pixel in host memory (ImageNet-32: 2.7 GB, not 10.7); int64 per batch on the device
-    train_ids = torch.from_numpy(palette.encode(train_images.images, size).astype(np.int16))
-    return train_ids, torch.from_numpy(palette.encode(val_images.images[: tc.eval_images], size))
+    train_ids = torch.from_numpy(palette.encode(train_images.images, config.image_size).astype(np.int16))
+    val_ids = torch.from_numpy(palette.encode(val_images.images[: tc.eval_images], config.image_size)).to(device)
+    return train_ids, val_ids
 
 
 def _save_resume(folder: Path, model: IGPT, optimizer, step: int) -> None:

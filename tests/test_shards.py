@@ -18,7 +18,7 @@ from igpt_core.errors import IgptError
 from igpt_core.palette import Palette
 from igpt_core.runs import open_run
 from igpt_core.shards import open_shards, palette_fingerprint, tokenize
-from igpt_core.train import TrainConfig, start_run, train, training_ids
+from igpt_core.train import TrainConfig, _token_ids, start_run, train
 
 
 def tiny_config(steps=6, eval_images=64):
@@ -148,7 +148,7 @@ def test_training_memory_does_not_grow_with_the_shards(tmp_path):
     config = tiny_config(steps=4, eval_images=32)
     run = start_run("big", f"shards:{folder}", "tiny", "ar", None, train_config=config, model_overrides=TINY,
                     runs_dir=tmp_path / "runs")
-    ids, _ = training_ids(run, 16, config, None)
+    ids, _ = _token_ids(run, run.model_config, config, "cpu", None)
     assert all(isinstance(array, np.memmap) for array in ids.arrays)  # rows are read on demand
     train(run, progress=False)  # warm-up: torch's kernels and buffers, the first pages of the files
     before, during = anonymous_memory(), []
