@@ -61,6 +61,9 @@ def tokenize(dataset: str, palette: Palette, out: str | Path, *, resolution: int
              overwrite: bool = False, progress: bool = True) -> Shards:
     """Write the palette ids of `splits` of `dataset` as shards in folder `out` (see the module's doc)."""
     out = Path(out).expanduser()
+    splits = tuple(dict.fromkeys(splits))  # each once, in the order given
+    if not splits:
+        raise DatasetError(f"no splits to tokenise: name some of {', '.join(SPLITS)}")
     if len(palette) > 1 << 16:
         raise DatasetError(f"a palette of {len(palette)} colours does not fit uint16 ids (at most 65536)")
     if out.exists() and not overwrite:
@@ -82,8 +85,8 @@ def tokenize(dataset: str, palette: Palette, out: str | Path, *, resolution: int
         index = {"format": FORMAT, "version": VERSION, "dataset": dataset, "seed": seed, "resolution": size,
                  "tokens_per_image": tokens, "n_colors": len(palette), "palette_fingerprint": palette_fingerprint(palette),
                  "classes": next(iter(streams.values())).classes, "splits": {}}
-        for split, stream in streams.items():
-            index["splits"][split] = _write_split(tmp, split, stream, palette, size, shard_images, bar)
+        for split in splits:  # popped: a finished split's stream (and a source file it caches) is let go
+            index["splits"][split] = _write_split(tmp, split, streams.pop(split), palette, size, shard_images, bar)
         if bar is not None:
             bar.close()
         palette.save(tmp / "palette.json")
