@@ -141,7 +141,7 @@ def cmd_data(args) -> None:
 
 
 def cmd_tokenize(args) -> None:
-    from .shards import fit_palette, tokenize
+    from .tokenizer import fit_palette, tokenize
 
     if (args.palette is None) == (args.colors is None):
         raise IgptError("give --palette RUN_OR_FILE (reuse a run's palette) or --colors K (fit one), not both")

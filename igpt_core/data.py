@@ -42,9 +42,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from . import hf_data
 from .errors import DatasetError, ImageError
 from .files import atomic_write
 from .images import center_square, load_image, resize
+from .shards import open_shards, shards_path
 
 SPLITS = ("train", "val", "test")
 # Percentages, applied with round-half-up integer arithmetic so split sizes never depend on floats.
@@ -54,7 +56,6 @@ FOLDER_PREFIX = "folder:"
 FOLDER_KEY = "folder:PATH"  # how DATASETS names the folder source; "folder:/some/path" picks a folder
 HF_PREFIX = "hf:"
 HF_KEY = "hf:NAME"  # how DATASETS names the Hugging Face source
-SHARDS_PREFIX = "shards:"
 SHARDS_KEY = "shards:DIR"  # how DATASETS names tokenised shards
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -176,11 +177,9 @@ def _parse_name(name: str) -> tuple[str, Path | None, str | None]:
         if not path:
             raise DatasetError("folder: needs a path, e.g. folder:/home/me/pictures")
         return FOLDER_KEY, Path(path).expanduser(), None
-    if stripped.lower().startswith(SHARDS_PREFIX):
-        path = stripped[len(SHARDS_PREFIX) :]
-        if not path:
-            raise DatasetError("shards: needs the folder written by `igpt tokenize`, e.g. shards:data/imagenet32-512")
-        return SHARDS_KEY, Path(path).expanduser(), None
+    shards = shards_path(stripped)
+    if shards is not None:
+        return SHARDS_KEY, shards, None
     if stripped.lower().startswith(HF_PREFIX):
         source = stripped[len(HF_PREFIX) :]
         if not source:
@@ -812,16 +811,25 @@ def _read_folder_image(path: Path, size: int) -> np.ndarray:
 
 
 def _load_hf(request: _Request):
-    from .hf_data import load_hf  # imported here: hf_data imports this module
-
-    return load_hf(request)
+    """`test` is the dataset's own test split (or its validation split if it has none); `val` is 10%
+    of its train split; a dataset with a train split only has 20% of it cut as `test` first."""
+    splits, image_column, label_column = hf_data.open_source(request.source)
+    test_name = next((s for s in ("test", "validation") if s in splits), None)
+    official_test = request.split == "test" and test_name is not None
+    table = splits[test_name if official_test else "train"]
+    where = f"{request.source} [{test_name if official_test else 'train'}]"
+    labels, classes = hf_data.labels_and_classes(table, label_column, where)
+    side = request.resolution or hf_data.native_side(table, image_column)
+    rows = ImageRows([(len(table), lambda local: hf_data.read_images(table, image_column, local, side, where))], side)
+    if official_test:
+        return rows, labels, classes
+    rows, labels = _take_split(rows, labels, request, test_percent=0 if test_name else TEST_PERCENT)
+    return rows, labels, classes
 
 
 def _load_shards(request: _Request):
     """Tokenised shards as images: each id shown as its palette colour, so every command can read them.
     Re-encoding with the same palette gives the same ids back; other palettes see a quantised image."""
-    from .shards import open_shards  # imported here: shards imports this module
-
     shards = open_shards(request.path)
     split = shards.split(request.split)
     side = shards.resolution

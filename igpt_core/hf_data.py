@@ -1,4 +1,4 @@
-"""Image-classification datasets of the Hugging Face `datasets` library, as the source `hf:`.
+"""Image-classification datasets of the Hugging Face `datasets` library, as the source `hf:` of data.py.
 
     hf:NAME                  a dataset on the hub, e.g. hf:uoft-cs/cifar10 (read from the local cache
                              when HF_DATASETS_OFFLINE=1 or HF_HUB_OFFLINE=1)
@@ -7,10 +7,9 @@
     ...?image=COL&label=COL  name the columns (otherwise: the one Image column, the one ClassLabel column)
 
 The columns are part of the name, so a run records them and every command reads the same ones.
-Splits follow the other sources: `test` is the dataset's own test split (or its validation split if it
-has none), `val` is 10% of its train split held out by a seeded permutation; a dataset with a train
-split only has 20% of it cut as `test` first. Images are decoded only when read, centre-cropped to a
-square and resized; Arrow tables are memory-mapped by `datasets`, so large datasets stream.
+This module talks to the library (names, columns, decoding); data.py cuts the splits as for every
+source. Images are decoded only when read, centre-cropped to a square and resized; Arrow tables are
+memory-mapped by `datasets`, so large datasets stream.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from urllib.parse import parse_qs
 
 import numpy as np
 
-from .data import TEST_PERCENT, ImageRows, _take_split
 from .errors import DatasetError, ImageError
 from .images import center_square, resize, to_rgb
 
@@ -44,39 +42,45 @@ def parse_source(source: str) -> tuple[str, str | None, dict[str, str], bool]:
     return name, config or None, columns, False
 
 
-def load_hf(request):
-    """The loader behind `hf:` (see data.py's _LOADERS): (ImageRows, labels, classes) of request.split."""
-    name, config, columns, is_path = parse_source(request.source)
+def open_source(source: str) -> tuple[dict, str, str | None]:
+    """What follows 'hf:' -> ({split name: datasets.Dataset}, image column, label column or None)."""
+    name, config, columns, is_path = parse_source(source)
     splits = _open(name, config, is_path)
-    train_name = "train" if "train" in splits else None
-    test_name = next((s for s in ("test", "validation") if s in splits), None)
-    if train_name is None:
-        raise DatasetError(f"hf:{request.source} has splits {', '.join(splits)} but no 'train' split")
-    table = splits[test_name if request.split == "test" and test_name else train_name]
-    image_column, label_column = _columns(table, columns, request.source)
-    side = request.resolution or _native_side(table, image_column)
-    labels, classes = None, None
-    if label_column is not None:
-        labels = np.asarray(table[label_column], dtype=np.int64)
-        feature = table.features[label_column]
-        classes = list(feature.names) if hasattr(feature, "names") else [str(i) for i in range(int(labels.max()) + 1)]
-        if len(labels) and labels.min() < 0:
-            raise DatasetError(f"hf:{request.source} [{request.split}] has images without a label (-1): choose a "
-                               "split with labels, or an unlabelled source")
+    if "train" not in splits:
+        raise DatasetError(f"hf:{source} has splits {', '.join(splits)} but no 'train' split")
+    image_column, label_column = _columns(splits["train"], columns, source)
+    return splits, image_column, label_column
 
-    def take(local: np.ndarray) -> np.ndarray:
-        try:  # datasets decodes the images here
-            return np.stack([resize(center_square(to_rgb(im)), side) for im in table[local.tolist()][image_column]])
-        except ImageError as err:
-            raise DatasetError(f"hf:{request.source} holds an image igpt cannot use: {err}") from None
-        except (OSError, SyntaxError, ValueError) as err:  # PIL, on a damaged image
-            raise DatasetError(f"hf:{request.source} holds an image that cannot be decoded ({err})") from None
 
-    rows = ImageRows([(len(table), take)], side)
-    if request.split == "test" and test_name:
-        return rows, labels, classes
-    rows, labels = _take_split(rows, labels, request, test_percent=0 if test_name else TEST_PERCENT)
-    return rows, labels, classes
+def labels_and_classes(table, label_column: str | None, where: str) -> tuple[np.ndarray | None, list[str] | None]:
+    """int64 labels and class names (from a ClassLabel feature, else "0".."max"); None when unlabelled."""
+    if label_column is None:
+        return None, None
+    labels = np.asarray(table[label_column], dtype=np.int64)
+    if len(labels) and labels.min() < 0:
+        raise DatasetError(f"hf:{where} has images without a label (-1): choose a split with labels, "
+                           "or an unlabelled source")
+    feature = table.features[label_column]
+    classes = list(feature.names) if hasattr(feature, "names") else [str(i) for i in range(int(labels.max()) + 1)]
+    return labels, classes
+
+
+def native_side(table, image_column: str) -> int:
+    """The first image's side if it is square (CIFAR 32, STL-10 96), else DEFAULT_SIDE."""
+    if len(table) == 0:
+        return DEFAULT_SIDE
+    width, height = table[0][image_column].size
+    return width if width == height else DEFAULT_SIDE
+
+
+def read_images(table, image_column: str, rows: np.ndarray, side: int, where: str) -> np.ndarray:
+    """Rows of the table decoded (datasets does it on access), centre-cropped, resized: uint8 (n, side, side, 3)."""
+    try:
+        return np.stack([resize(center_square(to_rgb(im)), side) for im in table[rows.tolist()][image_column]])
+    except ImageError as err:
+        raise DatasetError(f"hf:{where} holds an image igpt cannot use: {err}") from None
+    except (OSError, SyntaxError, ValueError) as err:  # PIL, on a damaged image
+        raise DatasetError(f"hf:{where} holds an image that cannot be decoded ({err})") from None
 
 
 def _open(name: str, config: str | None, is_path: bool) -> dict:
@@ -123,11 +127,3 @@ def _columns(table, named: dict[str, str], source: str) -> tuple[str, str | None
         raise DatasetError(f"hf:{source} has several label columns ({', '.join(labels)}): name one, "
                            f"e.g. hf:{source.partition('?')[0]}?label={labels[0]}")
     return image, labels[0] if labels else None
-
-
-def _native_side(table, image_column: str) -> int:
-    """The first image's side if it is square (CIFAR 32, STL-10 96), else DEFAULT_SIDE."""
-    if len(table) == 0:
-        return DEFAULT_SIDE
-    width, height = table[0][image_column].size
-    return width if width == height else DEFAULT_SIDE
