@@ -1,11 +1,13 @@
-"""The browser completion demo: pick a model and a picture, keep its top rows, watch iGPT finish it.
+"""The browser completion demo: pick a model and a picture, drag a square on it, watch iGPT finish it.
 
     python apps/demo.py [--port 7860] [--host 127.0.0.1] [--runs-dir DIR]
 
-(`igpt demo` and `make demo` run exactly this.) A thin shell over igpt_core: every action is one
-library call — `complete_stream`, `inpaint_stream` or `surprise_map` — plus the drawing in
-`igpt_core.render`. Nothing happens at import: `build_demo(runs_dir)` makes the app, `main()` serves it.
-Per-user state lives in `gr.State`; the only shared state is the read-only model cache of one app.
+(`igpt demo` and `make demo` run exactly this.) A thin shell over igpt_core: the square the model sees
+is `images.crop` (dragged out with `images.square_from_drag`) seen through `Palette.view`; every action
+is one library call — `complete_stream`, `inpaint_stream` or `surprise_map` — plus the drawing in
+`igpt_core.render`. OpenAI's released models are listed beside the local runs and imported on first use
+(`hf.import_once`). Nothing happens at import: `build_demo(runs_dir)` makes the app, `main()` serves it.
+Per-user state lives in `gr.State`; the only shared state is the read-only caches of one app.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import atexit
 import functools
 import inspect
+import json
 import os
 import shutil
 import signal
@@ -22,25 +25,30 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 import numpy as np
 from PIL import Image
 
 from igpt_core import IgptError, complete_stream, inpaint_stream, list_runs, load_dataset, load_image, surprise_map
-from igpt_core.images import resize
+from igpt_core.data import builtin_photos
+from igpt_core.hf import OPENAI_MODELS, find_imported, hub_offline, import_once, in_hub_cache
+from igpt_core.images import center_box, crop, painted_cells, resize, square_from_drag, square_inside, to_rgb
 from igpt_core.likelihood import bits_per_dim, likelihood_kind
-from igpt_core.render import completion_grid, display_scale, enlarge, grid, heatmap, hide_rows
-from igpt_core.runs import default_runs_dir, open_run
+from igpt_core.render import completion_grid, display_scale, enlarge, grid, heatmap, hide_rows, mark_square
+from igpt_core.runs import ModelCache, default_runs_dir, open_run
 
 N_EXAMPLES = 12  # validation images shown in the gallery
-EDITOR_SIDE = 1024  # uploads are shrunk to at most this for the editor (models see <= 64 pixels a side)
+EDITOR_SIDE = 1024  # uploads are shrunk to at most this a side (models see <= 64 pixels a side)
+SHOWN_SIDE = 256  # small pictures are drawn enlarged to at least this, with visible pixels
+PICTURE_SIDE = 384  # ... and the picture to drag a square on, to at least this
 BRUSH_RGB = (255, 0, 255)  # the mask brush: magenta, a colour no dataset here is made of
 PENDING = (128, 128, 128)  # pixels not generated yet: the grey of render.hide_rows
-WHOLE = (1, 50, 50)  # region sliders (zoom, centre across %, centre down %): the picture's whole centre square
-FALLBACK_DATASET = "photos"  # gallery for imported runs, or when a run's own data is not on this machine
+PHOTOS = "photos"  # gallery of the built-in photos: for imported runs, photo runs, or missing data
 NO_RUNS = """### No trained models yet
-There are no runs under `{runs_dir}`. Make one, then press **Refresh models**:
+There are no runs under `{runs_dir}`. Choose one of OpenAI's models in the picker above (downloaded once
+from the Hugging Face hub), or make one, then press **Refresh models**:
 
     make demo         # from the igpt checkout: trains runs/digits (~2 min on CPU), then opens this page
     igpt train --dataset digits --preset tiny --name digits --runs-dir {runs_dir}
@@ -48,12 +56,71 @@ There are no runs under `{runs_dir}`. Make one, then press **Refresh models**:
 TITLE = """# iGPT: finishing pictures one pixel at a time
 Image GPT (*Generative Pretraining from Pixels*, Chen et al. 2020) reads a picture as a sequence of palette
 colours, row by row, left to right. Keep the top rows of an image and the model writes the rest **one pixel
-at a time in that raster order**; each sample is a different guess. Pick a model, pick or upload a picture
-(zoom into a part of it if you like), then press **Complete**."""
+at a time in that raster order**; each sample is a different guess. Pick a model and a picture, **drag a
+square on the picture** to choose what the model sees, then press **Complete**."""
+CROP_HELP = ("**Drag a square** on the picture to choose what the model sees: the square grows from where you "
+             "press, by the longer side of your drag, and stops at the picture's edges. Or type it: x, y, side "
+             "in the picture's pixels, then Enter.")
 CSS = """
 .pixels img, #examples img { image-rendering: pixelated; }
+#picture img { cursor: crosshair; touch-action: none; }
+#drag, #drag-apply { display: none !important; }
 #progress, #inpaint-progress { min-height: 1.6em; }
 """
+# Drag a square on the picture: the page draws it while the mouse moves (the same rule as
+# images.square_from_drag, in screen pixels), then sends the drag's two corners as fractions of the
+# picture to the server through the hidden #drag-apply button, whose event reads window.igptDrag.
+DRAG_JS = """() => {
+  const fit = (img) => {  // the picture's box on screen: <img> centres it (object-fit: scale-down or contain)
+    const r = img.getBoundingClientRect();
+    const fill = Math.min(r.width / img.naturalWidth, r.height / img.naturalHeight);
+    const s = getComputedStyle(img).objectFit === 'contain' ? fill : Math.min(fill, 1);
+    const w = img.naturalWidth * s, h = img.naturalHeight * s;
+    return {left: r.left + (r.width - w) / 2, top: r.top + (r.height - h) / 2, width: w, height: h};
+  };
+  const clamp = (v, lo, hi) => Math.min(Math.max(v, lo), hi);
+  const square = (d) => {
+    const right = d.x1 >= d.x0, down = d.y1 >= d.y0;
+    const room = Math.min(right ? d.box.width - d.x0 : d.x0, down ? d.box.height - d.y0 : d.y0);
+    const side = Math.min(Math.max(Math.abs(d.x1 - d.x0), Math.abs(d.y1 - d.y0)), room);
+    return {left: right ? d.x0 : d.x0 - side, top: down ? d.y0 : d.y0 - side, side};
+  };
+  let drag = null;
+  const point = (e) => [clamp(e.clientX - drag.box.left, 0, drag.box.width),
+                        clamp(e.clientY - drag.box.top, 0, drag.box.height)];
+  document.addEventListener('dragstart', (e) => { if (e.target.closest('#picture')) e.preventDefault(); }, true);
+  document.addEventListener('pointerdown', (e) => {
+    const img = e.target.closest && e.target.closest('#picture img');
+    if (!img || e.button !== 0 || !img.naturalWidth) return;
+    e.preventDefault();
+    drag = {box: fit(img), outline: document.createElement('div')};
+    [drag.x0, drag.y0] = point(e);
+    [drag.x1, drag.y1] = [drag.x0, drag.y0];
+    drag.outline.id = 'drag-square';
+    drag.outline.style.cssText = 'position:fixed;border:2px dashed #fff;outline:2px solid #000;' +
+      'pointer-events:none;z-index:1000;width:0;height:0';
+    document.body.appendChild(drag.outline);
+  }, true);
+  document.addEventListener('pointermove', (e) => {
+    if (!drag) return;
+    [drag.x1, drag.y1] = point(e);
+    const s = square(drag);
+    Object.assign(drag.outline.style, {left: drag.box.left + s.left + 'px', top: drag.box.top + s.top + 'px',
+                                       width: s.side + 'px', height: s.side + 'px'});
+  }, true);
+  document.addEventListener('pointerup', (e) => {
+    if (!drag) return;
+    [drag.x1, drag.y1] = point(e);
+    const d = drag;
+    drag = null;
+    d.outline.remove();
+    if (Math.max(Math.abs(d.x1 - d.x0), Math.abs(d.y1 - d.y0)) < 3) return;  // a click, not a drag
+    window.igptDrag = JSON.stringify([d.x0 / d.box.width, d.y0 / d.box.height,
+                                      d.x1 / d.box.width, d.y1 / d.box.height]);
+    document.querySelector('#drag-apply').click();
+  }, true);
+}"""
+READ_DRAG = "(drag, ...rest) => [window.igptDrag || '', ...rest]"
 
 
 # -- small glue: the user's picture -> what the model sees -------------------------------------------
@@ -70,51 +137,42 @@ def _painted(editor: dict | None) -> np.ndarray | None:
     return painted
 
 
-def _region(h: int, w: int, zoom: float, across: float, down: float) -> tuple[int, int, int]:
-    """(top, left, side) of the square the model sees: 1/zoom of the short side, centred at (across %, down %)."""
-    side = max(1, round(min(h, w) / max(float(zoom or 1), 1.0)))
-    top = int(np.clip(round(float(down) / 100 * h - side / 2), 0, h - side))
-    left = int(np.clip(round(float(across) / 100 * w - side / 2), 0, w - side))
-    return top, left, side
-
-
-def _model_input(editor: dict | None, picture: np.ndarray | None, zoom, across, down):
-    """(the chosen square of the picture, uint8 RGB; the pixels painted in it, bool, or None).
-
-    The picture comes from the user's state (a gallery example at its true pixels, or the upload), not
-    from the editor, which only shows it (enlarged) and holds the brush strokes. An API call may instead
-    send the picture as the editor's background.
-    """
-    if picture is None:
-        background = (editor or {}).get("background")
-        if background is None:
-            raise IgptError("choose an example from the gallery or upload an image first")
-        picture = np.asarray(background)
-        picture = np.stack([picture] * 3, axis=-1) if picture.ndim == 2 else picture[..., :3]
-    picture = np.ascontiguousarray(picture, dtype=np.uint8)
+def _parse_square(text: str | None, picture: np.ndarray) -> tuple[int, int, int]:
+    """The crop box typed (or set by a drag) as "x, y, side"; empty = the picture's centre square."""
     h, w = picture.shape[:2]
-    top, left, side = _region(h, w, zoom, across, down)
+    if not (text or "").strip():
+        return center_box(h, w)
+    try:
+        left, top, side = (int(round(float(part))) for part in str(text).replace(";", ",").split(","))
+    except ValueError:
+        raise IgptError(f"the crop is three whole numbers, x, y, side (e.g. 0, 0, {min(h, w)}), got {text!r}") from None
+    return square_inside(h, w, left, top, side)
+
+
+def _square_text(box: tuple[int, int, int]) -> str:
+    return ", ".join(str(v) for v in box)
+
+
+def _model_input(editor: dict | None, picture: np.ndarray | None, square: str | None):
+    """(the chosen square of the picture, uint8 RGB; the pixels painted over it, bool, or None).
+
+    The picture comes from the user's state (a gallery example at its true pixels, or the upload); the
+    paint editor shows the chosen square and holds the brush strokes. An API call may instead send the
+    picture as the editor's background, with strokes over the whole picture.
+    """
     painted = _painted(editor)
-    if painted is not None:  # the same square on the editor's canvas, which may show the picture enlarged
-        scale = painted.shape[0] / h
+    if picture is not None:
+        return crop(picture, _parse_square(square, picture)), painted
+    background = (editor or {}).get("background")
+    if background is None:
+        raise IgptError("choose an example from the gallery or upload an image first")
+    picture = to_rgb(background)
+    left, top, side = _parse_square(square, picture)
+    if painted is not None:  # the same square on the strokes' canvas, which may show the picture enlarged
+        scale = painted.shape[0] / picture.shape[0]
         painted = painted[round(top * scale) : round((top + side) * scale),
                           round(left * scale) : round((left + side) * scale)]
-    return picture[top : top + side, left : left + side], painted
-
-
-def _model_view(picture: np.ndarray, palette, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(the square picture at the model's size, its palette ids (T,), the model's view = ids as colours)."""
-    small = resize(picture, size)
-    ids = palette.encode(small[None], size)[0]
-    return small, ids, palette.decode(ids[None], size)[0]
-
-
-def _painted_cells(painted: np.ndarray | None, size: int) -> np.ndarray | None:
-    """(size, size) bool: the model's pixels painted over (a quarter of the pixel or more), or None."""
-    if painted is None or not painted.any():
-        return None
-    cover = np.asarray(Image.fromarray(painted.astype(np.uint8) * 255).resize((size, size), Image.BOX)) / 255
-    return cover >= 0.25 if (cover >= 0.25).any() else cover > 0
+    return crop(picture, (left, top, side)), painted
 
 
 def _shade(view: np.ndarray, cells: np.ndarray | None) -> np.ndarray:
@@ -124,6 +182,12 @@ def _shade(view: np.ndarray, cells: np.ndarray | None) -> np.ndarray:
     out = view.astype(np.float32)
     out[cells] = 0.45 * out[cells] + 0.55 * np.array(BRUSH_RGB, np.float32)
     return np.rint(out).astype(np.uint8)
+
+
+def _enlarged(image: np.ndarray, side: int = SHOWN_SIDE) -> tuple[np.ndarray, int]:
+    """(a picture drawn at about `side` pixels or more, with visible pixels; its whole-number scale)."""
+    scale = max(1, side // max(image.shape[:2]))
+    return enlarge(image, scale), scale
 
 
 def _user_errors(fn):
@@ -164,19 +228,32 @@ def _describe(summary: dict) -> str:
             f"{summary['steps']} steps · " + (f"val {bpd:.2f} bits/dim" if bpd is not None else "no val loss yet"))
 
 
+def _describe_hub(repo_id: str, imported) -> str:
+    """The picker's line for one of OpenAI's models: what it is, and whether it is here yet."""
+    about, download = OPENAI_MODELS[repo_id]
+    what = f"{repo_id} — OpenAI's {about}"
+    if imported is not None:
+        return f"{what} · imported as run {imported.name}"
+    if in_hub_cache(repo_id):
+        return f"{what} · in the Hugging Face cache: imported when chosen"
+    if hub_offline():
+        return f"{what} · offline (HF_HUB_OFFLINE=1) and not on this machine"
+    return f"{what} · a {download} download, once, when chosen"
+
+
 # -- the actions ------------------------------------------------------------------------------------
 
 
 class Demo:
-    """The actions behind the page. Holds the read-only caches of one app: models keyed by
-    (run name, step) and gallery images keyed by dataset; everything per-user comes in as arguments."""
+    """The actions behind the page. Holds the read-only caches of one app (models and palettes by
+    checkpoint file, gallery images by dataset); everything per-user comes in as arguments."""
 
     def __init__(self, runs_dir):
         self.runs_dir = Path(runs_dir)
-        self._models: dict[tuple[str, int], tuple] = {}
+        self.models = ModelCache()
         self._examples: dict[tuple, tuple] = {}
-        self._lock = threading.Lock()  # two users asking for the same model load it once
         self._examples_lock = threading.Lock()
+        self._import_lock = threading.Lock()  # two users choosing the same OpenAI model import it once
 
     # -- runs and models --
 
@@ -189,84 +266,118 @@ class Demo:
                 out.append({"name": run.name, "error": str(err)})
         return out
 
-    def load(self, name: str | None, step: int | None = None):
-        """(model, palette, step) of a run, loaded once."""
+    def run(self, name: str | None):
+        """The run behind a picker value: a run's name, or one of OpenAI's hub ids once imported."""
         if not name:
             raise IgptError("choose a model first")
-        run = open_run(name, self.runs_dir)
+        if name in OPENAI_MODELS:
+            run = find_imported(name, self.runs_dir)
+            if run is None:
+                raise IgptError(f"{name} is not imported yet: choose it in the model picker to import it")
+            return run
+        return open_run(name, self.runs_dir)
+
+    def load(self, name: str | None, step: int | None = None):
+        """(model, palette, step) of a run, loaded once."""
+        run = self.run(name)
         try:
-            step = run.resolve_step(int(step) if step not in (None, "") else None)
+            step = int(step) if step not in (None, "") else None
         except (TypeError, ValueError):
             raise IgptError(f"the checkpoint must be a training step such as {run.checkpoints()[-1:]}, "
                             f"got {step!r}") from None
-        path = run.checkpoint_path(step)
-        stamp = path.stat().st_mtime_ns  # a run re-trained under the same name is loaded again
-        with self._lock:
-            cached = self._models.get((name, step))
-            if cached is None or cached[2] != stamp:
-                model, palette, _ = run.load(step)
-                palette.quantize(np.zeros((1, 3), np.uint8))  # build its lookup table before threads share it
-                cached = self._models[(name, step)] = (model, palette, stamp)
-        return cached[0], cached[1], step
+        return self.models.load(run, step)
 
-    def examples(self, name: str) -> tuple[np.ndarray, list[str], str]:
-        """(validation images at the model's size, captions, where they come from)."""
-        run = open_run(name, self.runs_dir)
+    def examples(self, name: str) -> tuple[list, list[np.ndarray], list[str], str]:
+        """(pictures to choose from, their thumbnails at the model's size, captions, where they come from)."""
+        run = self.run(name)
         info, size = run.info, run.model_config.image_size
-        dataset, note = info.get("dataset") or FALLBACK_DATASET, ""
+        dataset, note = info.get("dataset") or PHOTOS, ""
         if dataset.startswith("imported:"):
-            dataset, note = FALLBACK_DATASET, " (an imported model: showing built-in photos)"
+            dataset, note = PHOTOS, " (an imported model)"
         key = (dataset, size, info.get("data_dir"))
         with self._examples_lock:
             if key not in self._examples:
                 try:
-                    data = load_dataset(dataset, "val", resolution=size, data_dir=info.get("data_dir"))
+                    self._examples[key] = self._gallery(dataset, size, info.get("data_dir"), note)
                 except IgptError:
-                    data = load_dataset(FALLBACK_DATASET, "val", resolution=size)
-                    note = f" ({dataset} is not on this machine: showing built-in photos)"
-                    dataset = FALLBACK_DATASET
-                images = data.images[:N_EXAMPLES]
-                if data.labels is not None and data.classes:
-                    captions = [data.classes[label] for label in data.labels[:N_EXAMPLES]]
-                else:
-                    captions = [f"#{i + 1}" for i in range(len(images))]
-                self._examples[key] = (images, captions, f"validation images of {dataset}{note}")
+                    self._examples[key] = self._gallery(PHOTOS, size, None, f" ({dataset} is not on this machine)")
             return self._examples[key]
 
-    # -- page actions --
+    @staticmethod
+    def _gallery(dataset: str, size: int, data_dir, note: str):
+        if dataset == PHOTOS:  # the whole photos, to crop; thumbnails show their centre squares
+            photos = builtin_photos()
+            pictures = [resize(crop(p, None), EDITOR_SIDE) if max(p.shape[:2]) > EDITOR_SIDE else p
+                        for p in photos.values()]
+            return (pictures, [resize(crop(p, None), size) for p in pictures], list(photos),
+                    f"the built-in photos{note}: centre squares; drag on the picture to choose another part")
+        data = load_dataset(dataset, "val", resolution=size, data_dir=data_dir)
+        images = list(data.images[:N_EXAMPLES])
+        if data.labels is not None and data.classes:
+            captions = [data.classes[label] for label in data.labels[:N_EXAMPLES]]
+        else:
+            captions = [f"#{i + 1}" for i in range(len(images))]
+        return images, images, captions, f"validation images of {dataset}{note}"
+
+    # -- page actions: the model --
 
     def refresh(self, current: str | None):
-        """Re-list the runs: (picker, no-runs notice, main panel)."""
+        """Re-list the runs and OpenAI's models: (picker, no-runs notice, main panel)."""
         summaries = self.summaries()
+        local = [s["name"] for s in summaries if "error" not in s]
         choices = [(_describe(s), s["name"]) for s in summaries]
-        names = [s["name"] for s in summaries if "error" not in s]
-        value = current if current in names else (names[0] if names else None)
-        return (gr.Dropdown(choices=choices, value=value), gr.Markdown(visible=not names),
-                gr.Column(visible=bool(names)))
+        choices += [(_describe_hub(repo_id, find_imported(repo_id, self.runs_dir)), repo_id)
+                    for repo_id in OPENAI_MODELS]
+        usable = local + list(OPENAI_MODELS)
+        value = current if current in usable else (local[0] if local else None)
+        return (gr.Dropdown(choices=choices, value=value), gr.Markdown(visible=not local), gr.Column(visible=True))
 
     @_user_errors
-    def choose_run(self, name: str | None):
-        """A run was picked: its facts, checkpoints, gallery and the rows slider for its resolution."""
+    def choose_run(self, name: str | None, progress=gr.Progress(track_tqdm=True)):
+        """A model was picked (one of OpenAI's is imported first, with download progress): its facts,
+        checkpoints, gallery and the rows slider for its resolution."""
         if not name:
             return "", gr.Dropdown(choices=[], value=None), [], gr.Slider()
-        run = open_run(name, self.runs_dir)
+        if name in OPENAI_MODELS:
+            try:
+                self._import(name, progress)
+            except IgptError as err:  # e.g. offline: say so in one line and leave the rest of the page as it is
+                return f"**{name}**: {err}", gr.skip(), gr.skip(), gr.skip()
+        run = self.run(name)
         summary = run.summary()
         steps = run.checkpoints()
         size = summary["resolution"]
-        images, captions, origin = self.examples(name)
+        _, thumbnails, captions, origin = self.examples(name)
         scale = display_scale(size, 96)
-        gallery = [(enlarge(image, scale), caption) for image, caption in zip(images, captions)]
-        objective = {"ar": "autoregressive (next pixel)", "bert": "BERT (masked pixels)"}.get(summary["objective"],
-                                                                                             summary["objective"])
-        bpd = summary["best_val_bpd"]
-        facts = (f"**{name}**: trained on **{summary['dataset']}**, {objective}, preset {summary['preset'] or '—'}, "
-                 f"{size}×{size} pixels in {summary['colors']} colours, {summary['steps']} training steps"
-                 + (f", validation {bpd:.3f} bits/dim" if bpd is not None else "")
-                 + ("" if steps else " — **no checkpoint yet**: let training write one, then Refresh")
-                 + f".  \nGallery: {origin}.")
-        return (facts, gr.Dropdown(choices=[(f"step {s}", s) for s in steps], value=steps[-1] if steps else None),
+        gallery = [(enlarge(image, scale), caption) for image, caption in zip(thumbnails, captions)]
+        return (self._facts(run, summary, origin),
+                gr.Dropdown(choices=[(f"step {s}", s) for s in steps], value=steps[-1] if steps else None),
                 gr.Gallery(value=gallery, label=f"Examples ({origin}) — click one"),
                 gr.Slider(minimum=0, maximum=size, value=size // 2, step=1))
+
+    def _import(self, repo_id: str, progress) -> None:
+        with self._import_lock:
+            if find_imported(repo_id, self.runs_dir) is None:
+                progress(0, desc=f"Importing {repo_id}: a {OPENAI_MODELS[repo_id][1]} download, once")
+                import_once(repo_id, self.runs_dir)
+
+    @staticmethod
+    def _facts(run, summary: dict, origin: str) -> str:
+        size, bpd, steps = summary["resolution"], summary["best_val_bpd"], run.checkpoints()
+        pixels = f"{size}×{size} pixels in {summary['colors']} colours"
+        if str(summary["dataset"]).startswith("imported:"):
+            source = summary["dataset"].removeprefix("imported:")
+            about = OPENAI_MODELS.get(source, ("weights imported from Hugging Face",))[0]
+            return f"**{run.name}**: {about} (from {source}), autoregressive, {pixels}.  \nGallery: {origin}."
+        objective = {"ar": "autoregressive (next pixel)", "bert": "BERT (masked pixels)"}.get(summary["objective"],
+                                                                                             summary["objective"])
+        return (f"**{run.name}**: trained on **{summary['dataset']}**, {objective}, preset {summary['preset'] or '—'}, "
+                f"{pixels}, {summary['steps']} training steps"
+                + (f", validation {bpd:.3f} bits/dim" if bpd is not None else "")
+                + ("" if steps else " — **no checkpoint yet**: let training write one, then Refresh")
+                + f".  \nGallery: {origin}.")
+
+    # -- page actions: the picture and its square --
 
     @staticmethod
     def pick_index(evt: gr.SelectData):
@@ -274,34 +385,30 @@ class Demo:
 
     @_user_errors
     def use_example(self, name: str | None, index):
-        """Put gallery example `index` (0-based) in the picture editor."""
+        """Put gallery example `index` (0-based) in the picture."""
         return self._example(name, index)
 
     def first_example(self, name: str | None, picture):
         """On page load: the first example, unless the user has chosen a picture already (the gallery
         shows before this runs), or there is no run (or it has no gallery)."""
         if picture is not None:
-            return (gr.skip(),) * 7
+            return (gr.skip(),) * 6
         try:
             return self._example(name, 0)
         except IgptError:
-            return (gr.skip(),) * 7
+            return (gr.skip(),) * 6
 
     def _example(self, name: str | None, index):
         if index is None:
             raise IgptError("click an example in the gallery")
-        if not name:
-            raise IgptError("choose a model first")
-        images, _, _ = self.examples(name)
-        image = images[int(index) % len(images)]
-        shown = enlarge(image, display_scale(image.shape[0], 256))
-        return self._show_picture(name, image, shown)
+        pictures, *_ = self.examples(name)
+        return self._show_picture(name, pictures[int(index) % len(pictures)])
 
     @_user_errors
     def upload(self, name: str | None, path: str | None):
-        """An uploaded file: read it (with a readable message for anything unusable) into the picture editor."""
+        """An uploaded file: read it (with a readable message for anything unusable) into the picture."""
         if not path:
-            return (gr.skip(),) * 7
+            return (gr.skip(),) * 6
         image = load_image(Path(path).read_bytes())  # bytes: messages say "the uploaded file", not a temp path
         h, w = image.shape[:2]
         notes = []
@@ -310,94 +417,121 @@ class Demo:
             smaller.thumbnail((EDITOR_SIDE, EDITOR_SIDE), Image.LANCZOS)
             image = np.asarray(smaller)
         if name:
-            size = open_run(name, self.runs_dir).model_config.image_size
+            size = self.run(name).model_config.image_size
             if min(h, w) < size:
                 notes.append(f"The picture is only {w}×{h} pixels, smaller than the model's {size}×{size}: "
                              "it is enlarged, so expect blocks.")
             if h != w:
-                notes.append("The model sees a square: the centre of the picture (zoom and move the region "
-                             "with the sliders to choose another part).")
+                notes.append("The model sees a square: at first the centre of the picture (drag a square on the "
+                             "picture to choose another part).")
         for note in notes:
             gr.Warning(note)
-        shown = enlarge(image, max(1, 256 // max(image.shape[:2])))  # small pictures drawn with visible pixels
-        return self._show_picture(name, image, shown, " ".join(notes))
+        return self._show_picture(name, image, " ".join(notes))
 
-    def _show_picture(self, name, picture: np.ndarray, shown: np.ndarray, note: str = ""):
-        """A new picture: (editor, picture state, view, note, zoom, across, down), the region reset."""
-        editor = {"background": shown, "layers": [], "composite": shown}
-        return (editor, picture, self.show_view(name, None, picture, *WHOLE), note, *WHOLE)
+    def _show_picture(self, name, picture: np.ndarray, note: str = ""):
+        """A new picture, its centre square chosen: (paint editor, picture state, view, note, square, picture)."""
+        box = center_box(*picture.shape[:2])
+        shown, paint, view = self._square_outputs(name, picture, box)
+        return paint, picture, view, note, _square_text(box), shown
 
-    @staticmethod
-    def _prepare(palette, size, editor, picture, zoom, across, down):
-        """(the region at the model's size, its ids, the model's view, the painted pixels or None)."""
-        region, painted = _model_input(editor, picture, zoom, across, down)
-        original, ids, view = _model_view(region, palette, size)
-        return original, ids, view, _painted_cells(painted, size)
+    def _square_outputs(self, name, picture: np.ndarray, box):
+        """(the picture with the square marked, the paint editor showing the square, the model's view)."""
+        shown, scale = _enlarged(picture, PICTURE_SIDE)
+        shown = mark_square(shown, tuple(v * scale for v in box))
+        region, _ = _enlarged(crop(picture, box))
+        paint = {"background": region, "layers": [], "composite": region}
+        return shown, paint, self.show_view(name, None, picture, _square_text(box))
 
     @_user_errors
-    def show_view(self, name: str | None, editor: dict | None, picture, zoom=1, across=50, down=50):
-        """The model's view of the chosen region, large, with the pixels painted for inpainting tinted."""
+    def drag_square(self, drag: str | None, name: str | None, picture):
+        """A square dragged on the picture (its corners as fractions of the picture, from the page's script):
+        (square, picture with the square marked, paint editor, view)."""
+        if picture is None or not drag:
+            return (gr.skip(),) * 4
+        try:
+            x0, y0, x1, y1 = (min(max(float(v), 0.0), 1.0) for v in json.loads(drag))
+        except (ValueError, TypeError):
+            raise IgptError(f"the dragged square came as {drag!r}, not four numbers") from None
+        h, w = picture.shape[:2]
+        box = square_from_drag(h, w, (x0 * w, y0 * h), (x1 * w, y1 * h))
+        return (_square_text(box), *self._square_outputs(name, picture, box))
+
+    @_user_errors
+    def type_square(self, name: str | None, picture, square: str | None):
+        """A square typed as "x, y, side": (square, picture with the square marked, paint editor, view)."""
+        if picture is None:
+            return (gr.skip(),) * 4
+        box = _parse_square(square, picture)
+        return (_square_text(box), *self._square_outputs(name, picture, box))
+
+    def _prepare(self, palette, size, editor, picture, square):
+        """(the square at the model's size, its ids, the model's view, the painted pixels or None)."""
+        region, painted = _model_input(editor, picture, square)
+        original, ids, view = palette.view(region, size)
+        return original, ids, view, painted_cells(painted, size)
+
+    @_user_errors
+    def show_view(self, name: str | None, editor: dict | None, picture, square=""):
+        """The model's view of the chosen square, large, with the pixels painted for inpainting tinted."""
         if not name or (picture is None and (editor or {}).get("background") is None):
             return None
-        run = open_run(name, self.runs_dir)
+        if name in OPENAI_MODELS and find_imported(name, self.runs_dir) is None:
+            return gr.skip()  # not imported yet: choosing it imports it, and shows the view then
+        run = self.run(name)
         size = run.model_config.image_size
-        _, _, view, painted = self._prepare(run.palette, size, editor, picture, zoom, across, down)
+        _, _, view, painted = self._prepare(self.models.palette(run), size, editor, picture, square)
         return enlarge(_shade(view, painted), display_scale(size, 256))
 
+    # -- page actions: completing, filling in, scoring --
+
     @_user_errors
-    def complete(self, name, step, editor, picture, zoom, across, down, keep_rows, n_samples, temperature, top_k,
-                 seed, update):
+    def complete(self, name, step, editor, picture, square, keep_rows, n_samples, temperature, top_k, seed, update):
         """Stream completions from the top `keep_rows` rows: (grid, progress text) at least once per row."""
         model, palette, step = self.load(name, step)
         size = model.config.image_size
         keep_rows = int(keep_rows)
-        original, ids, view, _ = self._prepare(palette, size, editor, picture, zoom, across, down)
+        original, ids, view, _ = self._prepare(palette, size, editor, picture, square)
         known = np.zeros(size * size, bool)
         known[: keep_rows * size] = True
-        kept = hide_rows(view, keep_rows)
         stream = complete_stream(model, ids, keep_rows, int(n_samples), temperature=float(temperature),
                                  top_k=int(top_k or 0) or None, seed=int(seed or 0),
                                  every=1 if update == "every pixel" else size)
-        yield from self._frames(stream, model, palette, ids, known, original, view, kept, int(n_samples), "complete")
+        yield from self._frames(stream, model, palette, known, original, view, hide_rows(view, keep_rows),
+                                int(n_samples), "complete")
 
     @_user_errors
-    def inpaint(self, name, step, editor, picture, zoom, across, down, n_samples, temperature, top_k, seed):
+    def inpaint(self, name, step, editor, picture, square, n_samples, temperature, top_k, seed):
         """Stream fills of the pixels painted in the editor: (grid, progress text)."""
         model, palette, step = self.load(name, step)
         size = model.config.image_size
-        original, ids, view, hidden = self._prepare(palette, size, editor, picture, zoom, across, down)
+        original, ids, view, hidden = self._prepare(palette, size, editor, picture, square)
         if hidden is None:
-            raise IgptError("paint over the pixels to regenerate first, with the brush of the picture editor")
+            raise IgptError("paint over the pixels to regenerate first, with the brush of the Inpaint tab's editor")
         known = ~hidden.reshape(-1)
         kept = view.copy()
         kept[hidden] = PENDING
         stream = inpaint_stream(model, ids, known, int(n_samples), temperature=float(temperature),
                                 top_k=int(top_k or 0) or None, seed=int(seed or 0))
-        yield from self._frames(stream, model, palette, ids, known, original, view, kept, int(n_samples), "inpaint")
+        yield from self._frames(stream, model, palette, known, original, view, kept, int(n_samples), "inpaint")
 
-    def _frames(self, stream, model, palette, ids, known, original, view, kept, n_samples, action):
+    def _frames(self, stream, model, palette, known, original, view, kept, n_samples, action):
         """The paper's figure after each streamed step, with a progress line; pixels not generated yet are grey."""
         size = model.config.image_size
         total = int((~known).sum())
         order = np.flatnonzero(~known)  # AR models fill these in raster order
-        ar = model.config.objective == "ar"
 
         def progress(filled: int) -> str:
-            if ar:
+            if model.config.objective == "ar":
                 return f"Generating row {int(order[filled]) // size + 1}/{size} — {filled}/{total} pixels"
             return f"Filling — {filled}/{total} pixels (BERT commits its most confident guesses first)"
 
         start = time.perf_counter()
         if total:
             yield completion_grid(original, view, kept, np.stack([kept] * n_samples)), progress(0)
-        for out, filled in stream:
+        for out, filled, done in stream:
             samples = palette.decode(out, size)
             if filled < total:
-                flat = samples.reshape(len(samples), -1, 3)  # a view: painting it paints samples
-                if ar:
-                    flat[:, order[filled:]] = PENDING
-                else:  # BERT commits pixels in no fixed order: the unfilled ones still hold the prompt's ids
-                    flat[(out.cpu().numpy() == ids[None]) & ~known[None]] = PENDING
+                samples.reshape(len(samples), -1, 3)[:, ~known & ~done.numpy()] = PENDING  # a view of samples
                 text = progress(filled)
             else:
                 what, button = ("completions", "Complete") if action == "complete" else ("fills", "Fill in")
@@ -406,11 +540,11 @@ class Demo:
             yield completion_grid(original, view, kept, samples), text
 
     @_user_errors
-    def surprise(self, name, step, editor, picture, zoom, across, down):
+    def surprise(self, name, step, editor, picture, square):
         """Per-pixel surprise (negative log-likelihood) of the model's view, as a heat map."""
         model, palette, step = self.load(name, step)
         size = model.config.image_size
-        _, ids, view, _ = self._prepare(palette, size, editor, picture, zoom, across, down)
+        _, ids, view, _ = self._prepare(palette, size, editor, picture, square)
         nll = surprise_map(model, ids)
         worst = np.unravel_index(int(nll.argmax()), nll.shape)
         low, high = float(nll.min()), float(nll.max())  # the ramp spans this image's own range, for contrast
@@ -424,154 +558,189 @@ class Demo:
         return picture, text
 
 
-# -- the page ---------------------------------------------------------------------------------------
+# -- the page: its parts, top to bottom ---------------------------------------------------------------
+
+
+def _model_row(picker) -> SimpleNamespace:
+    with gr.Row(equal_height=True):
+        # Custom values allowed: API clients may name a run (or step) made after the page was built;
+        # the library's own message answers a name or step that does not exist.
+        run = gr.Dropdown(choices=picker.choices, value=picker.value, label="Model: a local run (dataset · "
+                          "objective · preset · resolution · training steps · validation bits/dim) or one of "
+                          "OpenAI's", scale=5, allow_custom_value=True, elem_id="run")
+        step = gr.Dropdown(choices=[], label="Checkpoint", scale=1, allow_custom_value=True, elem_id="step")
+        refresh = gr.Button("Refresh models", scale=0, min_width=140, elem_id="refresh")
+    return SimpleNamespace(run=run, step=step, refresh=refresh)
+
+
+def _picture_row() -> SimpleNamespace:
+    """Gallery and upload | the picture, where a square is dragged | what the model sees."""
+    with gr.Row():
+        with gr.Column(scale=4):
+            gallery = gr.Gallery(label="Examples — click one", columns=3, height=330, allow_preview=False,
+                                 format="png", elem_id="examples")
+            upload = gr.File(label="…or upload your own picture (PNG, JPEG, GIF, BMP, TIFF, WebP)",
+                             file_count="single", type="filepath", elem_id="upload")
+            upload_note = gr.Markdown(elem_id="upload-note")
+        with gr.Column(scale=5):
+            picture = gr.Image(label="Your picture: drag a square on it", format="png", interactive=False,
+                               height=400, buttons=[], elem_id="picture")
+            square = gr.Textbox(label="The square the model sees: x, y, side (pixels of your picture)",
+                                max_lines=1, elem_id="square")
+            gr.Markdown(CROP_HELP, elem_id="square-help")
+            # The page's drag script hands the dragged corners to the server through these two.
+            drag = gr.Textbox(visible="hidden", elem_id="drag")
+            drag_apply = gr.Button(visible="hidden", elem_id="drag-apply")
+        with gr.Column(scale=4):
+            view = gr.Image(label="What the model sees", format="png", interactive=False, height=400,
+                            elem_id="view", elem_classes="pixels")
+            gr.Markdown("The square at the model's resolution, in its palette of colours; pixels painted for "
+                        "inpainting are tinted magenta.", elem_id="view-help")
+    return SimpleNamespace(gallery=gallery, upload=upload, upload_note=upload_note, picture=picture, square=square,
+                           drag=drag, drag_apply=drag_apply, view=view)
+
+
+def _sampling_row() -> SimpleNamespace:
+    with gr.Row():
+        n_samples = gr.Slider(1, 8, value=4, step=1, label="Samples", elem_id="samples")
+        temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature (1 = as trained)",
+                                elem_id="temperature")
+        top_k = gr.Slider(0, 64, value=0, step=1, label="Top-k (0 = all colours)", elem_id="top-k")
+        seed = gr.Number(value=0, precision=0, minimum=0, label="Seed (same seed, same guesses)", elem_id="seed")
+    return SimpleNamespace(n_samples=n_samples, temperature=temperature, top_k=top_k, seed=seed)
+
+
+def _complete_tab() -> SimpleNamespace:
+    with gr.Tab("Complete", id="complete"):
+        with gr.Row(equal_height=True):
+            keep_rows = gr.Slider(0, 8, value=4, step=1, label="Rows to keep (from the top)", scale=3,
+                                  elem_id="keep-rows")
+            update = gr.Radio(["every row", "every pixel"], value="every row", label="Update the picture", scale=2,
+                              elem_id="update")
+            button = gr.Button("Complete", variant="primary", scale=1, elem_id="complete-btn")
+            stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop-btn")
+        progress = gr.Markdown(elem_id="progress")
+        result = gr.Image(label="Completions", show_label=False, format="png", interactive=False, elem_id="grid",
+                          elem_classes="pixels", buttons=["download", "fullscreen"])
+    return SimpleNamespace(keep_rows=keep_rows, update=update, button=button, stop=stop, progress=progress,
+                           result=result)
+
+
+def _surprise_tab() -> SimpleNamespace:
+    with gr.Tab("Surprise map", id="surprise"):
+        with gr.Row(equal_height=True):
+            gr.Markdown("How unexpected each pixel of the model's view is to the model: its negative "
+                        "log-likelihood in nats, from dark (this picture's least surprising pixel) to bright "
+                        "(its most surprising).")
+            button = gr.Button("Show the surprise map", variant="primary", scale=0, min_width=220,
+                               elem_id="surprise-btn")
+        text = gr.Markdown(elem_id="surprise-text")
+        result = gr.Image(label="Surprise map", show_label=False, format="png", interactive=False, elem_id="surprise",
+                          elem_classes="pixels")
+    return SimpleNamespace(button=button, text=text, result=result)
+
+
+def _inpaint_tab() -> SimpleNamespace:
+    with gr.Tab("Inpaint", id="inpaint"):
+        with gr.Row():
+            with gr.Column(scale=1):
+                paint = gr.ImageEditor(
+                    label="Paint over the pixels to regenerate", type="numpy", image_mode="RGBA", sources=(),
+                    transforms=(), layers=False,
+                    brush=gr.Brush(colors=["#ff00ff"], default_color="#ff00ff", color_mode="fixed", default_size=20),
+                    eraser=gr.Eraser(default_size=20), format="png", height=400, elem_id="paint")
+            with gr.Column(scale=1):
+                gr.Markdown("The editor shows the square the model sees; paint over any pixels with the brush "
+                            "(tools on its left) and the model's view tints them. **Fill in** regenerates them "
+                            "from everything else. BERT-objective runs are trained for exactly this; "
+                            "autoregressive runs fill in raster order, seeing only the pixels above and to the "
+                            "left of each one. Choosing another square clears the paint.")
+                with gr.Row():
+                    button = gr.Button("Fill in", variant="primary", min_width=140, elem_id="inpaint-btn")
+                    stop = gr.Button("Stop", variant="stop", min_width=100, elem_id="inpaint-stop")
+        progress = gr.Markdown(elem_id="inpaint-progress")
+        result = gr.Image(label="Fills", show_label=False, format="png", interactive=False, elem_id="inpaint-grid",
+                          elem_classes="pixels", buttons=["download", "fullscreen"])
+    return SimpleNamespace(paint=paint, button=button, stop=stop, progress=progress, result=result)
+
+
+def _wire_choices(demo: gr.Blocks, actions: Demo, ui: SimpleNamespace) -> None:
+    """The model picker, the gallery, uploads and the square: each keeps the model's view up to date."""
+    pick = ui.pick
+    listing = [ui.run, ui.notice, ui.panel]
+    choice = [ui.facts, ui.step, pick.gallery, ui.complete.keep_rows]
+    shown = [ui.paint, ui.chosen, pick.view, pick.upload_note, pick.square, pick.picture]
+    squared = [pick.square, pick.picture, ui.paint, pick.view]
+    picture = [ui.run, ui.paint, ui.chosen, pick.square]
+    ui.refresh.click(actions.refresh, ui.run, listing, api_name="refresh")
+    ui.run.change(actions.choose_run, ui.run, choice, api_name="choose_run").success(
+        actions.show_view, picture, pick.view, api_name="run_view", api_visibility="private")
+    pick.gallery.select(actions.pick_index, None, ui.example_index, api_visibility="private").then(
+        actions.use_example, [ui.run, ui.example_index], shown, api_name="use_example")
+    pick.upload.upload(actions.upload, [ui.run, pick.upload], shown, api_name="upload")
+    pick.drag_apply.click(actions.drag_square, [pick.drag, ui.run, ui.chosen], squared, js=READ_DRAG,
+                          api_name="drag_square", show_progress="hidden", trigger_mode="always_last")
+    pick.square.submit(actions.type_square, [ui.run, ui.chosen, pick.square], squared, api_name="type_square")
+    # Only the user's own strokes (.input, not .change): a picture set by an action comes with its view, and
+    # a late .change from that update could overwrite the view of a picture chosen since.
+    ui.paint.input(actions.show_view, picture, pick.view, api_name="show_view")
+    # On page load: the current list of models, then the first run's gallery with its first example ready.
+    demo.load(actions.refresh, ui.run, listing, api_name="page_runs", api_visibility="private").then(
+        actions.choose_run, ui.run, choice, api_name="page_run", api_visibility="private").then(
+        actions.first_example, [ui.run, ui.chosen], shown, api_name="page_example", api_visibility="private")
+
+
+def _wire_actions(actions: Demo, ui: SimpleNamespace) -> None:
+    """Complete, surprise and inpaint; Stop cancels a stream, and its progress line says where it stopped."""
+    picture = [ui.run, ui.step, ui.paint, ui.chosen, ui.pick.square]
+    sampling = [ui.sampling.n_samples, ui.sampling.temperature, ui.sampling.top_k, ui.sampling.seed]
+    tab = ui.complete
+    completing = tab.button.click(actions.complete, [*picture, tab.keep_rows, *sampling, tab.update],
+                                  [tab.result, tab.progress], api_name="complete", show_progress="minimal",
+                                  show_progress_on=tab.result)
+    # A cancelled event counts as failed, so .failure notes it after the last frame.
+    tab.stop.click(None, cancels=[completing])
+    completing.failure(functools.partial(_stopped, "generated"), tab.progress, tab.progress, api_visibility="private",
+                       show_progress="hidden")
+    ui.surprise.button.click(actions.surprise, picture, [ui.surprise.result, ui.surprise.text], api_name="surprise")
+    tab = ui.inpaint
+    filling = tab.button.click(actions.inpaint, [*picture, *sampling], [tab.result, tab.progress], api_name="inpaint",
+                               show_progress="minimal", show_progress_on=tab.result)
+    tab.stop.click(None, cancels=[filling])
+    filling.failure(functools.partial(_stopped, "filled"), tab.progress, tab.progress, api_visibility="private",
+                    show_progress="hidden")
 
 
 def build_demo(runs_dir=None) -> gr.Blocks:
     """The Gradio app over the runs in `runs_dir` (default: $IGPT_RUNS_DIR or ./runs)."""
     runs_dir = Path(runs_dir) if runs_dir is not None else default_runs_dir()
     actions = Demo(runs_dir)
-    picker, _, panel_state = actions.refresh(None)
-    has_runs = panel_state.visible
-
+    picker, notice, _ = actions.refresh(None)
     with gr.Blocks(title="iGPT completion demo", delete_cache=(600, 3600)) as demo:
         gr.Markdown(TITLE)
-        with gr.Row(equal_height=True):
-            # Custom values allowed: API clients may name a run (or step) made after the page was built;
-            # the library's own message answers a name or step that does not exist.
-            run = gr.Dropdown(choices=picker.choices, value=picker.value, label="Model (run): dataset · objective · "
-                              "preset · resolution · training steps · validation bits/dim", scale=5,
-                              allow_custom_value=True, elem_id="run")
-            step = gr.Dropdown(choices=[], label="Checkpoint", scale=1, allow_custom_value=True, elem_id="step")
-            refresh = gr.Button("Refresh models", scale=0, min_width=140, elem_id="refresh")
-        notice = gr.Markdown(NO_RUNS.format(runs_dir=runs_dir), visible=not has_runs, elem_id="no-runs")
-        with gr.Column(visible=has_runs) as panel:
-            facts = gr.Markdown(elem_id="facts")
-            chosen = gr.State(None)  # the user's picture: a gallery example at its true pixels, or the upload
-            example_index = gr.Number(visible=False, precision=0)
-            with gr.Row():
-                with gr.Column(scale=4):
-                    gallery = gr.Gallery(label="Examples — click one", columns=3, height=330, allow_preview=False,
-                                         format="png", elem_id="examples")
-                    upload = gr.File(label="…or upload your own picture (PNG, JPEG, GIF, BMP, TIFF, WebP)",
-                                     file_count="single", type="filepath", elem_id="upload")
-                    upload_note = gr.Markdown(elem_id="upload-note")
-                with gr.Column(scale=5):
-                    editor = gr.ImageEditor(
-                        label="Your picture",
-                        type="numpy", image_mode="RGBA", sources=(), transforms=(), layers=False,
-                        brush=gr.Brush(colors=["#ff00ff"], default_color="#ff00ff", color_mode="fixed",
-                                       default_size=20),
-                        eraser=gr.Eraser(default_size=20), format="png", height=400, elem_id="picture")
-                    # A crop of our own: Gradio 6's editor crop reaches the server only after a later brush stroke.
-                    with gr.Row():
-                        zoom = gr.Slider(1, 8, value=WHOLE[0], step=0.25, label="Zoom (1 = whole picture)",
-                                         elem_id="zoom")
-                        across = gr.Slider(0, 100, value=WHOLE[1], step=1, label="Region centre: across %",
-                                           elem_id="across")
-                        down = gr.Slider(0, 100, value=WHOLE[2], step=1, label="Region centre: down %",
-                                         elem_id="down")
-                    gr.Markdown("Zoom in and move the region to choose what the model sees. To **inpaint**, "
-                                "paint over pixels with the brush (tools on the left of the picture).",
-                                elem_id="editor-help")
-                with gr.Column(scale=4):
-                    view = gr.Image(label="What the model sees", format="png", interactive=False, height=400,
-                                    elem_id="view", elem_classes="pixels")
-                    gr.Markdown("The chosen square (at zoom 1, the centre of the picture) at the model's "
-                                "resolution, in its palette of colours; pixels painted for inpainting are tinted "
-                                "magenta.", elem_id="view-help")
-            with gr.Row():
-                n_samples = gr.Slider(1, 8, value=4, step=1, label="Samples", elem_id="samples")
-                temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature (1 = as trained)",
-                                        elem_id="temperature")
-                top_k = gr.Slider(0, 64, value=0, step=1, label="Top-k (0 = all colours)", elem_id="top-k")
-                seed = gr.Number(value=0, precision=0, minimum=0, label="Seed (same seed, same guesses)",
-                                 elem_id="seed")
+        ui = _model_row(picker)
+        ui.notice = gr.Markdown(NO_RUNS.format(runs_dir=runs_dir), visible=notice.visible, elem_id="no-runs")
+        with gr.Column() as ui.panel:
+            ui.facts = gr.Markdown(elem_id="facts")
+            ui.chosen = gr.State(None)  # the user's picture: a gallery example at its true pixels, or the upload
+            ui.example_index = gr.Number(visible=False, precision=0)
+            ui.pick = _picture_row()
+            ui.sampling = _sampling_row()
             with gr.Tabs():
-                with gr.Tab("Complete", id="complete"):
-                    with gr.Row(equal_height=True):
-                        keep_rows = gr.Slider(0, 8, value=4, step=1, label="Rows to keep (from the top)", scale=3,
-                                              elem_id="keep-rows")
-                        update = gr.Radio(["every row", "every pixel"], value="every row",
-                                          label="Update the picture", scale=2, elem_id="update")
-                        complete_btn = gr.Button("Complete", variant="primary", scale=1, elem_id="complete-btn")
-                        stop_btn = gr.Button("Stop", variant="stop", scale=1, elem_id="stop-btn")
-                    progress = gr.Markdown(elem_id="progress")
-                    result = gr.Image(label="Completions", show_label=False, format="png", interactive=False,
-                                      elem_id="grid", elem_classes="pixels", buttons=["download", "fullscreen"])
-                with gr.Tab("Surprise map", id="surprise"):
-                    with gr.Row(equal_height=True):
-                        gr.Markdown("How unexpected each pixel of the model's view is to the model: its negative "
-                                    "log-likelihood in nats, from dark (this picture's least surprising pixel) "
-                                    "to bright (its most surprising).")
-                        surprise_btn = gr.Button("Show the surprise map", variant="primary", scale=0, min_width=220,
-                                                 elem_id="surprise-btn")
-                    surprise_text = gr.Markdown(elem_id="surprise-text")
-                    surprise_img = gr.Image(label="Surprise map", show_label=False, format="png", interactive=False,
-                                            elem_id="surprise", elem_classes="pixels")
-                with gr.Tab("Inpaint", id="inpaint"):
-                    with gr.Row(equal_height=True):
-                        gr.Markdown("Paint over any pixels of your picture with the brush (the editor's tools are "
-                                    "on its left); the model's view tints them. **Fill in** regenerates them from "
-                                    "everything else. BERT-objective runs are trained for exactly this; "
-                                    "autoregressive runs fill in raster order, seeing only the pixels above and to "
-                                    "the left of each one.")
-                        inpaint_btn = gr.Button("Fill in", variant="primary", scale=0, min_width=140,
-                                                elem_id="inpaint-btn")
-                        inpaint_stop = gr.Button("Stop", variant="stop", scale=0, min_width=100,
-                                                 elem_id="inpaint-stop")
-                    inpaint_progress = gr.Markdown(elem_id="inpaint-progress")
-                    inpaint_img = gr.Image(label="Fills", show_label=False, format="png", interactive=False,
-                                           elem_id="inpaint-grid", elem_classes="pixels",
-                                           buttons=["download", "fullscreen"])
-
-        region = [zoom, across, down]
-        picture = [run, editor, chosen, *region]
-        shown = [editor, chosen, view, upload_note, *region]
-        sampling = [n_samples, temperature, top_k, seed]
-        listing = [run, notice, panel]
-        choice = [facts, step, gallery, keep_rows]
-
-        refresh.click(actions.refresh, run, listing, api_name="refresh")
-        run.change(actions.choose_run, run, choice, api_name="choose_run").then(
-            actions.show_view, picture, view, api_name="run_view", api_visibility="private")
-        gallery.select(actions.pick_index, None, example_index, api_visibility="private").then(
-            actions.use_example, [run, example_index], shown, api_name="use_example")
-        upload.upload(actions.upload, [run, upload], shown, api_name="upload")
-        # Only the user's own edits (.input, not .change): a picture set by an action comes with its view, and
-        # a late .change from that update could overwrite the view of a picture chosen since.
-        editor.input(actions.show_view, picture, view, api_name="show_view")  # a brush stroke
-        for slider in region:
-            slider.input(actions.show_view, picture, view, api_visibility="private", show_progress="hidden",
-                         trigger_mode="always_last")
-        completing = complete_btn.click(actions.complete,
-                                        [run, step, editor, chosen, *region, keep_rows, *sampling, update],
-                                        [result, progress], api_name="complete", show_progress="minimal",
-                                        show_progress_on=result)
-        # Stop cancels the stream; a cancelled event counts as failed, so .failure notes it after the last frame.
-        stop_btn.click(None, cancels=[completing])
-        completing.failure(functools.partial(_stopped, "generated"), progress, progress, api_visibility="private",
-                           show_progress="hidden")
-        surprise_btn.click(actions.surprise, [run, step, editor, chosen, *region], [surprise_img, surprise_text],
-                           api_name="surprise")
-        filling = inpaint_btn.click(actions.inpaint, [run, step, editor, chosen, *region, *sampling],
-                                    [inpaint_img, inpaint_progress], api_name="inpaint", show_progress="minimal",
-                                    show_progress_on=inpaint_img)
-        inpaint_stop.click(None, cancels=[filling])
-        filling.failure(functools.partial(_stopped, "filled"), inpaint_progress, inpaint_progress,
-                        api_visibility="private", show_progress="hidden")
-        # On page load: the current list of runs, then the first run's gallery with its first example ready.
-        demo.load(actions.refresh, run, listing, api_name="page_runs", api_visibility="private").then(
-            actions.choose_run, run, choice, api_name="page_run", api_visibility="private").then(
-            actions.first_example, [run, chosen], shown, api_name="page_example", api_visibility="private")
+                ui.complete = _complete_tab()
+                ui.surprise = _surprise_tab()
+                ui.inpaint = _inpaint_tab()
+            ui.paint = ui.inpaint.paint
+        _wire_choices(demo, actions, ui)
+        _wire_actions(actions, ui)
     demo.queue(default_concurrency_limit=2, max_size=64)  # two users compute at once; the rest wait in line
     return demo
 
 
 def serve(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, **launch_options):
-    """Launch the app with its stylesheet and an upload size limit (pass prevent_thread_lock=True in tests)."""
-    return demo.launch(server_name=host, server_port=port, css=CSS, max_file_size="64mb", show_error=True,
-                       **launch_options)
+    """Launch the app with its stylesheet, drag script and an upload size limit (prevent_thread_lock=True in tests)."""
+    return demo.launch(server_name=host, server_port=port, css=CSS, js=DRAG_JS, max_file_size="64mb",
+                       show_error=True, **launch_options)
 
 
 def main(argv=None) -> None:

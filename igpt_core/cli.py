@@ -189,7 +189,7 @@ def _load(args):
 
 
 def cmd_sample(args) -> None:
-    from .images import load_image, resize
+    from .images import load_image
     from .render import completion_grid, grid, hide_rows, save_png
     from .sample import complete, unconditional
 
@@ -205,9 +205,7 @@ def cmd_sample(args) -> None:
     if not args.image:
         raise IgptError("give --image PATH to complete (or --unconditional for samples from nothing)")
     keep = size // 2 if args.keep_rows is None else args.keep_rows
-    resized = resize(load_image(args.image), size)
-    ids = palette.encode(resized[None], size)[0]
-    seen = palette.decode(ids[None], size)[0]  # what the model sees: the palette's colours
+    resized, ids, seen = palette.view(load_image(args.image), size)  # seen: the ids in the palette's colours
     samples = palette.decode(complete(model, ids, keep, args.n, **options), size)
     save_png(completion_grid(resized, seen, hide_rows(seen, keep), samples), out)
     _emit(args, {"run": run.name, "keep_rows": keep, "samples": args.n, "out": str(out)},
@@ -240,9 +238,9 @@ def cmd_surprise(args) -> None:
 
     run, model, palette = _load(args)
     size = model.config.image_size
-    ids = palette.encode(load_image(args.image)[None], size)
-    nll = surprise_map(model, ids[0])
-    save_png(grid([[palette.decode(ids, size)[0], heatmap(nll)]], labels=["model's view", "surprise (nats)"]), args.out)
+    _, ids, seen = palette.view(load_image(args.image), size)
+    nll = surprise_map(model, ids)
+    save_png(grid([[seen, heatmap(nll)]], labels=["model's view", "surprise (nats)"]), args.out)
     worst = np.unravel_index(nll.argmax(), nll.shape)
     _emit(args, {"run": run.name, "mean_nats": float(nll.mean()), "max_nats": float(nll.max()),
                  "most_surprising_pixel": [int(worst[0]), int(worst[1])], "out": args.out, "nll": nll.tolist()},

@@ -334,6 +334,17 @@ def _bundled_photos() -> dict[str, np.ndarray]:
     return photos
 
 
+# What each built-in photo shows, for galleries.
+PHOTO_NAMES = {"china": "temple", "flower": "flower", "astronaut": "astronaut", "rocket": "rocket",
+               "hubble_deep_field": "galaxies", "immunohistochemistry": "cells", "retina": "retina",
+               "coffee": "coffee", "chelsea": "cat"}
+
+
+def builtin_photos() -> dict[str, np.ndarray]:
+    """The built-in photos at full size (uint8 RGB, read-only), by what they show: cat, astronaut, ..."""
+    return {PHOTO_NAMES[name]: photo for name, photo in _bundled_photos().items()}
+
+
 def _load_photos(request: _Request):
     size = request.resolution or 32
     photos = [_bundled_photos()[name] for name in PHOTO_SPLITS[request.split]]

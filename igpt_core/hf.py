@@ -31,7 +31,7 @@ from .errors import CheckpointError, IgptError, RunError, first_line
 from .files import atomic_write_json, building_folder
 from .model import IGPT, ModelConfig
 from .palette import Palette
-from .runs import Run, create_run, default_runs_dir, open_run, save_checkpoint
+from .runs import Run, create_run, default_runs_dir, list_runs, open_run, save_checkpoint
 
 _CONV1D = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 _MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")  # not attn.c_attn.bias: that is a parameter
@@ -200,6 +200,53 @@ def _locate(source: str, progress: bool) -> Path:
         raise CheckpointError(f"there is no folder {source!r}, and it is not a hub id like 'openai/imagegpt-small'; "
                               f"pass {_FOLDER_HINT}")
     return _download(source, progress)
+
+
+# -- OpenAI's released models -----------------------------------------------------------------------
+
+# The three sizes on the Hugging Face hub (the paper's iGPT-S/M/L at 32×32, 512 colours; ImageNet
+# weights): what each is, and its download (float32 pytorch_model.bin: 4 bytes per parameter).
+OPENAI_MODELS = {
+    "openai/imagegpt-small": ("iGPT-S, 24 layers × 512, 76M parameters", "0.3 GB"),
+    "openai/imagegpt-medium": ("iGPT-M, 36 layers × 1024, 455M parameters", "1.8 GB"),
+    "openai/imagegpt-large": ("iGPT-L, 48 layers × 1536, 1.4B parameters", "5.4 GB"),
+}
+
+
+def find_imported(source: str, runs_dir=None) -> Run | None:
+    """The run imported from `source` (a hub id or folder) with a checkpoint, if there is one."""
+    for run in list_runs(runs_dir):
+        try:
+            if run.info.get("source") == source and run.checkpoints():
+                return run
+        except IgptError:  # an unreadable run.json is not the one we look for
+            continue
+    return None
+
+
+def in_hub_cache(repo_id: str) -> bool:
+    """Whether the Hugging Face cache ($HF_HOME) holds repo_id's config, so importing needs no network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off for this process (HF_HUB_OFFLINE=1)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def import_once(repo_id: str, runs_dir=None, *, progress: bool = True) -> Run:
+    """The run made from hub id `repo_id`, importing it (as run `owner-name`) the first time."""
+    run = find_imported(repo_id, runs_dir)
+    if run is not None:
+        return run
+    if hub_offline() and not in_hub_cache(repo_id):
+        raise CheckpointError(f"{repo_id} is not on this machine and the Hugging Face hub is switched off "
+                              "(HF_HUB_OFFLINE=1): connect, unset it, and choose it again")
+    return import_hf(repo_id, repo_id.replace("/", "-"), runs_dir, progress=progress)
 
 
 # -- import / export --------------------------------------------------------------------------------

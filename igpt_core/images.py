@@ -135,7 +135,60 @@ def resize(images: np.ndarray, size: int) -> np.ndarray:
 
 def center_square(image: np.ndarray) -> np.ndarray:
     """The largest centred square of an (H, W, C) image."""
-    h, w = image.shape[:2]
+    return crop(image, None)
+
+
+# -- choosing what the model sees: a square of the picture, and the pixels painted over -------------
+
+
+def square_inside(h: int, w: int, left: int, top: int, side: int) -> tuple[int, int, int]:
+    """(left, top, side) checked to be a square of at least one pixel inside an h × w image."""
+    left, top, side = int(left), int(top), int(side)
+    if side < 1 or left < 0 or top < 0 or left + side > w or top + side > h:
+        raise ImageError(f"the square at x={left}, y={top} with side {side} does not fit in the {w}×{h} picture: "
+                         f"x + side must be at most {w} and y + side at most {h}")
+    return left, top, side
+
+
+def center_box(h: int, w: int) -> tuple[int, int, int]:
+    """(left, top, side) of the largest centred square, as `center_square` cuts it."""
     side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
+    return (w - side) // 2, (h - side) // 2, side
+
+
+def square_from_drag(h: int, w: int, start, end) -> tuple[int, int, int]:
+    """(left, top, side) of the square dragged from point `start` towards `end` ((x, y) in pixels).
+
+    The square keeps the corner where the drag began; its side is the longer of the drag's width
+    and height, shortened where needed so that the square stays inside the picture.
+    """
+    (x0, y0), (x1, y1) = start, end
+    x0, y0 = min(max(x0, 0.0), w), min(max(y0, 0.0), h)
+    right, down = x1 >= x0, y1 >= y0
+    room_x = w - x0 if right else x0  # how far the square may reach from the corner, each way
+    room_y = h - y0 if down else y0
+    side = max(1, min(round(max(abs(x1 - x0), abs(y1 - y0))), int(room_x), int(room_y)))
+    left = round(x0) if right else round(x0) - side
+    top = round(y0) if down else round(y0) - side
+    left, top = min(max(left, 0), w - side), min(max(top, 0), h - side)
+    return square_inside(h, w, left, top, side)
+
+
+def crop(image: np.ndarray, box: tuple[int, int, int] | None) -> np.ndarray:
+    """The square (left, top, side) of an (H, W, ...) image; None = its centre square."""
+    h, w = image.shape[:2]
+    left, top, side = center_box(h, w) if box is None else square_inside(h, w, *box)
     return image[top : top + side, left : left + side]
+
+
+def painted_cells(painted: np.ndarray | None, size: int) -> np.ndarray | None:
+    """Which of a model's size × size pixels a brush mask covers; None if nothing is painted.
+
+    `painted` is a bool mask over the picture the model sees, at any resolution (the editor shows
+    the picture enlarged). A pixel counts as painted when a quarter of it or more is covered, or,
+    for a stroke thinner than that everywhere, when any of it is.
+    """
+    if painted is None or not painted.any():
+        return None
+    cover = np.asarray(Image.fromarray(painted.astype(np.uint8) * 255).resize((size, size), Image.BOX)) / 255
+    return cover >= 0.25 if (cover >= 0.25).any() else cover > 0

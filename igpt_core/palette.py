@@ -130,6 +130,18 @@ class Palette:
         """ids (N, size²) -> uint8 images (N, size, size, 3)."""
         return self.dequantize(ids).reshape(-1, size, size, 3)
 
+    def view(self, image: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What a model of side `size` sees of one uint8 (H, W, 3) image.
+
+        Returns (the image resized to size × size, its palette ids (size²,) in raster order, and
+        those ids drawn in the palette's colours: the model's view, which the apps show).
+        """
+        from .images import resize
+
+        small = resize(np.asarray(image), size)
+        ids = self.quantize(small).reshape(size * size)
+        return small, ids, self.decode(ids[None], size)[0]
+
     # -- persistence -------------------------------------------------------------------------------
 
     def to_json(self) -> str:

@@ -53,6 +53,19 @@ def completion_grid(original: np.ndarray, seen: np.ndarray, kept: np.ndarray, sa
     return grid(rows, labels=labels)
 
 
+def mark_square(image: np.ndarray, box: tuple[int, int, int], line: int = 2) -> np.ndarray:
+    """The image with the square box (left, top, side) outlined and everything outside it dimmed."""
+    left, top, side = box
+    out = (np.asarray(image, dtype=np.float32) * 0.45).astype(np.uint8)
+    out[top : top + side, left : left + side] = np.asarray(image)[top : top + side, left : left + side]
+    picture = Image.fromarray(out)
+    draw = ImageDraw.Draw(picture)
+    right, bottom = left + side - 1, top + side - 1
+    draw.rectangle([left, top, right, bottom], outline=(0, 0, 0), width=line + 2)  # dark under light: seen on any picture
+    draw.rectangle([left + 1, top + 1, right - 1, bottom - 1], outline=(255, 255, 255), width=line)
+    return np.asarray(picture)
+
+
 def hide_rows(image: np.ndarray, keep_rows: int, fill=(128, 128, 128)) -> np.ndarray:
     """The image with rows from keep_rows on painted grey: what a completion starts from."""
     out = np.array(image, copy=True)

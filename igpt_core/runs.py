@@ -19,9 +19,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
@@ -219,6 +221,46 @@ def _model_config(name: str, info: dict) -> ModelConfig:
 def as_run(run: Run | str, runs_dir: Path | None = None) -> Run:
     """A Run as it is, or the run of that name under runs_dir."""
     return run if isinstance(run, Run) else open_run(str(run), runs_dir)
+
+
+class ModelCache:
+    """Models and palettes loaded once and shared, for apps that serve many requests.
+
+    Keyed by file and modification time: a run re-trained (or re-imported) under the same name is
+    loaded again, an unchanged one never. Each palette's colour lookup table is built before it is
+    handed out, so threads only ever read it. Safe to call from several threads.
+    """
+
+    def __init__(self, device="cpu"):
+        self.device = device
+        self._models: dict[Path, tuple[int, IGPT, Palette]] = {}
+        self._palettes: dict[Path, tuple[int, Palette]] = {}
+        self._lock = threading.Lock()  # two users asking for the same model load it once
+
+    def load(self, run: Run, step: int | None = None) -> tuple[IGPT, Palette, int]:
+        """(model in eval mode, palette, step) of a run's checkpoint (default: the last)."""
+        step = run.resolve_step(step)
+        path = run.checkpoint_path(step)
+        stamp = path.stat().st_mtime_ns
+        with self._lock:
+            cached = self._models.get(path)
+            if cached is None or cached[0] != stamp:
+                model, palette, _ = load_checkpoint(path, self.device)
+                palette.quantize(np.zeros((1, 3), np.uint8))  # builds the lookup table
+                cached = self._models[path] = (stamp, model, palette)
+        return cached[1], cached[2], step
+
+    def palette(self, run: Run) -> Palette:
+        """The run's palette (palette.json, the same colours as in its checkpoints), without its model."""
+        path = run.path / "palette.json"
+        stamp = path.stat().st_mtime_ns if path.exists() else None
+        with self._lock:
+            cached = self._palettes.get(path)
+            if cached is None or cached[0] != stamp:
+                palette = run.palette
+                palette.quantize(np.zeros((1, 3), np.uint8))
+                cached = self._palettes[path] = (stamp, palette)
+        return cached[1]
 
 
 def open_run(name: str, runs_dir: Path | None = None) -> Run:

@@ -70,16 +70,18 @@ def complete_stream(model: IGPT, ids, keep_rows: int, n_samples: int = 1, *, tem
                     every: int | None = None) -> Iterator[tuple[torch.Tensor, int]]:
     """Complete one image from its first `keep_rows` rows, `n_samples` times in one batch.
 
-    Yields (ids (n_samples, T), pixels generated so far) after every `every` pixels (default: one
-    row) and once at the end. Positions not generated yet hold the prompt's own ids. Works for
-    AR models with the KV cache; BERT models use `inpaint_stream` on the masked rows instead.
+    Yields (ids (n_samples, T), pixels generated so far, which positions those are (T,) bool)
+    after every `every` pixels (default: one row) and once at the end. Positions not generated yet
+    hold the prompt's own ids. Works for AR models with the KV cache; BERT models use
+    `inpaint_stream` on the masked rows instead.
     """
     side = model.config.image_size
     if not 0 <= keep_rows <= side:
         raise IgptError(f"rows to keep must lie in 0..{side} for this {side}×{side} model, got {keep_rows}")
     if keep_rows == side:  # nothing to generate: the "completion" is the image itself
         _check_sampling(temperature, top_k, top_p, n_samples)
-        yield _as_prompt(model, ids).expand(n_samples, -1).clone(), 0
+        prompt = _as_prompt(model, ids)
+        yield prompt.expand(n_samples, -1).clone(), 0, torch.zeros_like(prompt, dtype=torch.bool)
         return
     known = torch.zeros(side * side, dtype=torch.bool)
     known[: keep_rows * side] = True
@@ -89,7 +91,7 @@ def complete_stream(model: IGPT, ids, keep_rows: int, n_samples: int = 1, *, tem
 
 def complete(model: IGPT, ids, keep_rows: int, n_samples: int = 1, **options) -> torch.Tensor:
     """`complete_stream`'s final result: ids (n_samples, T)."""
-    *_, (out, _) = complete_stream(model, ids, keep_rows, n_samples, **options)
+    *_, (out, _, _) = complete_stream(model, ids, keep_rows, n_samples, **options)
     return out
 
 
@@ -108,7 +110,9 @@ def inpaint_stream(model: IGPT, ids, known, n_samples: int = 1, *, temperature: 
     AR models decode in raster order with the KV cache, feeding the known pixels as they come
     (runs of known pixels go in as one chunk). BERT models decode iteratively: over `steps`
     rounds, sample every hidden position and keep the most confident ones, as in MaskGIT.
-    Yields (ids (n_samples, T), pixels filled so far); the last item is the result.
+    Yields (ids (n_samples, T), pixels filled so far, which positions those are (T,) bool — the
+    same for every sample); the last item is the result. A filled pixel may hold the colour it
+    had before, so only the third item tells what is filled.
     """
     _check_sampling(temperature, top_k, top_p, n_samples)
     prompt = _as_prompt(model, ids)
@@ -129,10 +133,12 @@ def inpaint_stream(model: IGPT, ids, known, n_samples: int = 1, *, temperature: 
     sos = torch.full((1, 1), model.config.sos_id, device=prompt.device)
     # fed once for all samples: every sample starts from the prompt's keys and values
     logits = decoder.feed(torch.cat([sos, prompt[None, :first]], dim=1)).expand(n_samples, -1)
+    done = torch.zeros(T, dtype=torch.bool)  # positions generated so far
     known = known.tolist()  # read once per pixel below: Python bools, not tensor indexing
     filled, t = 0, first
     while t < T:
         out[:, t] = sample_logits(logits, generator, temperature, top_k, top_p)
+        done[t] = True
         filled += 1
         run_end = t + 1  # the sampled pixel, then any known pixels after it, as one chunk
         while run_end < T and known[run_end]:
@@ -142,8 +148,8 @@ def inpaint_stream(model: IGPT, ids, known, n_samples: int = 1, *, temperature: 
         logits = decoder.feed(out.narrow(1, t, run_end - t))
         t = run_end
         if filled % every == 0:
-            yield out.clone(), filled
-    yield out, filled
+            yield out.clone(), filled, done.clone()
+    yield out, filled, done
 
 
 def _bert_fill(model, out, known, generator, steps, temperature, top_k, top_p):
@@ -161,10 +167,11 @@ def _bert_fill(model, out, known, generator, steps, temperature, top_k, top_p):
         chosen = torch.zeros_like(hidden).scatter(1, confidence.topk(commit, dim=1).indices, True) & hidden
         out[chosen] = proposal[chosen]
         hidden &= ~chosen
-        yield (out.clone() if i < steps - 1 else out), total - int(hidden[0].sum())
+        done = ~known & ~hidden[0].cpu()
+        yield (out.clone() if i < steps - 1 else out), total - int(hidden[0].sum()), done
 
 
 def inpaint(model: IGPT, ids, known, n_samples: int = 1, **options) -> torch.Tensor:
     """`inpaint_stream`'s final result: ids (n_samples, T)."""
-    *_, (out, _) = inpaint_stream(model, ids, known, n_samples, **options)
+    *_, (out, _, _) = inpaint_stream(model, ids, known, n_samples, **options)
     return out

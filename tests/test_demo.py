@@ -28,6 +28,8 @@ from conftest import CHROMIUM_ARGS, keep_screenshot, make_run
 from PIL import Image
 
 from igpt_core import load_dataset, open_run, surprise_map
+from igpt_core.hf import OPENAI_MODELS
+from igpt_core.images import center_box
 from igpt_core.render import completion_grid
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -40,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "apps" / "demo.py"
 SIZE = 8  # digits runs are 8×8
 GREY = (128, 128, 128)  # pixels not generated yet
-WHOLE = (1, 50, 50)  # region: zoom, centre across %, centre down % — the whole picture
+WHOLE = ("",)  # the square the model sees, "x, y, side"; empty = the picture's centre square
 
 
 def load_app():
@@ -154,7 +156,7 @@ def test_no_runs_page_says_how_to_make_one(tmp_path, monkeypatch):
     assert notice.visible
     assert "igpt train --dataset digits --preset tiny --name digits" in notice.value
     assert "make demo" in notice.value
-    assert not by_id["run"].choices
+    assert [value for _, value in by_id["run"].choices] == list(OPENAI_MODELS), "no local run, OpenAI's three"
     assert not (tmp_path / "no-runs-here").exists(), "building the page must not create the runs folder"
 
 
@@ -171,11 +173,12 @@ def test_refresh_finds_a_run_made_after_start(runs, tmp_path, monkeypatch):
     try:
         c = Client(f"http://127.0.0.1:{port}", verbose=False, download_files=str(tmp_path))
         picker = c.predict(None, api_name="/refresh")[0]  # a Dropdown update: choices and value
-        assert picker["value"] is None and not picker["choices"]
+        assert picker["value"] is None and [value for _, value in picker["choices"]] == list(OPENAI_MODELS)
         shutil.copytree(runs / "digits-ar", empty / "digits-ar")
         picker = c.predict(None, api_name="/refresh")[0]
         assert picker["value"] == "digits-ar"
-        (label, name), = picker["choices"]
+        (label, name), *openai = picker["choices"]
+        assert [value for _, value in openai] == list(OPENAI_MODELS)
         assert name == "digits-ar" and all(fact in label for fact in ("digits", "AR", "tiny", "8×8", "20 steps",
                                                                        "bits/dim"))
     finally:
@@ -269,8 +272,8 @@ def test_two_users_at_once_each_get_their_own(app, tmp_path):
     assert all(np.array_equal(x, y) for x, y in zip(a[1], alone[1]))
 
 
-def test_zoomed_region_is_what_the_model_sees(app, tmp_path):
-    """Zoom 2 centred on the top-left quarter of a picture: the model sees that quarter alone."""
+def test_typed_square_is_what_the_model_sees(app, tmp_path):
+    """A square typed inside the white top-left quarter of a picture: the model sees white alone."""
     c = client(app, tmp_path)
     picture = np.zeros((64, 96, 3), np.uint8)  # not square: the whole view is its centre square
     picture[:32, :48] = 255
@@ -280,13 +283,18 @@ def test_zoomed_region_is_what_the_model_sees(app, tmp_path):
     assert "square" in note
     whole = shrink(read_png(view_png))
     assert (whole[0, 0] > whole[0, -1]).all() and (whole[-1] == whole[-1, 0]).all()  # centre square: white | black
-    zoomed = shrink(read_png(c.predict("digits-ar", as_input(editor), 2, 25, 25, api_name="/show_view")))
+    square, *_ = c.predict("digits-ar", "8, 0, 32", api_name="/type_square")
+    assert square == "8, 0, 32"
+    zoomed = shrink(read_png(c.predict("digits-ar", as_input(editor), "8, 0, 32", api_name="/show_view")))
     palette = open_run("digits-ar", app.runs).palette
     white = palette.decode(palette.encode(np.full((1, SIZE, SIZE, 3), 255, np.uint8), SIZE), SIZE)[0]
     assert np.array_equal(zoomed, white)
-    grid_png, _ = c.predict("digits-ar", 20, as_input(editor), 2, 25, 25, 4, 1, 1.0, 0, 0, "every row",
+    grid_png, _ = c.predict("digits-ar", 20, as_input(editor), "8, 0, 32", 4, 1, 1.0, 0, 0, "every row",
                             api_name="/complete")
-    assert np.array_equal(grid_cells(grid_png, 1)[1], white), "completions start from the zoomed region"
+    assert np.array_equal(grid_cells(grid_png, 1)[1], white), "completions start from the chosen square"
+    for bad in ("8, 0, 80", "a, b, c", "1, 2"):  # outside the picture, or not three numbers: one clear line
+        with pytest.raises(AppError, match="x, y|does not fit"):
+            c.predict("digits-ar", bad, api_name="/type_square")
 
 
 def test_api_may_send_the_picture_as_the_editor_background(app, tmp_path):
@@ -420,8 +428,9 @@ def test_bad_uploads_get_a_readable_message_and_the_app_keeps_serving(app, tmp_p
         assert shrink(read_png(view_png)).shape == (SIZE, SIZE, 3), name
 
     for name, (path, note) in odd_but_usable(tmp_path).items():
-        editor, view_png, shown_note, *region = c.predict("digits-ar", handle_file(str(path)), api_name="/upload")
-        assert region == list(WHOLE), "a new picture starts with the whole picture in view"
+        editor, view_png, shown_note, square, _ = c.predict("digits-ar", handle_file(str(path)), api_name="/upload")
+        h, w = np.asarray(Image.open(path)).shape[:2]
+        assert square == ", ".join(map(str, center_box(h, w))), "a new picture starts with its centre square"
         assert shrink(read_png(view_png)).shape == (SIZE, SIZE, 3), name
         assert note in shown_note, f"{name}: {shown_note!r}"
         grid_png, text = c.predict("digits-ar", 20, as_input(editor), *WHOLE, 4, 1, 1.0, 0, 0, "every row",
@@ -470,8 +479,9 @@ IDLE = """(selector) => {
 
 def paint_stroke(page, editor) -> None:
     """One brush stroke across the lower middle of the picture, once the editor has its picture."""
-    page.wait_for_function(IDLE, arg="#picture", timeout=60_000)
+    page.wait_for_function(IDLE, arg="#paint", timeout=60_000)
     page.wait_for_timeout(500)
+    editor.scroll_into_view_if_needed()  # the mouse only reaches what the viewport shows
     editor.get_by_role("button", name="Brush", exact=True).click(no_wait_after=True)
     canvas = editor.locator(".pixi-target canvas").bounding_box()
     x, y = canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2
@@ -559,10 +569,10 @@ def test_browser_streams_a_completion_and_inpaints_a_painted_mask(app, tmp_path,
                                    timeout=30_000)
             page.wait_for_timeout(500)
             view_before = page.locator("#view img").get_attribute("src")
-            paint_stroke(page, page.locator("#picture"))
+            page.get_by_role("tab", name="Inpaint").click()
+            paint_stroke(page, page.locator("#paint"))
             page.wait_for_function(f"() => document.querySelector('#view img').src !== {view_before!r}",
                                    timeout=60_000)  # the model's view tints the painted pixels
-            page.get_by_role("tab", name="Inpaint").click()
             page.evaluate(WATCH_GRID, "#inpaint-grid")
             page.locator("#inpaint-btn").click()
             page.wait_for_function("() => document.querySelector('#inpaint-progress').innerText.includes('Done')",

@@ -39,10 +39,11 @@ def test_streaming_yields_growing_prefixes_ending_in_the_plain_result(model_and_
     model, ids = model_and_ids
     items = list(complete_stream(model, ids[2], 3, 2, seed=5))
     assert len(items) >= 5  # at least once per generated row
-    counts = [n for _, n in items]
+    counts = [n for _, n, _ in items]
     assert counts == sorted(counts) and counts[-1] == 5 * 8
-    for (prev, n), (nxt, _) in zip(items, items[1:]):
+    for (prev, n, done), (nxt, _, _) in zip(items, items[1:]):
         filled = 3 * 8 + n
+        assert torch.equal(done, torch.arange(64).ge(3 * 8) & torch.arange(64).lt(filled))  # the pixels it made
         assert torch.equal(prev[:, :filled], nxt[:, :filled])  # nothing generated is changed later
     assert torch.equal(items[-1][0], complete(model, ids[2], 3, 2, seed=5))
 
@@ -54,7 +55,11 @@ def test_inpainting_changes_only_masked_pixels(model_and_ids, bert_run):
         out = inpaint(model, ids[3], known, 3, seed=1)
         assert torch.equal(out[:, known], ids[3, known].expand(3, -1))
         assert (out[:, ~known] != ids[3, ~known]).any()  # something was actually sampled
-    assert len(list(inpaint_stream(bert_run.load()[0], ids[3], known, 1, steps=4, seed=0))) == 4
+    rounds = list(inpaint_stream(bert_run.load()[0], ids[3], known, 1, steps=4, seed=0))
+    assert len(rounds) == 4
+    for (_, n, done), (_, _, later) in zip(rounds, rounds[1:]):  # BERT fills in no fixed order: it says where
+        assert int(done.sum()) == n and not (done & known).any() and (later >= done).all()
+    assert torch.equal(rounds[-1][2], ~known)
 
 
 def test_ar_sampling_follows_the_model_distribution():
