@@ -29,7 +29,7 @@ from PIL import Image
 
 from igpt_core import load_dataset, open_run, surprise_map
 from igpt_core.hf import OPENAI_MODELS
-from igpt_core.images import center_box
+from igpt_core.images import center_box, crop, square_from_drag
 from igpt_core.render import completion_grid
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -580,5 +580,60 @@ def test_browser_streams_a_completion_and_inpaints_a_painted_mask(app, tmp_path,
             assert len(page.evaluate("window.__grids['#inpaint-grid']")) >= 2
             page.screenshot(path=str(tmp_path / "inpainted.png"), full_page=True)
             keep_screenshot(tmp_path / "inpainted.png")
+        finally:
+            browser.close()
+
+
+def test_browser_drag_a_square_on_an_upload(app, tmp_path):
+    """Drag squares with the mouse on an uploaded 300×200 picture: the square stays square while dragging,
+    and the model sees exactly that square of the picture, resized by the library."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    rng = np.random.default_rng(3)
+    picture = np.kron(rng.integers(0, 256, (20, 30, 3)), np.ones((10, 10, 1))).astype(np.uint8)  # 10-pixel blocks
+    Image.fromarray(picture).save(tmp_path / "blocks.png")
+    h, w = picture.shape[:2]
+    palette = open_run("digits-ar", app.runs).palette
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1300})
+            page.goto(app.url)
+            page.wait_for_selector("#picture img", timeout=60_000)
+            for selector in ("#view", "#picture"):
+                page.wait_for_function(IDLE, arg=selector, timeout=60_000)
+            page.set_input_files("#upload input[type=file]", str(tmp_path / "blocks.png"))
+            page.wait_for_function(f"() => document.querySelector('#picture img').naturalWidth === {w}",
+                                   timeout=60_000)
+            page.wait_for_function(IDLE, arg="#view", timeout=60_000)
+            # the picture's box on screen (the page shows it centred, shrunk only if it does not fit)
+            box = page.evaluate("""() => { const i = document.querySelector('#picture img'), r = i.getBoundingClientRect();
+                const s = Math.min(1, r.width / i.naturalWidth, r.height / i.naturalHeight);
+                return {x: r.left + (r.width - i.naturalWidth * s) / 2, y: r.top + (r.height - i.naturalHeight * s) / 2,
+                        s: s}; }""")
+            drags = [((40, 30), (150, 95)), ((280, 150), (120, 250))]  # down-right; down-left, past the bottom edge
+            for n, (start, end) in enumerate(drags):
+                at = [(box["x"] + x * box["s"], box["y"] + y * box["s"]) for x, y in (start, end)]
+                page.mouse.move(*at[0])
+                page.mouse.down()
+                page.mouse.move((at[0][0] + at[1][0]) / 2, (at[0][1] + at[1][1]) / 2 + 17, steps=3)
+                outline = page.locator("#drag-square").bounding_box()
+                assert outline and abs(outline["width"] - outline["height"]) < 1.5, "the square stays square"
+                page.mouse.move(*at[1], steps=3)
+                page.screenshot(path=str(tmp_path / f"dragging-{n}.png"))
+                page.mouse.up()
+                fractions = [((x - box["x"]) / box["s"] / w, (y - box["y"]) / box["s"] / h) for x, y in at]
+                end_point = [min(max(f, 0.0), 1.0) for f in fractions[1]]
+                expected = square_from_drag(h, w, (fractions[0][0] * w, fractions[0][1] * h),
+                                            (end_point[0] * w, end_point[1] * h))
+                text = ", ".join(map(str, expected))
+                page.wait_for_function(f"() => document.querySelector('#square input').value === {text!r}",
+                                       timeout=60_000)
+                page.wait_for_function(IDLE, arg="#view", timeout=60_000)
+                page.wait_for_timeout(300)
+                (tmp_path / "view.png").write_bytes(page.request.get(page.locator("#view img").get_attribute("src")).body())
+                view = shrink(read_png(tmp_path / "view.png"))
+                assert np.array_equal(view, palette.view(crop(picture, expected), SIZE)[2]), f"drag {n}: {expected}"
+                page.screenshot(path=str(tmp_path / f"dragged-{n}.png"), full_page=True)
+            assert expected[1] + expected[2] == h, "the second square stops at the picture's bottom edge"
         finally:
             browser.close()
