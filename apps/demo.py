@@ -332,6 +332,10 @@ class Demo:
         value = current if current in usable else (local[0] if local else None)
         return (gr.Dropdown(choices=choices, value=value), gr.Markdown(visible=not local), gr.Column(visible=True))
 
+    def relist(self, name: str | None):
+        """After one of OpenAI's models was chosen (and so imported): the listing says it is here now."""
+        return self.refresh(name) if name in OPENAI_MODELS else (gr.skip(),) * 3
+
     @_user_errors
     def choose_run(self, name: str | None, progress=gr.Progress(track_tqdm=True)):
         """A model was picked (one of OpenAI's is imported first, with download progress): its facts,
@@ -673,8 +677,9 @@ def _wire_choices(demo: gr.Blocks, actions: Demo, ui: SimpleNamespace) -> None:
     squared = [pick.square, pick.picture, ui.paint, pick.view]
     picture = [ui.run, ui.paint, ui.chosen, pick.square]
     ui.refresh.click(actions.refresh, ui.run, listing, api_name="refresh")
-    ui.run.change(actions.choose_run, ui.run, choice, api_name="choose_run").success(
-        actions.show_view, picture, pick.view, api_name="run_view", api_visibility="private")
+    chosen = ui.run.change(actions.choose_run, ui.run, choice, api_name="choose_run")
+    chosen.success(actions.show_view, picture, pick.view, api_name="run_view", api_visibility="private")
+    chosen.success(actions.relist, ui.run, listing, api_visibility="private")
     pick.gallery.select(actions.pick_index, None, ui.example_index, api_visibility="private").then(
         actions.use_example, [ui.run, ui.example_index], shown, api_name="use_example")
     pick.upload.upload(actions.upload, [ui.run, pick.upload], shown, api_name="upload")
