@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from igpt_core.errors import IgptError, ImageError
-from igpt_core.images import load_image, to_rgb
+from igpt_core.images import center_box, crop, load_image, painted_cells, resize, square_from_drag, to_rgb
 from igpt_core.palette import Palette
 
 
@@ -98,3 +98,43 @@ def test_load_image_modes_and_bad_files(tmp_path):
                           ("missing.png", "no image at")]:
         with pytest.raises(ImageError, match=message):
             load_image(tmp_path / name)
+
+
+def test_view_is_resize_then_nearest_colours():
+    rng = np.random.default_rng(5)
+    palette = Palette(rng.uniform(-1, 1, (16, 3)))
+    image = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    small, ids, view = palette.view(image, 8)
+    assert np.array_equal(small, resize(image, 8)) and ids.shape == (64,)
+    assert np.array_equal(ids, palette.encode(image[None], 8)[0])
+    assert np.array_equal(view, palette.colors[ids].reshape(8, 8, 3))
+
+
+def test_square_from_drag_keeps_the_start_corner_and_stays_inside():
+    h, w = 200, 300
+    assert square_from_drag(h, w, (40, 30), (150, 95)) == (40, 30, 110)  # the longer side of the drag
+    assert square_from_drag(h, w, (280, 150), (120, 250)) == (230, 150, 50)  # leftwards, stopped by the bottom
+    assert square_from_drag(h, w, (100, 100), (90, 20)) == (20, 20, 80)  # up and left
+    assert square_from_drag(h, w, (-20, 10), (500, 400)) == (0, 10, 190)  # from outside: clamped to the picture
+    assert square_from_drag(h, w, (5, 5), (5, 5))[2] == 1  # a click is one pixel, never empty
+
+
+def test_crop_and_its_checks():
+    image = np.arange(6 * 10 * 3, dtype=np.uint8).reshape(6, 10, 3)
+    assert np.array_equal(crop(image, None), image[:, 2:8]) and center_box(6, 10) == (2, 0, 6)
+    assert np.array_equal(crop(image, (7, 1, 3)), image[1:4, 7:10])
+    for box in [(8, 0, 3), (0, 0, 0), (-1, 0, 2), (0, 4, 3)]:
+        with pytest.raises(ImageError, match="does not fit in the 10×6 picture"):
+            crop(image, box)
+
+
+def test_painted_cells():
+    assert painted_cells(None, 8) is None and painted_cells(np.zeros((64, 64), bool), 8) is None
+    mask = np.zeros((64, 64), bool)
+    mask[8:16, 0:24] = True  # exactly model pixels (1, 0..2) at 8 screen pixels a model pixel
+    expected = np.zeros((8, 8), bool)
+    expected[1, 0:3] = True
+    assert np.array_equal(painted_cells(mask, 8), expected)
+    thin = np.zeros((64, 64), bool)
+    thin[20, :] = True  # thinner than a quarter of a pixel everywhere: still counts
+    assert painted_cells(thin, 8)[2].all() and painted_cells(thin, 8).sum() == 8

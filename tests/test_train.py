@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from igpt_core.errors import ConfigError, DatasetError, RunError
-from igpt_core.runs import open_run
+from igpt_core.runs import ModelCache, open_run
 from igpt_core.model import IGPT, preset
 from igpt_core.train import TrainConfig, check_resume, copy_state, lr_at, make_optimizer, start_run, train
 
@@ -99,3 +99,19 @@ def test_copy_state_is_a_cpu_snapshot():
     assert all(t.device.type == "cpu" for t in snapshot.values())
     assert not torch.equal(snapshot[name], weight)  # a copy: later steps do not change it
     model.load_state_dict(snapshot)  # and it loads back
+
+
+def test_model_cache_loads_once_and_again_when_the_file_changes(tiny_run, tmp_path):
+    import os
+    import shutil
+
+    run = open_run(tiny_run.name, shutil.copytree(tiny_run.path, tmp_path / tiny_run.name).parent)
+    cache = ModelCache()
+    model, palette, step = cache.load(run)
+    assert step == run.checkpoints()[-1] and cache.load(run, step)[0] is model
+    assert cache.palette(run) is cache.palette(run) and cache.palette(run) == palette
+    stamp = run.checkpoint_path(step).stat().st_mtime_ns
+    os.utime(run.checkpoint_path(step), ns=(stamp + 10**9, stamp + 10**9))  # as a re-trained run's file
+    assert cache.load(run, step)[0] is not model
+    with pytest.raises(RunError, match="no checkpoint at step 7"):
+        cache.load(run, 7)
