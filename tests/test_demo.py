@@ -584,17 +584,16 @@ def test_browser_streams_a_completion_and_inpaints_a_painted_mask(app, tmp_path,
             browser.close()
 
 
-def test_browser_drag_a_square_on_an_upload(app, tmp_path):
+def test_browser_drag_a_square_on_an_upload(app, tmp_path, chromium):
     """Drag squares with the mouse on an uploaded 300×200 picture: the square stays square while dragging,
     and the model sees exactly that square of the picture, resized by the library."""
-    playwright = pytest.importorskip("playwright.sync_api")
     rng = np.random.default_rng(3)
     picture = np.kron(rng.integers(0, 256, (20, 30, 3)), np.ones((10, 10, 1))).astype(np.uint8)  # 10-pixel blocks
     Image.fromarray(picture).save(tmp_path / "blocks.png")
     h, w = picture.shape[:2]
     palette = open_run("digits-ar", app.runs).palette
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1300})
             page.goto(app.url)

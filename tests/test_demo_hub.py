@@ -27,7 +27,8 @@ from playwright.sync_api import sync_playwright
 from igpt_core import open_run
 from igpt_core.data import builtin_photos
 from igpt_core.images import crop
-from test_demo import CHROMIUM, CHROMIUM_ARGS, GREY, IDLE, free_port, grid_cells, read_png, shrink
+from conftest import CHROMIUM_ARGS
+from test_demo import GREY, IDLE, free_port, grid_cells, read_png, shrink
 from test_hf import hf_model, save_hf_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,13 +104,13 @@ def choose(page, label: str) -> None:
     page.get_by_role("option", name=label).click()  # the option whose text contains label
 
 
-def test_pick_openai_small_in_the_demo_offline_and_complete_a_photo(hub_home, tmp_path):
+def test_pick_openai_small_in_the_demo_offline_and_complete_a_photo(hub_home, tmp_path, chromium):
     runs = tmp_path / "runs"
     runs.mkdir()
     server, url = serve_demo(runs, offline_env(hub_home, tmp_path))
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1300})
             page.goto(url)
             page.wait_for_selector("#run input", timeout=60_000)
