@@ -13,7 +13,7 @@ DEFAULT_RUN := digits
 help:
 	@echo "make demo        train the default digits model if missing (~2 min on CPU), open http://127.0.0.1:7860"
 	@echo "make test        run the whole test suite (installs dev tools and Chromium first)"
-	@echo "make dashboard   open the probe dashboard on http://127.0.0.1:8501"
+	@echo "make dashboard   probe the default run if not yet done, then open the dashboard on http://127.0.0.1:8501"
 	@echo "make notebooks   open JupyterLab on the teaching notebooks"
 	@echo "make bench       run the side-by-side benchmarks against Hugging Face (prints JSON)"
 
@@ -45,7 +45,9 @@ default-run: $(VENV)/.installed-base
 demo: default-run
 	$(BIN)/igpt demo --runs-dir $(RUNS)
 
+# The dashboard opens on charts: the default run's probes are computed first when missing.
 dashboard: default-run
+	OMP_NUM_THREADS=1 $(BIN)/igpt probe $(DEFAULT_RUN) --runs-dir $(RUNS) --skip-existing
 	$(BIN)/igpt dashboard --runs-dir $(RUNS)
 
 notebooks: $(VENV)/.installed-base

@@ -256,8 +256,16 @@ def _steps_or_all(text: str):
 
 
 def cmd_probe(args) -> None:
-    from .probe import probe_run
+    from .probe import load_probe_results, probe_run
+    from .runs import open_run
 
+    if args.skip_existing:
+        run = open_run(args.run, _runs_dir(args))
+        stored = load_probe_results(run, args.dataset)
+        wanted = {"all": run.checkpoints(), "last": run.checkpoints()[-1:]}.get(str(args.checkpoints), args.checkpoints)
+        if stored is not None and set(wanted) <= {row["step"] for row in stored.rows}:
+            print(f"{args.run} is already probed at checkpoints {sorted(wanted)} ({stored.path}); nothing to do")
+            return
     table = probe_run(args.run, args.dataset, checkpoints=args.checkpoints, layers=args.layers,
                       runs_dir=_runs_dir(args), data_dir=args.data_dir, bert_masks=args.bert_masks,
                       max_train=args.max_train, progress=not args.json, device=args.device)
@@ -333,25 +341,40 @@ def cmd_export_hf(args) -> None:
 # -- apps -------------------------------------------------------------------------------------------
 
 
-def _app(args, script: Path, command: list[str]) -> None:
-    """Run an app from the source checkout with this runs folder; apps are not part of igpt_core."""
-    if not script.exists():
-        raise IgptError(f"{script} not found: the apps ship with the source checkout; run from a clone of igpt")
+def _app_file(name: str, needs: str) -> Path:
+    """apps/NAME.py of this source checkout, else of the installed igpt_apps package (`pip install "igpt[apps]"`)."""
+    import importlib.util
+
+    missing = f'the {name} needs {needs}, which is not installed: pip install "igpt[apps]"'
+    if importlib.util.find_spec(needs) is None:
+        raise IgptError(missing)
+    checkout = REPO / "apps" / f"{name}.py"
+    if checkout.is_file():
+        return checkout
+    package = importlib.util.find_spec("igpt_apps")
+    installed = Path(package.origin).parent / f"{name}.py" if package and package.origin else None
+    if installed is None or not installed.is_file():
+        raise IgptError(f"the {name} app is not installed with igpt_core: {missing}")
+    return installed
+
+
+def _app(args, command: list[str]) -> None:
+    """Run an app in its own process with this runs folder."""
     env = dict(os.environ, IGPT_RUNS_DIR=str(_runs_dir(args).resolve()))
     raise SystemExit(subprocess.call(command, env=env))
 
 
 def cmd_demo(args) -> None:
-    script = REPO / "apps" / "demo.py"
-    _app(args, script, [sys.executable, str(script), "--port", str(args.port), "--host", args.host])
+    script = _app_file("demo", "gradio")
+    _app(args, [sys.executable, str(script), "--port", str(args.port), "--host", args.host])
 
 
 def cmd_dashboard(args) -> None:
-    script = REPO / "apps" / "dashboard.py"
-    _app(args, script, [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(args.port),
-                        "--server.address", args.host, "--server.headless", "true",
-                        "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
-                        "--client.toolbarMode", "minimal"])  # no "Deploy" button: this is a local tool
+    script = _app_file("dashboard", "streamlit")
+    _app(args, [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(args.port),
+                "--server.address", args.host, "--server.headless", "true", "--browser.gatherUsageStats", "false",
+                "--server.fileWatcherType", "none",
+                "--client.toolbarMode", "minimal"])  # no "Deploy" button: this is a local tool
 
 
 # -- the parser -------------------------------------------------------------------------------------
@@ -482,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=_steps_or_all, default="all", help="all, or comma-separated layers (0 = embeddings)")
     p.add_argument("--bert-masks", type=int, default=4, help="BERT runs: random masks averaged with no mask (default 4)")
     p.add_argument("--max-train", type=int, help="probe on at most N training images")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="do nothing if stored results already cover the checkpoints asked for")
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", help="where dataset files live")
     p.add_argument("--json", action="store_true", help="print the table as JSON")

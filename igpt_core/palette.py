@@ -136,8 +136,6 @@ class Palette:
         Returns (the image resized to size × size, its palette ids (size²,) in raster order, and
         those ids drawn in the palette's colours: the model's view, which the apps show).
         """
-        from .images import resize
-
         small = resize(np.asarray(image), size)
         ids = self.quantize(small).reshape(size * size)
         return small, ids, self.decode(ids[None], size)[0]

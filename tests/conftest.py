@@ -3,6 +3,10 @@ the Chromium that browser tests drive."""
 
 import os
 import shutil
+import signal
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -76,3 +80,31 @@ def keep_screenshot(path: Path) -> None:
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
         shutil.copy(path, Path(folder) / path.name)
+
+
+# -- apps served by their own process -------------------------------------------------------------------
+
+
+def serve_process(command: list, port: int, seconds: float = 180, **popen) -> tuple[subprocess.Popen, str]:
+    """Start an app's server in its own process group; return it and its page once the page answers."""
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                              **popen)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return server, response.read().decode()
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                stop_process(server)
+                raise AssertionError(f"{command[0]} did not serve {url}: {server.stdout.read().decode()[-2000:]}") \
+                    from None
+            time.sleep(0.5)
+
+
+def stop_process(server: subprocess.Popen) -> None:
+    """Stop a server started by serve_process, with everything it started."""
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)

@@ -119,6 +119,10 @@ def test_probe_prints_a_table_and_saves_it(workdir):
     assert "L0" in out and "L2" in out and "raw pixels" in out
     stored = json.loads((workdir / "runs" / "t" / "probes" / "digits.json").read_text())
     assert {(r["step"], r["layer"]) for r in stored["rows"]} == {(12, 0), (12, 2)}
+    file = workdir / "runs" / "t" / "probes" / "digits.json"
+    before = file.stat().st_mtime_ns
+    again = igpt("probe", "t", "--checkpoints", "12", "--skip-existing", cwd=workdir).stdout  # as make dashboard
+    assert "nothing to do" in again and file.stat().st_mtime_ns == before
     result = igpt("probe", "t", "--layers", "7", cwd=workdir, check=False)
     assert result.returncode == 2 and "0..2" in result.stderr
 

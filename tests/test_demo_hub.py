@@ -10,14 +10,10 @@ read that $HF_HOME the way a user's would.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +23,7 @@ from playwright.sync_api import sync_playwright
 from igpt_core import open_run
 from igpt_core.data import builtin_photos
 from igpt_core.images import crop
-from conftest import CHROMIUM_ARGS
+from conftest import CHROMIUM_ARGS, serve_process, stop_process
 from test_demo import GREY, IDLE, free_port, grid_cells, read_png, shrink
 from test_hf import hf_model, save_hf_folder
 
@@ -74,29 +70,11 @@ def test_cli_imports_the_hub_id_from_the_cache_offline(hub_home, tmp_path):
 
 
 def serve_demo(runs: Path, env: dict) -> tuple[subprocess.Popen, str]:
-    """`python apps/demo.py` in its own process group; returns it once the page answers."""
+    """`python apps/demo.py` in its own process group, once its page answers."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, str(ROOT / "apps" / "demo.py"), "--port", str(port), "--runs-dir",
-                               str(runs)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return server, url
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                stop(server)
-                raise AssertionError(f"the demo did not start: {server.stdout.read().decode()[-2000:]}") from None
-            time.sleep(0.5)
-
-
-def stop(server: subprocess.Popen) -> None:
-    if server.poll() is None:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+    server, _ = serve_process([sys.executable, str(ROOT / "apps" / "demo.py"), "--port", str(port), "--runs-dir",
+                               str(runs)], port, env=env)
+    return server, f"http://127.0.0.1:{port}"
 
 
 def choose(page, label: str) -> None:
@@ -154,7 +132,7 @@ def test_pick_openai_small_in_the_demo_offline_and_complete_a_photo(hub_home, tm
             (tmp_path / "view.png").write_bytes(page.request.get(page.locator("#view img").get_attribute("src")).body())
             browser.close()
     finally:
-        stop(server)
+        stop_process(server)
     palette = open_run("openai-imagegpt-small", runs).palette
     assert len(palette) == COLOURS
     expected = palette.view(crop(photos["cat"], None), SIZE)[2]  # the cat's centre square, at 32×32
