@@ -425,6 +425,25 @@ def test_digits_splits_cover_sklearn_digits():
     assert load_dataset("digits", "test", resolution=32).images.shape == (359, 32, 32, 3)
 
 
+def test_digits_moved_places_each_digit_somewhere_on_a_bigger_canvas():
+    splits = {s: load_dataset("digits-moved", s) for s in ("train", "val", "test")}
+    corners, sides = set(), set()
+    for split, ds in splits.items():
+        assert ds.images.shape[1:] == (16, 16, 3) and ds.images.dtype == np.uint8
+        assert (ds.images[..., 0] == ds.images[..., 2]).all()
+        # Same split seed, same number of digits: each split holds the same digits as `digits`, moved.
+        assert np.array_equal(ds.labels, load_dataset("digits", split).labels)
+        for image in ds.images[..., 0]:
+            rows, cols = np.nonzero(image.any(axis=1))[0], np.nonzero(image.any(axis=0))[0]
+            assert rows.size and rows[-1] - rows[0] < 12 and cols[-1] - cols[0] < 12  # a digit of side <= 12
+            corners.add((rows[0], cols[0]))
+            sides.add(rows[-1] - rows[0])
+    assert len(corners) > 50 and len(sides) >= 4  # digits really move and change size
+    # The placement is fixed (the same dataset everywhere); the split seed only reshuffles the digits.
+    assert np.array_equal(load_dataset("digits-moved", "val").images, splits["val"].images)
+    assert not np.array_equal(load_dataset("digits-moved", "val", seed=1).images, splits["val"].images)
+
+
 def test_photos_real():
     train = load_dataset("photos", "train")
     assert train.images.shape == (4096, 32, 32, 3) and train.images.dtype == np.uint8
