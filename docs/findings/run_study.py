@@ -88,10 +88,13 @@ def run_one(name: str, seed: int, runs_dir: Path) -> None:
         cost["train"] = igpt("train", "--runs-dir", str(runs_dir), "--dataset", setting["dataset"], "--name", run,
                              "--seed", str(seed), *COMMON, *setting["train"], "--overwrite", "--json")
         cost_path.write_text(json.dumps(cost))
-    if "probe" not in cost:
-        cost["probe"] = igpt("probe", run, "--runs-dir", str(runs_dir), "--dataset", probe_dataset(name, runs_dir),
-                             "--checkpoints", "all", "--layers", "all", "--json")
-        cost_path.write_text(json.dumps(cost))
+    # The last checkpoint first, so that (a) and (b) exist even if the budget runs out before (c);
+    # the second call re-uses its cached features.
+    for part, checkpoints in (("probe_last", "last"), ("probe", "all")):
+        if part not in cost:
+            cost[part] = igpt("probe", run, "--runs-dir", str(runs_dir), "--dataset", probe_dataset(name, runs_dir),
+                              "--checkpoints", checkpoints, "--layers", "all", "--json")
+            cost_path.write_text(json.dumps(cost))
 
 
 def probe_dataset(name: str, runs_dir: Path) -> str:
@@ -118,7 +121,8 @@ def score(table: dict) -> dict:
     per_step = [best_row([r for r in rows if r["step"] == s]) for s in steps]
     losses = [r["val_loss"] for r in per_step]
     accs = [r["test_acc"] for r in per_step]
-    rho = float(spearmanr(losses, accs).statistic) if len(set(accs)) > 1 else float("nan")
+    measured = len(steps) >= 6 and len(set(accs)) > 1  # (c) needs six checkpoints; a constant has no rank
+    rho = float(spearmanr(losses, accs).statistic) if measured else float("nan")
     inside = 1 <= best["layer"] <= n_layer - 1
     return {
         "n_layer": n_layer, "final_step": steps[-1], "best_layer": best["layer"], "best_test": best["test_acc"],
@@ -126,7 +130,7 @@ def score(table: dict) -> dict:
         "raw_pixels_test": raw, "random_init_best_test": max(r["test_acc"] for r in table["references"]["random_init"]),
         "a_margin": best["test_acc"] - ends, "a": bool(inside and best["test_acc"] - ends >= MARGIN - 1e-9),
         "b_margin": best["test_acc"] - raw, "b": bool(best["test_acc"] - raw >= MARGIN - 1e-9),
-        "c_rho": rho, "c": bool(rho <= RHO_MAX), "n_checkpoints": len(steps),
+        "c_rho": rho, "c": bool(rho <= RHO_MAX) if measured else None, "n_checkpoints": len(steps),
         "curve": [{"step": s, "val_loss": v, "best_layer": r["layer"], "test_acc": a}
                   for s, v, r, a in zip(steps, losses, per_step, accs)],
     }
@@ -143,7 +147,7 @@ def collect(runs_dir: Path) -> dict:
             run = runs_dir / f"{name}-s{seed}"
             cost_path = run / "study-cost.json"
             cost = json.loads(cost_path.read_text()) if cost_path.is_file() else {}
-            if "probe" not in cost:
+            if "probe_last" not in cost and "probe" not in cost:
                 continue
             table = load_probe_results(run.name, probe_dataset(name, runs_dir), runs_dir=runs_dir)
             cpu = sum(part["cpu_s"] for part in cost.values())
@@ -162,6 +166,10 @@ def spread(values) -> str:
 
 
 def verdict(runs: list[dict], key: str, planned: int) -> str:
+    """yes: held in every planned seed; hint: in every seed run, but fewer than planned; else no."""
+    runs = [r for r in runs if r[key] is not None]  # (c) is not measured before six checkpoints are probed
+    if not runs:
+        return "not measured"
     held = sum(r[key] for r in runs)
     word = "yes" if held == len(runs) == planned else ("hint" if held == len(runs) else "no")
     return f"{word} ({held}/{len(runs)})"
