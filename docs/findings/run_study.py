@@ -102,37 +102,32 @@ def probe_dataset(name: str, runs_dir: Path) -> str:
     return f"folder:{lfw_folder(runs_dir)}" if probe == "lfw" else probe
 
 
-def best_row(rows: list[dict]) -> dict:
-    """The row with the best validation accuracy; ties go to the shallower layer."""
-    return max(rows, key=lambda r: (r["val_acc"], -r["layer"]))
+def score(table) -> dict:
+    """The protocol's (a), (b), (c) for one `igpt_core.probe.ProbeTable`.
 
+    Best layers come from `ProbeTable.best` (validation accuracy; ties go to the shallower layer).
+    """
+    from igpt_core.probe import spearman
 
-def score(table: dict) -> dict:
-    """The protocol's (a), (b), (c) for one probe table (igpt_core.probe's stored JSON)."""
-    from scipy.stats import spearmanr
-
-    rows, n_layer = table["rows"], table["n_layer"]
-    steps = sorted({r["step"] for r in rows})
-    final = [r for r in rows if r["step"] == steps[-1]]
-    by_layer = {r["layer"]: r for r in final}
-    best = best_row(final)
+    n_layer, steps = table.n_layer, sorted({r["step"] for r in table.rows})
+    by_layer = {r["layer"]: r for r in table.rows if r["step"] == steps[-1]}
+    best = table.best(steps[-1])
     ends = max(by_layer[0]["test_acc"], by_layer[n_layer]["test_acc"])
-    raw = table["references"]["raw_pixels"]["test_acc"]
-    per_step = [best_row([r for r in rows if r["step"] == s]) for s in steps]
-    losses = [r["val_loss"] for r in per_step]
-    accs = [r["test_acc"] for r in per_step]
-    measured = len(steps) >= 6 and len(set(accs)) > 1  # (c) needs six checkpoints; a constant has no rank
-    rho = float(spearmanr(losses, accs).statistic) if measured else float("nan")
+    raw = table.references["raw_pixels"]["test_acc"]
+    per_step = [table.best(step) for step in steps]
+    # (c) needs six checkpoints; spearman() is None when either side has no spread.
+    rho = spearman([r["val_loss"] for r in per_step], [r["test_acc"] for r in per_step]) if len(steps) >= 6 else None
     inside = 1 <= best["layer"] <= n_layer - 1
     return {
         "n_layer": n_layer, "final_step": steps[-1], "best_layer": best["layer"], "best_test": best["test_acc"],
         "test_by_layer": [by_layer[layer]["test_acc"] for layer in range(n_layer + 1)],
-        "raw_pixels_test": raw, "random_init_best_test": max(r["test_acc"] for r in table["references"]["random_init"]),
+        "raw_pixels_test": raw, "random_init_best_test": max(r["test_acc"] for r in table.references["random_init"]),
         "a_margin": best["test_acc"] - ends, "a": bool(inside and best["test_acc"] - ends >= MARGIN - 1e-9),
         "b_margin": best["test_acc"] - raw, "b": bool(best["test_acc"] - raw >= MARGIN - 1e-9),
-        "c_rho": rho, "c": bool(rho <= RHO_MAX) if measured else None, "n_checkpoints": len(steps),
-        "curve": [{"step": s, "val_loss": v, "best_layer": r["layer"], "test_acc": a}
-                  for s, v, r, a in zip(steps, losses, per_step, accs)],
+        "c_rho": float("nan") if rho is None else rho, "c": None if rho is None else bool(rho <= RHO_MAX),
+        "n_checkpoints": len(steps),
+        "curve": [{"step": r["step"], "val_loss": r["val_loss"], "best_layer": r["layer"], "test_acc": r["test_acc"]}
+                  for r in per_step],
     }
 
 
