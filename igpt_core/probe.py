@@ -17,6 +17,11 @@ everything that determines them (the checkpoint file, the exact images, the BERT
 A later call re-uses every cached layer and computes only the missing ones — in one forward pass
 that stops after the deepest missing layer — so probing "all" layers once and then a subset, or
 a subset then more layers, never repeats work.
+
+Speed and reproducibility: every fit runs on one BLAS thread (so its numbers do not depend on the
+machine's thread settings), several fits at once in worker processes once all features are
+extracted. Under torchrun the processes split the images for extraction and rank 0 gathers them,
+fits and writes, with the same results as one process.
 """
 
 from __future__ import annotations
@@ -244,6 +249,16 @@ def _worker_context():
     return context
 
 
+def warm_up_workers(workers: int | None = None) -> None:
+    """Start the process that fit_probes' workers are forked from, so that its imports (torch,
+    scikit-learn: seconds) happen while the caller still extracts features. Nothing to do for one
+    worker, or where there is no forkserver."""
+    if (fit_workers() if workers is None else workers) > 1 and _worker_context().get_start_method() == "forkserver":
+        import multiprocessing.forkserver
+
+        multiprocessing.forkserver.ensure_running()
+
+
 # -- results --------------------------------------------------------------------------------------------
 
 
@@ -345,6 +360,15 @@ def _is_acc(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and 0.0 <= x <= 1.0
 
 
+def _are_concat_rows(rows, n_layer: int) -> bool:
+    return isinstance(rows, list) and all(
+        isinstance(r, dict) and isinstance(r.get("step"), int) and isinstance(r.get("layers"), list)
+        and all(isinstance(layer, int) and 0 <= layer <= n_layer for layer in r["layers"])
+        and _is_acc(r.get("val_acc")) and _is_acc(r.get("test_acc"))
+        for r in rows
+    )
+
+
 def load_probe_results(run, dataset: str | None = None, *, runs_dir=None) -> ProbeTable | None:
     """The stored probe table of `run` (a Run or a run name) on `dataset` (default: the run's own),
     or None if it was never probed. A damaged file, or one of a newer format than this igpt reads,
@@ -402,12 +426,7 @@ def load_probe_results(run, dataset: str | None = None, *, runs_dir=None) -> Pro
     ):
         raise damaged("'references.random_init' is malformed")
     concat = value.get("concat", [])
-    if not isinstance(concat, list) or not all(
-        isinstance(r, dict) and isinstance(r.get("step"), int) and isinstance(r.get("layers"), list)
-        and all(isinstance(layer, int) and 0 <= layer <= n_layer for layer in r["layers"])
-        and _is_acc(r.get("val_acc")) and _is_acc(r.get("test_acc"))
-        for r in concat
-    ):
+    if not _are_concat_rows(concat, n_layer):
         raise damaged("'concat' is malformed")
     return ProbeTable(dataset=str(value["dataset"]), rows=value["rows"], references=refs, objective=value["objective"],
                       n_layer=n_layer, path=path, settings=value.get("settings") or {}, created=value.get("created"),
@@ -723,6 +742,8 @@ def probe_run(run_name, dataset: str | None = None, *, checkpoints="all", layers
     random_todo = ranks.share([layer for layer in request.layers if layer not in stored["random_init"]]
                               if references and ranks.rank == 0 else [])
     progress = progress and ranks.rank == 0
+    if ranks.rank == 0:
+        warm_up_workers(workers)
     jobs = []  # (key, fit_probe's arrays): every fit waits until all features are extracted, so that the
     # fitting processes never compete for cores with torch's threads (which then wait spinning)
     for key, source, wanted in _sources(run, request, random_todo, inputs, dataset, seed, batch_size, device, progress):
