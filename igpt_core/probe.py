@@ -562,7 +562,8 @@ class _FeatureSource:
                 cached = {layer: x for layer, x in _read_cache(path).items() if x.shape[0] == n}
             missing = ranks.share([layer for layer in layers if layer not in cached])
             if missing:
-                model = model or self.load_model()
+                if model is None:
+                    model = self.load_model()
                 share = ranks.part(n)
                 feats = extract_features(model, self.ids[split][share], missing, bert_masks=self.bert_masks,
                                          seed=self.seed, offset=share.start, batch_size=self.batch_size,
