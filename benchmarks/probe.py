@@ -14,6 +14,21 @@ each layer l the mean over positions of block l's input norm (ln_f for l = n_lay
 Then the probe fit time (fit_probe: standardise + L-BFGS over the C grid) on the extracted
 features, and a correctness check that ours and HF's features agree.
 
+Then the probe grid at the default run's sizes (`igpt probe digits` after `igpt train`: 6
+checkpoints × 5 layers, plus 5 random-init layers and raw pixels = 36 fits on 1294 / 144 / 359
+digits, 128 features; here the "checkpoints" are randomly initialised models of that shape):
+
+- ours:     igpt_core.probe.fit_probes — standardised features, the C grid with warm starts, each
+            fit on one BLAS thread, one worker process per core (the same numbers as 1 process).
+- sklearn:  one `LogisticRegression()` per layer with the library's defaults (C=1, max_iter=100, no
+            scaling, the process's BLAS threads), as probe tutorials write it.
+
+And paper-sized features (--paper-rows × --paper-width, e.g. 50 000 × 1536: CIFAR-10's training set
+at iGPT-L's width): seconds per L-BFGS iteration of one C on 1 and on 2 BLAS threads, and the
+time of the whole grid projected from the iterations the default-sized grid took. CPU only: no GPU
+here to test a GPU fit on, and an L-BFGS in torch would not take scipy's steps, so its predictions
+would not equal the CPU probe's.
+
     OMP_NUM_THREADS=1 python benchmarks/probe.py [--images 256] [--batch 16] [--naive-images 16]
 
 Prints one JSON object. Shapes default to n_layer=8, n_embd=256, 32×32 (iGPT-S is too slow here).
@@ -30,7 +45,8 @@ import torch
 from machine import machine_facts  # benchmarks/machine.py (scripts run from this folder)
 
 from igpt_core.model import IGPT, ModelConfig
-from igpt_core.probe import DEFAULT_CS, extract_features, fit_probe
+from igpt_core.data import load_dataset
+from igpt_core.probe import DEFAULT_CS, extract_features, fit_probe, fit_probes, warm_up_workers
 
 
 def hf_model_from_ours(model: IGPT):
@@ -80,6 +96,87 @@ def timed(fn, repeats: int = 1):
     return best, value
 
 
+def grid_jobs(checkpoints: int, layers: int, width: int) -> list:
+    """The probe grid's fits at the default run's sizes: features of randomly initialised models of
+    `layers` - 1 blocks × `width` on digits (16 grey levels as the palette), for `checkpoints` seeds
+    plus the random-init reference, and the raw pixels."""
+    data = {split: load_dataset("digits", split) for split in ("train", "val", "test")}
+    ids = {split: torch.from_numpy(d.images[..., 0].reshape(len(d.images), -1) // 16) for split, d in data.items()}
+    config = ModelConfig(vocab_size=17, n_positions=64, n_layer=layers - 1, n_head=4, n_embd=width)
+    jobs = [(("raw_pixels",), tuple(a for split in ("train", "val", "test") for a in
+                                    (data[split].images.reshape(len(data[split].images), -1).astype(np.float32),
+                                     data[split].labels)))]
+    for seed in range(checkpoints + 1):
+        torch.manual_seed(seed)
+        model = IGPT(config).eval()
+        feats = {split: extract_features(model, x, list(range(layers))) for split, x in ids.items()}
+        jobs += [((seed, layer), tuple(a for split in ("train", "val", "test") for a in
+                                       (feats[split][layer], data[split].labels))) for layer in range(layers)]
+    return jobs
+
+
+def tutorial_fits(jobs) -> dict:
+    """One LogisticRegression() per feature set, scikit-learn's defaults, the process's threads."""
+    import warnings
+
+    from sklearn.linear_model import LogisticRegression
+
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the defaults' max_iter=100 often stops short: that is the point
+        for key, (tx, ty, vx, vy, sx, sy) in jobs:
+            clf = LogisticRegression().fit(tx, ty)
+            out[key] = {"test_acc": float((clf.predict(sx) == sy).mean()), "iterations": int(clf.n_iter_.max())}
+    return out
+
+
+def grid_report(args) -> dict:
+    warm_up_workers()  # as probe_run does: the workers' imports overlap the feature extraction
+    jobs = grid_jobs(args.grid_checkpoints, args.grid_layers, args.grid_width)
+    t_ours, ours = timed(lambda: fit_probes(jobs))
+    t_one, one = timed(lambda: fit_probes(jobs, workers=1))
+    t_tutorial, tutorial = timed(lambda: tutorial_fits(jobs))
+    iterations = [sum(r["iterations"].values()) for r in ours.values()]
+    return {
+        "fits": len(jobs), "train": len(jobs[-1][1][0]), "features": args.grid_width, "Cs": list(DEFAULT_CS),
+        "seconds": {"ours": round(t_ours, 2), "ours_in_one_process": round(t_one, 2),
+                    "sklearn_one_default_fit_per_layer": round(t_tutorial, 2)},
+        "ratios": {"sklearn_defaults_over_ours": round(t_tutorial / t_ours, 3),
+                   "one_process_over_workers": round(t_one / t_ours, 3)},
+        "workers_equal_one_process": ours == one,
+        "mean_test_acc": {"ours": round(float(np.mean([r["test_acc"] for r in ours.values()])), 4),
+                          "sklearn_defaults": round(float(np.mean([r["test_acc"] for r in tutorial.values()])), 4)},
+        "lbfgs_iterations_per_fit": {"mean": round(float(np.mean(iterations)), 1), "max": int(max(iterations))},
+    }
+
+
+def paper_report(args, iterations_per_fit: float) -> dict:
+    """Seconds per L-BFGS iteration on paper-sized features, on 1 and 2 BLAS threads."""
+    import warnings
+
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, args.paper_rows)
+    x = rng.normal(size=(args.paper_rows, args.paper_width)) + rng.normal(size=(10, args.paper_width))[y] * 0.3
+    seconds = {}
+    for threads in (1, 2):
+        with threadpool_limits(threads), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            clf = LogisticRegression(max_iter=args.paper_iters)
+            t, _ = timed(lambda: clf.fit(x, y))
+            seconds[threads] = t / max(1, int(clf.n_iter_.max()))
+    return {
+        "rows": args.paper_rows, "features": args.paper_width, "classes": 10,
+        "device": "cpu (no GPU here; see the module docstring)",
+        "seconds_per_lbfgs_iteration": {"1_thread": round(seconds[1], 4), "2_threads": round(seconds[2], 4)},
+        "two_threads_speedup": round(seconds[1] / seconds[2], 3),
+        "projected_seconds_per_layer": round(seconds[1] * iterations_per_fit, 1),
+        "projected_from_iterations_per_fit": iterations_per_fit,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
@@ -89,6 +186,12 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--grid-checkpoints", type=int, default=6, help="probe grid: checkpoints (default run: 6)")
+    parser.add_argument("--grid-layers", type=int, default=5, help="probe grid: layers per checkpoint (default run: 5)")
+    parser.add_argument("--grid-width", type=int, default=128, help="probe grid: features (default run: 128)")
+    parser.add_argument("--paper-rows", type=int, default=50_000)
+    parser.add_argument("--paper-width", type=int, default=1536)
+    parser.add_argument("--paper-iters", type=int, default=10, help="L-BFGS iterations timed at paper size")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -125,6 +228,9 @@ def main() -> None:
 
     t_fit, _ = timed(fit_all)
 
+    grid = grid_report(args)
+    paper = paper_report(args, grid["lbfgs_iterations_per_fit"]["mean"])
+
     print(json.dumps({
         "task": "probe features of all layers of one checkpoint",
         "shapes": {"n_layer": config.n_layer, "n_embd": config.n_embd, "n_head": config.n_head,
@@ -155,6 +261,8 @@ def main() -> None:
             "naive_equals_one_pass": bool(np.allclose(naive, ours[:, : args.naive_images], rtol=1e-5, atol=1e-6)),
             "allclose_atol_1e-4": bool(np.allclose(ours, theirs, rtol=0, atol=1e-4)),
         },
+        "probe_grid": grid,
+        "paper_sized": paper,
     }, indent=2))
 
 

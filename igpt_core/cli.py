@@ -266,9 +266,11 @@ def cmd_probe(args) -> None:
         if stored is not None and set(wanted) <= {row["step"] for row in stored.rows}:
             print(f"{args.run} is already probed at checkpoints {sorted(wanted)} ({stored.path}); nothing to do")
             return
-    table = probe_run(args.run, args.dataset, checkpoints=args.checkpoints, layers=args.layers,
+    table = probe_run(args.run, args.dataset, checkpoints=args.checkpoints, layers=args.layers, concat=args.concat,
                       runs_dir=_runs_dir(args), data_dir=args.data_dir, bert_masks=args.bert_masks,
-                      max_train=args.max_train, progress=not args.json, device=args.device)
+                      max_train=args.max_train, progress=not args.json, device=args.device, workers=args.workers)
+    if table is None:  # under torchrun, a process other than rank 0: it helped extract, rank 0 reports
+        return
     if table.note:
         print(f"note: {table.note}", file=sys.stderr)
     result = table.to_dict()
@@ -295,7 +297,22 @@ def cmd_probe(args) -> None:
     if refs.get("random_init"):
         best_random = max(refs["random_init"], key=lambda r: r["val_acc"])
         print(f"reference, random init (best layer {best_random['layer']}): {best_random['test_acc'] * 100:.1f}")
+    if table.concat:
+        _print_concat(table.concat)
     print(f"saved in {table.path}")
+
+
+def _print_concat(rows: list[dict]) -> None:
+    """The probes of joined layers: one column per set of layers, one row per checkpoint."""
+    sets = sorted({tuple(row["layers"]) for row in rows})
+    names = ["+".join(f"L{layer}" for layer in layers) for layers in sets]
+    by_key = {(row["step"], tuple(row["layers"])): row for row in rows}
+    print("layers joined end to end, probed as one feature (test accuracy):")
+    print(f"{'step':>8} " + " ".join(f"{name:>{max(6, len(name))}}" for name in names))
+    for step in sorted({row["step"] for row in rows}):
+        cells = [f"{by_key[(step, layers)]['test_acc'] * 100:.1f}" if (step, layers) in by_key else "-"
+                 for layers in sets]
+        print(f"{step:>8} " + " ".join(f"{cell:>{max(6, len(name))}}" for cell, name in zip(cells, names)))
 
 
 def cmd_finetune(args) -> None:
@@ -498,11 +515,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("probe", cmd_probe, "linear probes of every layer across checkpoints (the paper's central measurement)",
                 "Features = mean over positions of each block's input norm, one forward pass for all layers, cached "
                 "per checkpoint; L-BFGS logistic regression on standardised features, C chosen on the val split, "
-                "accuracy on the test split. Saved in the run (probes/DATASET.json) with raw-pixel and random-init references.")
+                "accuracy on the test split. Saved in the run (probes/DATASET.json) with raw-pixel and random-init references. "
+                "Fits are single-threaded, several at once in separate processes: the numbers do not depend on thread "
+                "settings. Under torchrun (`torchrun --nproc_per_node=N -m igpt_core.cli probe RUN`) the processes "
+                "share the feature extraction; rank 0 fits and writes.")
     p.add_argument("run", help="run name")
     p.add_argument("--dataset", help="labelled dataset (default: the run's own)")
     p.add_argument("--checkpoints", type=_steps_or_all, default="all", help="all, last, or comma-separated steps")
     p.add_argument("--layers", type=_steps_or_all, default="all", help="all, or comma-separated layers (0 = embeddings)")
+    p.add_argument("--concat", type=_int_list, metavar="L1,L2,...",
+                   help="also probe these layers' features joined end to end (its own row; the paper's best "
+                        "ImageNet probe joins five layers)")
+    p.add_argument("--workers", type=int, help="processes fitting probes at once (default: one per core)")
     p.add_argument("--bert-masks", type=int, default=4, help="BERT runs: random masks averaged with no mask (default 4)")
     p.add_argument("--max-train", type=int, help="probe on at most N training images")
     p.add_argument("--skip-existing", action="store_true",

@@ -115,16 +115,19 @@ def test_corrupt_checkpoint_is_reported(workdir, tmp_path):
 
 
 def test_probe_prints_a_table_and_saves_it(workdir):
-    out = igpt("probe", "t", "--checkpoints", "12", "--layers", "0,2", "--max-train", "300", cwd=workdir).stdout
-    assert "L0" in out and "L2" in out and "raw pixels" in out
+    out = igpt("probe", "t", "--checkpoints", "12", "--layers", "0,2", "--concat", "1,2", "--max-train", "300",
+               cwd=workdir).stdout
+    assert "L0" in out and "L2" in out and "raw pixels" in out and "L1+L2" in out
     stored = json.loads((workdir / "runs" / "t" / "probes" / "digits.json").read_text())
     assert {(r["step"], r["layer"]) for r in stored["rows"]} == {(12, 0), (12, 2)}
+    assert [(r["step"], r["layers"]) for r in stored["concat"]] == [(12, [1, 2])]
     file = workdir / "runs" / "t" / "probes" / "digits.json"
     before = file.stat().st_mtime_ns
     again = igpt("probe", "t", "--checkpoints", "12", "--skip-existing", cwd=workdir).stdout  # as make dashboard
     assert "nothing to do" in again and file.stat().st_mtime_ns == before
-    result = igpt("probe", "t", "--layers", "7", cwd=workdir, check=False)
-    assert result.returncode == 2 and "0..2" in result.stderr
+    for bad in (["--layers", "7"], ["--concat", "1,7"]):
+        result = igpt("probe", "t", *bad, cwd=workdir, check=False)
+        assert result.returncode == 2 and "0..2" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_export_then_import_round_trip(workdir):

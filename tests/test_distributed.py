@@ -15,16 +15,19 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from igpt_core.data import load_dataset
+from igpt_core.probe import probe_run
 from igpt_core.runs import load_checkpoint, open_run
 from igpt_core.train import TrainConfig, start_run, train
 
@@ -34,10 +37,10 @@ REPO = Path(__file__).resolve().parent.parent
 TINY_ARGS = ["--set", "n_layer=2", "--set", "n_embd=32", "--set", "n_head=2"]
 
 
-def torchrun(args: list[str], cwd: Path, **env) -> subprocess.Popen:
+def torchrun(args: list[str], cwd: Path, subcommand: str = "train", **env) -> subprocess.Popen:
     """`torchrun --standalone --nproc_per_node=2 -m igpt_core.cli train ...` with this venv's Python."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "igpt_core.cli", "train", *args]
+               "-m", "igpt_core.cli", subcommand, *args]
     full_env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                     **{k: str(v) for k, v in env.items()})
     return subprocess.Popen(command, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -148,6 +151,34 @@ def test_two_processes_give_the_one_process_curve_and_only_rank_0_writes(tmp_pat
     summaries = [json.loads(m) for m in re.findall(r"^\{\n.*?^\}", out, flags=re.M | re.S)]
     assert summaries and all(s["processes"] == 2 and s["steps"] == 8 for s in summaries)
     assert summaries[0]["tokens_per_second"] > 0
+
+
+# -- probes ------------------------------------------------------------------------------------------
+
+
+def test_probe_under_torchrun_shares_extraction_and_gives_the_one_process_results(tmp_path):
+    # A BERT run, so that the random masks of each process's share must line up with one process's.
+    run = start_run("p", "digits", "tiny", "bert", 16, train_config=TrainConfig(steps=6, batch_size=16),
+                    model_overrides=TINY, runs_dir=tmp_path / "one")
+    train(run, progress=False)
+    shutil.copytree(run.path, tmp_path / "two" / "p")
+    options = ["--checkpoints", "last", "--layers", "1,2", "--concat", "0,2", "--bert-masks", "2", "--max-train", "200"]
+    launch = torchrun(["p", *options, "--runs-dir", str(tmp_path / "two"), "--json"], cwd=tmp_path, subcommand="probe")
+    one = probe_run("p", runs_dir=tmp_path / "one", checkpoints="last", layers=[1, 2], concat=[0, 2], bert_masks=2,
+                    max_train=200, progress=False, workers=1)
+    out = finish(launch)
+    assert launch.returncode == 0, out[-3000:]
+    two = json.loads((tmp_path / "two" / "p" / "probes" / "digits.json").read_text())
+    assert two["rows"] == one.rows and two["concat"] == one.concat and two["references"] == one.references
+    assert two["settings"] == one.settings and len(one.rows) == 2 and len(one.concat) == 1
+    # rank 0 gathered every share: the cached features equal one process's, file for file
+    cached = {name: sorted((path / "p" / "probes" / "features").iterdir()) for name, path in
+              (("one", tmp_path / "one"), ("two", tmp_path / "two"))}
+    assert [f.name for f in cached["one"]] == [f.name for f in cached["two"]] and len(cached["one"]) == 6
+    for a, b in zip(cached["one"], cached["two"]):
+        with np.load(a) as x, np.load(b) as y:
+            assert x.files == y.files and all(np.array_equal(x[k], y[k]) for k in x.files)
+    assert len(re.findall(r'^  "rows": ', out, flags=re.M)) == 1, "rank 0 alone prints the table"
 
 
 # -- losing a process, and resuming ----------------------------------------------------------------

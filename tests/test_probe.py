@@ -7,7 +7,10 @@ that damage files work on a copy. Everything runs offline in well under a minute
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,7 +23,8 @@ from igpt_core.data import load_dataset
 from igpt_core.errors import IgptError
 from igpt_core.finetune import classify, finetune
 from igpt_core.model import IGPT
-from igpt_core.probe import ProbeTable, extract_features, fit_probe, load_probe_results, probe_run, spearman
+from igpt_core.probe import (ProbeTable, extract_features, fit_probe, fit_probes, load_probe_results, probe_run,
+                             spearman)
 from igpt_core.runs import open_run
 from igpt_core.train import TrainConfig, start_run, train
 
@@ -190,6 +194,77 @@ def test_fit_probe_separable():
     x = rng.normal(size=(120, 5)) + 4 * np.eye(3, 5)[y]
     result = fit_probe(x[::2], y[::2], x[1::2], y[1::2], x[1::2], y[1::2], Cs=(0.1, 1.0))
     assert result["val_acc"] > 0.9 and result["test_acc"] > 0.9 and result["C"] in (0.1, 1.0)
+
+
+def collinear_features(seed: int = 0) -> tuple:
+    """fit_probe's arguments at the default run's sizes (digits: 1294 / 144 / 359 images, 128 dims):
+    a random linear map of the pixels, so the 128 dims span only 64 and L-BFGS's path is sensitive
+    to rounding (unpinned, 2 BLAS threads took one more iteration than 1 on these)."""
+    proj = np.random.default_rng(seed).normal(size=(192, 128))
+    out = []
+    for split in ("train", "val", "test"):
+        data = load_dataset("digits", split)
+        out += [(data.images.reshape(len(data.images), -1) / 255.0 @ proj).astype(np.float32), data.labels]
+    return tuple(out)
+
+
+FIT_IN_A_PROCESS = """
+import json, sys
+import numpy as np
+from threadpoolctl import threadpool_info
+from igpt_core.probe import fit_probe
+arrays = np.load(sys.argv[1])
+result = fit_probe(*(arrays[f"a{i}"] for i in range(6)))
+print(json.dumps({"blas_threads": max(pool["num_threads"] for pool in threadpool_info()), "result": result}))
+"""
+
+
+def test_probe_results_identical_with_1_and_2_threads(tmp_path):
+    np.savez(tmp_path / "features.npz", **{f"a{i}": a for i, a in enumerate(collinear_features())})
+    procs = {}
+    for threads in (1, 2):
+        env = dict(os.environ, **{name: str(threads) for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                                   "MKL_NUM_THREADS")})
+        procs[threads] = subprocess.Popen([sys.executable, "-c", FIT_IN_A_PROCESS, str(tmp_path / "features.npz")],
+                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = {}
+    for threads, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-2000:]
+        out[threads] = json.loads(stdout)
+    assert [out[t]["blas_threads"] for t in (1, 2)] == [1, 2]  # the processes really had 1 and 2 threads
+    assert out[1]["result"] == out[2]["result"]  # accuracies, chosen C and every C's iteration count
+    assert out[1]["result"]["test_acc"] > 0.5
+
+
+def test_fits_in_worker_processes_equal_fits_in_this_one():
+    arrays = collinear_features()
+    jobs = [(("dims", n), tuple(a[:, :n] if a.ndim == 2 else a for a in arrays)) for n in (16, 32, 48)]
+    seen = []
+    here = fit_probes(jobs, Cs=(0.1, 1.0), workers=1)
+    there = fit_probes(jobs, Cs=(0.1, 1.0), workers=2, on_fit=lambda key, result: seen.append(key))
+    assert there == here and sorted(seen) == sorted(key for key, _ in jobs)
+
+
+def test_concatenated_layers_are_probed_as_one_feature(table, ar_run, runs_dir):
+    result = probe_run("tiny-ar", runs_dir=runs_dir, checkpoints=[30], layers=[1], concat=[2, 1], progress=False)
+    assert [(r["step"], r["layers"]) for r in result.concat] == [(30, [1, 2])]
+    stored = load_probe_results(open_run("tiny-ar", runs_dir))
+    assert stored.concat == result.concat and len(stored.rows) == 6  # its own rows; the others kept
+    # the same fit as fit_probe on the cached features of layers 1 and 2 side by side
+    model, palette, _ = ar_run.load(30)
+    splits = {}
+    for split in ("train", "val", "test"):
+        data = load_dataset("digits", split)
+        feats = extract_features(model, palette.encode(data.images, 8), [1, 2])
+        splits[split] = (np.concatenate(list(feats), axis=1), data.labels)
+    expected = fit_probe(*splits["train"], *splits["val"], *splits["test"])
+    row = result.concat[0]
+    assert (row["val_acc"], row["test_acc"], row["C"]) == (expected["val_acc"], expected["test_acc"], expected["C"])
+    with pytest.raises(IgptError, match=r"concatenated layer 3 is out of range.*0\.\.2"):
+        probe_run("tiny-ar", runs_dir=runs_dir, concat=[1, 3], progress=False)
+    with pytest.raises(IgptError, match="at least two different layers"):
+        probe_run("tiny-ar", runs_dir=runs_dir, concat=[1, 1], progress=False)
 
 
 # -- errors and notes --------------------------------------------------------------------------------------
