@@ -68,7 +68,7 @@ def test_bad_names_fail_cleanly_and_leave_nothing(tmp_path):
     with pytest.raises(DatasetError, match="unknown dataset"):
         start_run("x", dataset="imagenet", runs_dir=tmp_path)
     with pytest.raises(ConfigError, match="unknown preset"):
-        start_run("x", preset_name="xl", runs_dir=tmp_path)
+        start_run("x", preset_name="xxl", runs_dir=tmp_path)
     with pytest.raises(RunError, match="no run named"):
         open_run("x", tmp_path)
     assert list(tmp_path.iterdir()) == []
