@@ -601,7 +601,7 @@ def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None
         except KeyboardInterrupt:
             _save_alone(t, log)
             raise
-        except RuntimeError as err:
+        except (RuntimeError, dcp.CheckpointException) as err:  # (the latter: a collective failed while saving)
             if t.world == 1 or not is_peer_failure(err):
                 raise
             try:

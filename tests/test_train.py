@@ -1,14 +1,19 @@
 """Training: learns, logs, checkpoints, resumes exactly, refuses changed configs, leaves no half files."""
 
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from igpt_core.errors import ConfigError, DatasetError, RunError
-from igpt_core.runs import ModelCache, open_run
-from igpt_core.model import IGPT, preset
-from igpt_core.train import TrainConfig, check_resume, copy_state, lr_at, make_optimizer, start_run, train
+from igpt_core.runs import load_checkpoint, open_run
+from igpt_core.train import SaveSchedule, TrainConfig, check_resume, lr_at, parse_save_every, start_run, train
 
 from conftest import TINY
 
@@ -80,38 +85,67 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert lr_at(55, tc) == pytest.approx(0.5) and lr_at(100, tc) == pytest.approx(0.0)
 
 
-def test_weight_decay_only_on_matrices():
-    model = IGPT(preset("tiny", vocab_size=17, n_positions=16, **TINY))
-    optimizer = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
-    decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
-    names = {id(p): name for name, p in model.named_parameters()}
-    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(names)  # every parameter, once
-    assert {names[i] for i in decay} == {name for name, p in model.named_parameters() if p.dim() >= 2}
-    assert not any("ln_" in names[i] or names[i].endswith(".bias") for i in decay)
+# -- no lost work: the resume state is saved between checkpoints too ---------------------------------
 
 
-def test_copy_state_is_a_cpu_snapshot():
-    model = IGPT(preset("tiny", vocab_size=17, n_positions=16, **TINY))
-    snapshot = copy_state(model)
-    name, weight = next(iter(model.named_parameters()))
-    with torch.no_grad():
-        weight.add_(1.0)
-    assert all(t.device.type == "cpu" for t in snapshot.values())
-    assert not torch.equal(snapshot[name], weight)  # a copy: later steps do not change it
-    model.load_state_dict(snapshot)  # and it loads back
+def test_kill_9_at_a_random_step_loses_at_most_save_every_and_resume_gives_the_uninterrupted_curve(tmp_path):
+    steps, save_every = 80, 7  # 7: saves also fall between the log's flushes (every 10 steps)
+    args = [sys.executable, "-m", "igpt_core.cli", "train", "--dataset", "digits", "--steps", str(steps),
+            "--batch-size", "16", "--eval-every", "25", "--save-every", str(save_every), "--set", "n_layer=2",
+            "--set", "n_embd=32", "--set", "n_head=2", "--name", "killed", "--runs-dir", str(tmp_path / "runs"), "--json"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seed = random.randrange(1 << 30)
+    kill_after = random.Random(seed).randrange(2 * save_every, steps // 2)  # logged steps before the kill
+    run_path = tmp_path / "runs" / "killed"
+
+    def logged() -> int:
+        rows = open_run("killed", tmp_path / "runs").metrics() if (run_path / "run.json").exists() else []
+        return rows[-1]["step"] if rows else 0
+
+    while logged() < kill_after:
+        assert proc.poll() is None, f"training ended before step {kill_after} (seed {seed}):\n{proc.stdout.read()[-2000:]}"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)  # no handler runs: only what is already on disk survives
+    proc.communicate()
+    last_logged = logged()
+    saved = json.loads((run_path / "resume" / "step.json").read_text())["step"]
+    assert last_logged - save_every <= saved < steps, (seed, last_logged, saved)
+
+    # the same run, uninterrupted, in this process
+    straight = start_run("straight", train_config=TrainConfig(steps=steps, batch_size=16, eval_every=25),
+                         model_overrides=TINY, runs_dir=tmp_path / "ref")
+    train(straight, progress=False)
+    resumed = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    killed = open_run("killed", tmp_path / "runs")
+    a, b = straight.metrics(), killed.metrics()
+    assert [r["step"] for r in b] == list(range(1, steps + 1))
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys() and ra["lr"] == rb["lr"], (ra, rb)
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5), (seed, ra, rb)
+        assert ra.get("val_loss", 0) == pytest.approx(rb.get("val_loss", 0), abs=1e-5), (seed, ra, rb)
+    assert killed.checkpoints() == straight.checkpoints()
+    assert load_checkpoint(killed.checkpoint_path(steps))[2]["step"] == steps
+    assert sorted(p.name for p in (run_path / "resume").iterdir()) == ["step.json", f"step_{steps:07d}"]
 
 
-def test_model_cache_loads_once_and_again_when_the_file_changes(tiny_run, tmp_path):
-    import os
-    import shutil
-
-    run = open_run(tiny_run.name, shutil.copytree(tiny_run.path, tmp_path / tiny_run.name).parent)
-    cache = ModelCache()
-    model, palette, step = cache.load(run)
-    assert step == run.checkpoints()[-1] and cache.load(run, step)[0] is model
-    assert cache.palette(run) is cache.palette(run) and cache.palette(run) == palette
-    stamp = run.checkpoint_path(step).stat().st_mtime_ns
-    os.utime(run.checkpoint_path(step), ns=(stamp + 10**9, stamp + 10**9))  # as a re-trained run's file
-    assert cache.load(run, step)[0] is not model
-    with pytest.raises(RunError, match="no checkpoint at step 7"):
-        cache.load(run, 7)
+def test_save_every_takes_steps_or_wall_time():
+    assert parse_save_every("50") == (50, None)
+    assert parse_save_every("90s") == (None, 90.0)
+    assert parse_save_every("10m") == (None, 600.0) and parse_save_every(TrainConfig().save_every) == (None, 600.0)
+    assert parse_save_every("1.5h") == (None, 5400.0)
+    for bad in ["0", "-5", "2.5", "10 min", "m", ""]:
+        with pytest.raises(ConfigError, match="save_every"):
+            parse_save_every(bad)
+    now = [100.0]
+    by_time = SaveSchedule("10m", clock=lambda: now[0])
+    assert not by_time.time_due() and not by_time.step_due(600)
+    now[0] += 599
+    assert not by_time.time_due()
+    now[0] += 1
+    assert by_time.time_due()
+    by_time.saved()
+    assert not by_time.time_due()  # counted again from the last save
+    by_steps = SaveSchedule("50", clock=lambda: now[0])
+    assert by_steps.step_due(100) and not by_steps.step_due(101) and not by_steps.time_due()
