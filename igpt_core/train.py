@@ -4,7 +4,9 @@
 recorded); `train` runs the loop on it. The loop is deterministic by construction — batch order is
 a function of (seed, step) and the model's random masks are seeded by (seed, step, rank, micro-step)
 — so a run resumed from its last saved state reproduces the uninterrupted loss curve exactly,
-and `torchrun` with N processes sees the same global batches as one process.
+and `torchrun` with N processes sees the same global batches as one process (with DDP, each
+process holding the whole model, or with `fsdp`, each holding 1/N of its weights, gradients and Adam
+state). The resume state is saved at every checkpoint and every `save_every` steps or minutes.
 
 Under `torchrun` every process runs this same code; distributed.py says how the processes share the
 work, wait for each other and stop (a lost process, SIGINT/SIGTERM).
@@ -164,6 +166,7 @@ def start_run(
     """
     train_config = train_config or TrainConfig()
     rank, world = init_from_env()
+    _check_processes(train_config, world)  # before anything is written
     if world == 1:
         return _create_run(name, dataset, preset_name, objective, n_colors, resolution, train_config,
                            model_overrides, runs_dir, data_dir, overwrite)
@@ -435,12 +438,7 @@ def _set_up(run: Run, resume: bool, data_dir: Path | None) -> _Trainer:
     device = pick_device(tc.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    micro_batch, rem = divmod(tc.batch_size, tc.grad_accum * world)
-    if rem or micro_batch == 0:
-        raise ConfigError(f"batch_size {tc.batch_size} must divide by grad_accum ({tc.grad_accum}) × processes ({world})")
-    if tc.fsdp and world == 1:
-        raise ConfigError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N "
-                          "(N ≥ 2), or train without --fsdp on one process")
+    micro_batch = _check_processes(tc, world)
     train_ids, val_ids = _token_ids(run, config, tc, device, data_dir)
     if world > 1:
         dist.barrier(group=patient_group())  # the slowest process has loaded the data (patiently)
@@ -455,6 +453,17 @@ def _set_up(run: Run, resume: bool, data_dir: Path | None) -> _Trainer:
     elif rank == 0 and log_file.exists():
         log_file.unlink()
     return t
+
+
+def _check_processes(tc: TrainConfig, world: int) -> int:
+    """Images per process per micro-step, if `world` processes can run this config."""
+    micro_batch, rem = divmod(tc.batch_size, tc.grad_accum * world)
+    if rem or micro_batch == 0:
+        raise ConfigError(f"batch_size {tc.batch_size} must divide by grad_accum ({tc.grad_accum}) × processes ({world})")
+    if tc.fsdp and world == 1:
+        raise ConfigError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N "
+                          "(N ≥ 2), or train without --fsdp on one process")
+    return micro_batch
 
 
 def _token_ids(run: Run, config: ModelConfig, tc: TrainConfig, device, data_dir) -> tuple[torch.Tensor, torch.Tensor]:
@@ -571,6 +580,12 @@ class _ProgressBar:
         self.bar.set_postfix(shown)
         self.window = (step, time.perf_counter())  # the next window excludes this evaluation and checkpoint
 
+    def advance(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
 
 def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None, data_dir: Path | None = None) -> dict:
     """Train `run` to its configured number of steps; returns a summary dict.
@@ -595,7 +610,7 @@ def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None
                 if _report_and_save(t, step, flags, log, saves, signals, bar):
                     raise KeyboardInterrupt  # every process stops after the same step, its state saved
                 if bar is not None:
-                    bar.bar.update(1)
+                    bar.advance()
                 if on_step is not None and t.rank == 0:
                     on_step(step, loss)
         except KeyboardInterrupt:
@@ -611,7 +626,7 @@ def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None
             raise IgptError(lost_peers_message(err, t.rank, t.completed + 1, t.saved, run)) from err
         finally:
             if bar is not None:
-                bar.bar.close()
+                bar.close()
     elapsed = time.perf_counter() - t0
     return {
         "run": run.name,

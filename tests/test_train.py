@@ -76,6 +76,10 @@ def test_bad_names_fail_cleanly_and_leave_nothing(tmp_path):
         start_run("x", preset_name="xxl", runs_dir=tmp_path)
     with pytest.raises(RunError, match="no run named"):
         open_run("x", tmp_path)
+    with pytest.raises(ConfigError, match="--fsdp shards the model across processes"):
+        start_run("x", train_config=TrainConfig(fsdp=True), runs_dir=tmp_path)
+    with pytest.raises(ConfigError, match="must divide by grad_accum"):
+        start_run("x", train_config=TrainConfig(batch_size=10, grad_accum=4), runs_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
