@@ -197,13 +197,14 @@ def test_a_lost_process_stops_the_world_with_a_clear_error_and_resume_continues_
 
 
 def test_fsdp_gives_the_one_process_curve_one_checkpoint_file_and_resumes_after_kill_9(tmp_path):
-    """--fsdp: each process holds half of every weight, gradient and Adam moment. The resume state is
-    saved as DCP shards at the checkpoint and every 0.3 s of wall time (rank 0's clock, shared in the
+    """--fsdp (with micro-steps and activation checkpointing): each process holds half of every weight,
+    gradient and Adam moment. The resume state is
+    saved as DCP shards at the checkpoint and every second of wall time (rank 0's clock, shared in the
     step's all-reduce); a SIGKILLed process stops the world, --resume continues the uninterrupted curve."""
-    steps = 100
+    steps = 40
     args = ["--dataset", "digits", "--steps", str(steps), "--batch-size", "16", "--checkpoints", "6",
-            "--eval-every", "40", "--save-every", "0.3s", "--fsdp", *TINY_ARGS, "--name", "sharded",
-            "--runs-dir", str(tmp_path / "runs"), "--json"]
+            "--eval-every", "20", "--save-every", "1s", "--fsdp", "--grad-accum", "2", "--activation-checkpointing",
+            *TINY_ARGS, "--name", "sharded", "--runs-dir", str(tmp_path / "runs"), "--json"]
     launch = torchrun(args, cwd=tmp_path)
     run_path = tmp_path / "runs" / "sharded"
     wait_for(run_path / "resume" / "step.json", launch)
@@ -215,11 +216,11 @@ def test_fsdp_gives_the_one_process_curve_one_checkpoint_file_and_resumes_after_
     shards = sorted(p.name for p in (run_path / "resume" / saved["folder"]).iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # each process wrote its own part
 
-    straight = resume_beside_a_straight_run(args, tmp_path, steps=steps, checkpoints=[6], eval_every=40)
+    straight = resume_beside_a_straight_run(args, tmp_path, steps=steps, checkpoints=[6], eval_every=20, grad_accum=2)
     sharded = open_run("sharded", tmp_path / "runs")
     assert_same_curve(curve(sharded), curve(straight))
     val_a, val_b = sharded.val_losses(), straight.val_losses()
-    assert val_a.keys() == val_b.keys() == {6, 40, 80, 100}
+    assert val_a.keys() == val_b.keys() == {6, 20, 40}
     assert all(abs(val_a[s] - val_b[s]) < 1e-5 for s in val_a)
     # checkpoints: one self-contained safetensors file each, gathered from the shards
     outside_resume = [name for name in files(straight) if not name.startswith("resume/")]
