@@ -524,8 +524,8 @@ def _train_step(t: _Trainer, step: int, order: _BatchOrder, signals: StopSignals
     loss = forward_backward(t.net, batches, autocast=t.autocast, seeds=seeds, no_sync=ddp.no_sync if ddp else None)
     flags = None
     if t.world > 1:  # one collective for the mean loss, "a process was asked to stop" and "time to save"
-        wanted = torch.tensor([signals.requested, t.rank == 0 and saves.time_due()], dtype=loss.dtype, device=t.device)
-        packed = torch.cat([loss.reshape(1), wanted])
+        stop, save = float(signals.requested), float(t.rank == 0 and saves.time_due())
+        packed = torch.stack([loss, torch.full_like(loss, stop), torch.full_like(loss, save)])  # fills: no host-to-device copy
         dist.all_reduce(packed)
         loss, flags = packed[0] / t.world, packed[1:]
     t.updating = True
@@ -730,14 +730,20 @@ def _save_resume(t: _Trainer, step: int) -> None:
         else:
             os.replace(tmp, folder)
         atomic_write_json(t.resume_dir / "step.json", {"step": step, "folder": folder.name})
-        for old in t.resume_dir.iterdir():
-            if old.is_dir() and old != folder:
-                shutil.rmtree(old)
+        for old in t.resume_dir.iterdir():  # older states, and leftovers of interrupted saves
+            if old.name not in (folder.name, "step.json"):
+                if old.is_dir():
+                    shutil.rmtree(old)
+                else:
+                    old.unlink()
     t.saved = step
 
 
 def _load_resume(t: _Trainer) -> int:
-    """Load the saved weights and optimizer state into t's model and optimizer; returns their step."""
+    """Load the saved weights and optimizer state into t's model and optimizer; returns their step.
+
+    A resume state is the run's own working file, not one to share: DCP's index (FSDP) is a pickle.
+    Checkpoints (safetensors) are the files to share."""
     try:
         pointer = json.loads((t.resume_dir / "step.json").read_text())
         step, folder = pointer["step"], t.resume_dir / pointer.get("folder", ".")  # ".": saved before per-step folders
