@@ -514,9 +514,7 @@ def _shard(model: IGPT, device: torch.device, world: int) -> None:
 def _train_step(t: _Trainer, step: int, order: _BatchOrder, signals: StopSignals, saves: SaveSchedule):
     """Forward, backward and update of optimizer step `step`. Returns (mean loss over all processes,
     flags [stop requested anywhere, save due by rank 0's clock] or None on one process), as device tensors."""
-    lr = lr_at(step, t.tc)
-    for group in t.optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(t.optimizer, lr_at(step, t.tc))
     local = order.indices(step)[t.rank :: t.world]
     batches = [t.train_ids[idx].to(t.device, non_blocking=True).long() for idx in local.split(t.micro_batch)]
     seeds = [t.tc.seed * 1_000_003 + step * 1009 + t.rank * 31 + micro for micro in range(len(batches))]
@@ -555,9 +553,8 @@ class _MetricsLog:
         rows = [{"step": first + i, "loss": loss, "lr": lr_at(first + i, self.tc)} for i, loss in enumerate(losses)]
         if rows and self.last_eval == upto:
             rows[-1].update(val_loss=self.last_val, val_bpd=bits_per_dim(self.last_val))
-        if self.writer and rows:
-            with open(self.path, "a") as f:
-                f.writelines(json.dumps(row) + "\n" for row in rows)
+        if self.writer:
+            append_jsonl(self.path, rows)
         self.pending = []
 
 
@@ -565,9 +562,7 @@ class _ProgressBar:
     """Rank 0's tqdm bar: loss, val loss, tokens/s of the global batch, and MFU on known GPUs."""
 
     def __init__(self, t: _Trainer):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=t.tc.steps, initial=t.start, desc=f"training {t.run.name}", unit="step", dynamic_ncols=True)
+        self.bar = progress_bar(True, total=t.tc.steps, initial=t.start, desc=f"training {t.run.name}", unit="step")
         self.config, self.world, self.peak = t.model.config, t.world, _peak_flops(t.device)
         self.tokens_per_step = t.tc.batch_size * self.config.n_positions
         self.window = (t.start, time.perf_counter())  # steps and time since the last report
@@ -722,8 +717,9 @@ def _save_resume(t: _Trainer, step: int) -> None:
         model_state, optimizer_state = get_state_dict(t.model, t.optimizer)  # this process's shards
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)  # returns when all wrote
     elif t.rank == 0:
-        save_file({k: v.detach().cpu().contiguous() for k, v in t.model.state_dict().items()}, tmp / "model.safetensors")
-        torch.save({"step": step, "optimizer": t.optimizer.state_dict()}, tmp / "optimizer.pt")
+        tensors = {k: v.detach().cpu().contiguous() for k, v in t.model.state_dict().items()}
+        atomic_write(tmp / "model.safetensors", lambda path: save_file(tensors, path))  # (flushed to disk)
+        atomic_write(tmp / "optimizer.pt", lambda path: torch.save({"step": step, "optimizer": t.optimizer.state_dict()}, path))
     if t.rank == 0:
         if folder.exists():  # complete (it was renamed into place) and of this same step: keep it
             shutil.rmtree(tmp)
