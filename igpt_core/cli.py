@@ -88,7 +88,7 @@ def cmd_train(args) -> None:
         run = start_run(name, args.dataset, args.preset, args.objective, colors, args.resolution, tc,
                         overrides, runs_dir, args.data_dir, overwrite=args.overwrite)
     try:
-        summary = train(run, resume=args.resume, progress=not args.json, data_dir=args.data_dir)
+        summary = train(run, resume=args.resume, progress=not args.json, data_dir=args.data_dir, runtime=tc)
     except KeyboardInterrupt:
         print(f"\ninterrupted: state saved; continue with the same command plus --resume", file=sys.stderr)
         raise SystemExit(130) from None

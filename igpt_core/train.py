@@ -21,7 +21,7 @@ import re
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -212,26 +212,8 @@ def _create_run(name, dataset, preset_name, objective, n_colors, resolution, tra
     return create_run(runs_dir, name, info, palette, overwrite=overwrite)
 
 
-def _palette_from_images(dataset, n_colors, resolution, seed, data_dir):
-    """A palette fitted on the training images; (palette, size, classes, unigram val loss)."""
-    data = load_dataset(dataset, "train", data_dir=data_dir, seed=seed, resolution=resolution)
-    size = data.resolution
-    palette = Palette.fit(data.images, n_colors, seed=seed)
-    val = load_dataset(dataset, "val", data_dir=data_dir, seed=seed, resolution=size)
-    unigram = unigram_loss(palette.encode(data.images, size), palette.encode(val.images, size), n_colors)
-    return palette, size, data.classes, unigram
-
-
-def _palette_from_shards(shards, n_colors, resolution):
-    """The palette the shards were tokenised with; (palette, size, classes, unigram val loss)."""
-    if n_colors is not None and n_colors != len(shards.palette):
-        raise ConfigError(f"--colors {n_colors}, but the shards in {shards.path} hold ids of a "
-                          f"{len(shards.palette)}-colour palette: leave --colors out, or tokenise again")
-    if resolution is not None and resolution != shards.resolution:
-        raise ConfigError(f"--resolution {resolution}, but the shards in {shards.path} are at {shards.resolution}: "
-                          "leave --resolution out, or tokenise again at that resolution")
-    unigram = unigram_loss_from_counts(shards.split("train").color_counts, shards.split("val").color_counts)
-    return shards.palette, shards.resolution, shards.classes, unigram
+# Settings a resumed run may change: where and how fast it runs and how often it saves, not what it learns.
+RUNTIME_SETTINGS = ("device", "compile", "save_every")
 
 
 def check_resume(run: Run, dataset: str, preset_name: str, objective: str, n_colors: int,
@@ -249,7 +231,7 @@ def check_resume(run: Run, dataset: str, preset_name: str, objective: str, n_col
         changes += [f"{k} {old[k]} -> {new[k]}" for k in old if old[k] != new[k]]
     old_train = TrainConfig.from_dict(info["train_config"])
     for f in fields(TrainConfig):
-        if f.name not in ("device", "compile", "save_every") and getattr(old_train, f.name) != getattr(train_config, f.name):
+        if f.name not in RUNTIME_SETTINGS and getattr(old_train, f.name) != getattr(train_config, f.name):
             changes.append(f"{f.name} {getattr(old_train, f.name)} -> {getattr(train_config, f.name)}")
     if changes:
         raise ConfigError(
@@ -428,12 +410,14 @@ class _Trainer:
         return self.run.path / "resume"
 
 
-def _set_up(run: Run, resume: bool, data_dir: Path | None) -> _Trainer:
+def _set_up(run: Run, resume: bool, data_dir: Path | None, runtime: TrainConfig | None) -> _Trainer:
     """Start this process's part of training: device, data, model (wrapped for DDP / FSDP), optimizer,
     and the resumed state if asked."""
     info = run.info
     config = ModelConfig.from_dict(info["model_config"])
     tc = TrainConfig.from_dict(info["train_config"])
+    if runtime is not None:
+        tc = replace(tc, **{name: getattr(runtime, name) for name in RUNTIME_SETTINGS})
     rank, world = init_from_env()
     device = pick_device(tc.device)
     if device.type == "cuda":
@@ -582,15 +566,17 @@ class _ProgressBar:
         self.bar.close()
 
 
-def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None, data_dir: Path | None = None) -> dict:
+def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None, data_dir: Path | None = None,
+          runtime: TrainConfig | None = None) -> dict:
     """Train `run` to its configured number of steps; returns a summary dict.
 
     on_step(step, loss) is called after every optimizer step (rank 0; loss is a device tensor);
     raising KeyboardInterrupt from it, pressing Ctrl-C or sending SIGTERM saves a resumable state
     and stops (KeyboardInterrupt propagates). Under torchrun, a lost process raises `IgptError`.
     Besides every checkpoint, the resume state is saved every `save_every` (steps or wall time).
+    runtime: take the RUNTIME_SETTINGS from this config instead of the run's (e.g. on --resume).
     """
-    t = _set_up(run, resume, data_dir)
+    t = _set_up(run, resume, data_dir, runtime)
     log = _MetricsLog(run.path / "metrics.jsonl", t.tc, writer=t.rank == 0)
     order = _BatchOrder(len(t.train_ids), t.tc.batch_size, t.tc.seed)
     saves = SaveSchedule(t.tc.save_every)

@@ -44,8 +44,14 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train(broken, progress=False, on_step=stop_at_7)
-    assert json.loads((broken.path / "resume" / "step.json").read_text())["step"] == 7
-    train(broken, resume=True, progress=False)
+    def saved_step():
+        return json.loads((broken.path / "resume" / "step.json").read_text())["step"]
+
+    assert saved_step() == 7
+    seen = []  # a resumed run may save more often: a run-time setting, like the device
+    train(broken, resume=True, progress=False, on_step=lambda step, loss: seen.append(saved_step()),
+          runtime=TrainConfig(save_every="1"))
+    assert seen == list(range(8, 13))
     a = [(r["step"], r["loss"]) for r in straight.metrics()]
     b = [(r["step"], r["loss"]) for r in broken.metrics()]
     assert [s for s, _ in b] == list(range(1, 13))
