@@ -212,6 +212,28 @@ def _create_run(name, dataset, preset_name, objective, n_colors, resolution, tra
     return create_run(runs_dir, name, info, palette, overwrite=overwrite)
 
 
+def _palette_from_images(dataset, n_colors, resolution, seed, data_dir):
+    """A palette fitted on the training images; (palette, size, classes, unigram val loss)."""
+    data = load_dataset(dataset, "train", data_dir=data_dir, seed=seed, resolution=resolution)
+    size = data.resolution
+    palette = Palette.fit(data.images, n_colors, seed=seed)
+    val = load_dataset(dataset, "val", data_dir=data_dir, seed=seed, resolution=size)
+    unigram = unigram_loss(palette.encode(data.images, size), palette.encode(val.images, size), n_colors)
+    return palette, size, data.classes, unigram
+
+
+def _palette_from_shards(shards, n_colors, resolution):
+    """The palette the shards were tokenised with; (palette, size, classes, unigram val loss)."""
+    if n_colors is not None and n_colors != len(shards.palette):
+        raise ConfigError(f"--colors {n_colors}, but the shards in {shards.path} hold ids of a "
+                          f"{len(shards.palette)}-colour palette: leave --colors out, or tokenise again")
+    if resolution is not None and resolution != shards.resolution:
+        raise ConfigError(f"--resolution {resolution}, but the shards in {shards.path} are at {shards.resolution}: "
+                          "leave --resolution out, or tokenise again at that resolution")
+    unigram = unigram_loss_from_counts(shards.split("train").color_counts, shards.split("val").color_counts)
+    return shards.palette, shards.resolution, shards.classes, unigram
+
+
 # Settings a resumed run may change: where and how fast it runs and how often it saves, not what it learns.
 RUNTIME_SETTINGS = ("device", "compile", "save_every")
 
@@ -392,7 +414,7 @@ class _Trainer:
     model: IGPT  # whose weights are saved; under --fsdp sharded in place, each process holding its part
     net: torch.nn.Module  # what a step calls: the model, DDP around it, or torch.compile of either
     optimizer: torch.optim.Optimizer
-    train_ids: torch.Tensor  # (N, T) int16 on the host
+    train_ids: torch.Tensor  # (N, T) on the host: int16 ids in memory, or a ShardSplit read from disk
     val_ids: torch.Tensor  # (eval_images, T) on the device
     micro_batch: int  # images per process per micro-step
     autocast: object  # bf16 autocast on CUDA, else a no-op context
@@ -450,9 +472,20 @@ def _check_processes(tc: TrainConfig, world: int) -> int:
     return micro_batch
 
 
-def _token_ids(run: Run, config: ModelConfig, tc: TrainConfig, device, data_dir) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training ids on the host, validation ids on the device): the run's dataset through its palette."""
+def _token_ids(run: Run, config: ModelConfig, tc: TrainConfig, device, data_dir) -> tuple:
+    """(training ids on the host, validation ids on the device): the run's dataset through its palette.
+
+    A dataset name is tokenised here, into memory. `shards:DIR` stays on disk: the training ids are
+    a `ShardSplit`, whose rows (`ids[indices]`) are read from memory-mapped shards, so each process
+    reads only its share of each batch and memory does not grow with the dataset.
+    """
     info, palette = run.info, run.palette
+    shards_dir = shards_path(info["dataset"])
+    if shards_dir is not None:
+        shards = open_shards(shards_dir)
+        shards.check_palette(palette, f"run {run.name!r}")
+        train_ids, val_ids = shards.split("train"), shards.split("val")
+        return train_ids, val_ids[np.arange(min(tc.eval_images, len(val_ids)))].to(device)
     data_dir = data_dir or info.get("data_dir")
     train_images = load_dataset(info["dataset"], "train", data_dir=data_dir, seed=tc.seed, resolution=config.image_size)
     val_images = load_dataset(info["dataset"], "val", data_dir=data_dir, seed=tc.seed, resolution=config.image_size)
