@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from igpt_core.errors import ConfigError, DatasetError, RunError
-from igpt_core.runs import load_checkpoint, open_run
-from igpt_core.train import SaveSchedule, TrainConfig, check_resume, lr_at, parse_save_every, start_run, train
+from igpt_core.model import IGPT, preset
+from igpt_core.runs import ModelCache, load_checkpoint, open_run
+from igpt_core.train import (SaveSchedule, TrainConfig, check_resume, copy_state, lr_at, make_optimizer, parse_save_every,
+                             start_run, train)
 
 from conftest import TINY
 
@@ -93,6 +95,43 @@ def test_schedule_warms_up_then_decays_to_zero():
     tc = TrainConfig(steps=100, lr=1.0, warmup=0.1)
     assert lr_at(1, tc) == pytest.approx(0.1) and lr_at(10, tc) == pytest.approx(1.0)
     assert lr_at(55, tc) == pytest.approx(0.5) and lr_at(100, tc) == pytest.approx(0.0)
+
+
+def test_weight_decay_only_on_matrices():
+    model = IGPT(preset("tiny", vocab_size=17, n_positions=16, **TINY))
+    optimizer = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(names)  # every parameter, once
+    assert {names[i] for i in decay} == {name for name, p in model.named_parameters() if p.dim() >= 2}
+    assert not any("ln_" in names[i] or names[i].endswith(".bias") for i in decay)
+
+
+def test_copy_state_is_a_cpu_snapshot():
+    model = IGPT(preset("tiny", vocab_size=17, n_positions=16, **TINY))
+    snapshot = copy_state(model)
+    name, weight = next(iter(model.named_parameters()))
+    with torch.no_grad():
+        weight.add_(1.0)
+    assert all(t.device.type == "cpu" for t in snapshot.values())
+    assert not torch.equal(snapshot[name], weight)  # a copy: later steps do not change it
+    model.load_state_dict(snapshot)  # and it loads back
+
+
+def test_model_cache_loads_once_and_again_when_the_file_changes(tiny_run, tmp_path):
+    import os
+    import shutil
+
+    run = open_run(tiny_run.name, shutil.copytree(tiny_run.path, tmp_path / tiny_run.name).parent)
+    cache = ModelCache()
+    model, palette, step = cache.load(run)
+    assert step == run.checkpoints()[-1] and cache.load(run, step)[0] is model
+    assert cache.palette(run) is cache.palette(run) and cache.palette(run) == palette
+    stamp = run.checkpoint_path(step).stat().st_mtime_ns
+    os.utime(run.checkpoint_path(step), ns=(stamp + 10**9, stamp + 10**9))  # as a re-trained run's file
+    assert cache.load(run, step)[0] is not model
+    with pytest.raises(RunError, match="no checkpoint at step 7"):
+        cache.load(run, 7)
 
 
 # -- no lost work: the resume state is saved between checkpoints too ---------------------------------
