@@ -41,6 +41,16 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _save_every(text: str) -> str:
+    from .train import parse_save_every
+
+    try:
+        parse_save_every(text)
+    except IgptError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text.strip()
+
+
 # -- train / runs / data ----------------------------------------------------------------------------
 
 
@@ -78,7 +88,7 @@ def cmd_train(args) -> None:
         run = start_run(name, args.dataset, args.preset, args.objective, colors, args.resolution, tc,
                         overrides, runs_dir, args.data_dir, overwrite=args.overwrite)
     try:
-        summary = train(run, resume=args.resume, progress=not args.json, data_dir=args.data_dir)
+        summary = train(run, resume=args.resume, progress=not args.json, data_dir=args.data_dir, runtime=tc)
     except KeyboardInterrupt:
         print(f"\ninterrupted: state saved; continue with the same command plus --resume", file=sys.stderr)
         raise SystemExit(130) from None
@@ -454,6 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default auto)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPUs)")
     p.add_argument("--activation-checkpointing", action="store_true", help="trade compute for memory (large presets)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, gradients and Adam state over the processes (FSDP), "
+                        "for models that do not fit one GPU (e.g. --preset xl)")
+    p.add_argument("--save-every", type=_save_every, default=d.save_every, metavar="N|Ns|Nm|Nh",
+                   help="also save the resume state every N steps, or every N seconds/minutes/hours of wall "
+                        f"time, so a killed run loses at most that (default {d.save_every})")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a model setting, e.g. --set n_layer=2 --set n_embd=64 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last saved state")

@@ -82,6 +82,10 @@ PRESETS: dict[str, dict] = {
     "s": dict(n_layer=24, n_head=8, n_embd=512),  # iGPT-S, 76M parameters
     "m": dict(n_layer=36, n_head=8, n_embd=1024),  # iGPT-M, 455M
     "l": dict(n_layer=48, n_head=16, n_embd=1536),  # iGPT-L, 1.36B
+    # iGPT-XL, 6.8B: 60 layers of width 3072, as the paper describes it. Neither the paper nor
+    # OpenAI's released code (S, M and L only) gives XL's head count; 24 heads make head_dim 128, as
+    # in iGPT-M and GPT-3's largest models, a size fused attention kernels handle well. Needs --fsdp.
+    "xl": dict(n_layer=60, n_head=24, n_embd=3072),
 }
 
 

@@ -47,8 +47,11 @@ def default_runs_dir() -> Path:
 # -- checkpoints ------------------------------------------------------------------------------------
 
 
-def save_checkpoint(path: Path, model: IGPT, palette: Palette, **info) -> None:
-    """Weights as safetensors; model config, palette and `info` (step, val loss, ...) as metadata."""
+def save_checkpoint(path: Path, model: IGPT, palette: Palette, *, state_dict: dict | None = None, **info) -> None:
+    """Weights as safetensors; model config, palette and `info` (step, val loss, ...) as metadata.
+
+    state_dict: the model's weights when model.state_dict() does not hold them all (FSDP shards:
+    gathered beforehand)."""
     if len(palette) != model.config.n_colors:
         raise CheckpointError(f"palette has {len(palette)} colours but the model predicts {model.config.n_colors}")
     metadata = {
@@ -57,7 +60,8 @@ def save_checkpoint(path: Path, model: IGPT, palette: Palette, **info) -> None:
         "palette": palette.to_json(),
         "info": json.dumps(info),
     }
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 

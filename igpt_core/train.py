@@ -4,7 +4,9 @@
 recorded); `train` runs the loop on it. The loop is deterministic by construction — batch order is
 a function of (seed, step) and the model's random masks are seeded by (seed, step, rank, micro-step)
 — so a run resumed from its last saved state reproduces the uninterrupted loss curve exactly,
-and `torchrun` with N processes sees the same global batches as one process.
+and `torchrun` with N processes sees the same global batches as one process (with DDP, each
+process holding the whole model, or with `fsdp`, each holding 1/N of its weights, gradients and Adam
+state). The resume state is saved at every checkpoint and every `save_every` steps or minutes.
 
 Under `torchrun` every process runs this same code; distributed.py says how the processes share the
 work, wait for each other and stop (a lost process, SIGINT/SIGTERM).
@@ -16,15 +18,21 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from .data import load_dataset
 from .distributed import StopSignals, init_from_env, is_peer_failure, lost_peers_message, patient_group
@@ -55,6 +63,8 @@ class TrainConfig:
     device: str = "auto"  # "auto": cuda if available, else mps, else cpu
     compile: bool = False  # torch.compile the model (worth it on GPUs, long warm-up on CPU)
     activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    fsdp: bool = False  # shard weights, gradients and Adam state over the processes (torchrun): models too big for one GPU
+    save_every: str = "10m"  # also save the resume state every N steps ("50") or N s/m/h of wall time ("10m")
 
     def checkpoint_steps(self) -> list[int]:
         if self.checkpoints is not None:
@@ -65,6 +75,38 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+_SECONDS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_save_every(text: str) -> tuple[int | None, float | None]:
+    """`--save-every` as (steps, None) for "50", or (None, seconds) for "90s", "10m", "1.5h"."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([smh]?)\s*", str(text))
+    if not match or float(match.group(1)) <= 0 or (not match.group(2) and not match.group(1).isdigit()):
+        raise ConfigError(f"save_every must be a number of steps (e.g. 50) or of seconds, minutes or hours of "
+                          f"wall time (e.g. 90s, 10m, 2h), got {text!r}")
+    number, unit = match.groups()
+    return (int(number), None) if not unit else (None, float(number) * _SECONDS[unit])
+
+
+class SaveSchedule:
+    """When to save the resume state between checkpoints: every N steps, or every N seconds of wall
+    time since the last save (under torchrun, rank 0's clock decides for every process)."""
+
+    def __init__(self, save_every: str, clock=time.monotonic):
+        self.steps, self.seconds = parse_save_every(save_every)
+        self.clock = clock
+        self.last = clock()
+
+    def step_due(self, step: int) -> bool:
+        return self.steps is not None and step % self.steps == 0
+
+    def time_due(self) -> bool:
+        return self.seconds is not None and self.clock() - self.last >= self.seconds
+
+    def saved(self) -> None:
+        self.last = self.clock()
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -124,6 +166,7 @@ def start_run(
     """
     train_config = train_config or TrainConfig()
     rank, world = init_from_env()
+    _check_processes(train_config, world)  # before anything is written
     if world == 1:
         return _create_run(name, dataset, preset_name, objective, n_colors, resolution, train_config,
                            model_overrides, runs_dir, data_dir, overwrite)
@@ -191,6 +234,10 @@ def _palette_from_shards(shards, n_colors, resolution):
     return shards.palette, shards.resolution, shards.classes, unigram
 
 
+# Settings a resumed run may change: where and how fast it runs and how often it saves, not what it learns.
+RUNTIME_SETTINGS = ("device", "compile", "save_every")
+
+
 def check_resume(run: Run, dataset: str, preset_name: str, objective: str, n_colors: int,
                  train_config: TrainConfig, model_overrides: dict | None) -> None:
     """Refuse to resume a run with settings that differ from the ones it was started with."""
@@ -206,7 +253,7 @@ def check_resume(run: Run, dataset: str, preset_name: str, objective: str, n_col
         changes += [f"{k} {old[k]} -> {new[k]}" for k in old if old[k] != new[k]]
     old_train = TrainConfig.from_dict(info["train_config"])
     for f in fields(TrainConfig):
-        if f.name not in ("device", "compile") and getattr(old_train, f.name) != getattr(train_config, f.name):
+        if f.name not in RUNTIME_SETTINGS and getattr(old_train, f.name) != getattr(train_config, f.name):
             changes.append(f"{f.name} {getattr(old_train, f.name)} -> {getattr(train_config, f.name)}")
     if changes:
         raise ConfigError(
@@ -246,23 +293,27 @@ def evaluate(model: IGPT, ids: torch.Tensor, batch_size: int = 128, seed: int = 
 
     Under torchrun (world > 1) each process scores every world-th batch and the sums are
     all-reduced: the same value on every process, the same masks as one process would draw.
+    Every process runs the same number of forward passes (a short last round repeats batch 0 with
+    weight 0), as FSDP needs: each forward gathers the sharded weights from all processes.
     """
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=ids.device)
     count = torch.zeros((), dtype=torch.float64, device=ids.device)
+    batches = ids.split(batch_size)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    for i, batch in enumerate(ids.split(batch_size)):
-        mask = None
-        if model.config.objective == "bert":  # drawn for every batch, so each shard sees the masks of one process
-            mask = (torch.rand(batch.shape, generator=generator) < model.config.mask_prob).to(batch.device)
-        if i % world != rank:
-            continue
+    masks = [None] * len(batches)
+    if model.config.objective == "bert":  # drawn for every batch, so each shard sees the masks of one process
+        masks = [(torch.rand(b.shape, generator=generator) < model.config.mask_prob).to(b.device) for b in batches]
+    rounds = -(-len(batches) // world)
+    for i in range(rank, rounds * world, world):
+        j = i if i < len(batches) else 0
         with autocast or nullcontext():
-            _, loss = model(batch, targets=batch, mask=mask)
-        weight = mask.sum() if mask is not None else batch.numel()
-        total += loss.double() * weight
-        count += weight
+            _, loss = model(batches[j], targets=batches[j], mask=masks[j])
+        if i < len(batches):
+            weight = masks[j].sum() if masks[j] is not None else batches[j].numel()
+            total += loss.double() * weight
+            count += weight
     if world > 1:
         sums = torch.stack([total, count])
         dist.all_reduce(sums)
@@ -348,165 +399,77 @@ def model_flops_per_token(config: ModelConfig) -> float:
     return 6 * weights + 12 * layers * d * config.n_positions
 
 
-def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None, data_dir: Path | None = None) -> dict:
-    """Train `run` to its configured number of steps; returns a summary dict.
+# -- the loop: set up, step, report and save, stop ---------------------------------------------------
 
-    on_step(step, loss) is called after every optimizer step (rank 0; loss is a device tensor);
-    raising KeyboardInterrupt from it, pressing Ctrl-C or sending SIGTERM saves a resumable state
-    and stops (KeyboardInterrupt propagates). Under torchrun, a lost process raises `IgptError`.
-    """
+
+@dataclass
+class _Trainer:
+    """What one process holds while it trains a run (made by `_set_up`)."""
+
+    run: Run
+    tc: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    model: IGPT  # whose weights are saved; under --fsdp sharded in place, each process holding its part
+    net: torch.nn.Module  # what a step calls: the model, DDP around it, or torch.compile of either
+    optimizer: torch.optim.Optimizer
+    train_ids: torch.Tensor  # (N, T) on the host: int16 ids in memory, or a ShardSplit read from disk
+    val_ids: torch.Tensor  # (eval_images, T) on the device
+    micro_batch: int  # images per process per micro-step
+    autocast: object  # bf16 autocast on CUDA, else a no-op context
+    start: int = 0  # the step training continues from (0, or the step of the resumed state)
+    completed: int = 0  # last step whose optimizer update is done
+    updating: bool = False  # inside optimizer_update: the weights are half-way between two steps
+    saved: int | None = None  # step of the last resume state written by this process's training
+
+    @cached_property
+    def checkpoint_steps(self) -> set[int]:
+        return set(self.tc.checkpoint_steps())
+
+    @property
+    def resume_dir(self) -> Path:
+        return self.run.path / "resume"
+
+
+def _set_up(run: Run, resume: bool, data_dir: Path | None, runtime: TrainConfig | None) -> _Trainer:
+    """Start this process's part of training: device, data, model (wrapped for DDP / FSDP), optimizer,
+    and the resumed state if asked."""
     info = run.info
     config = ModelConfig.from_dict(info["model_config"])
     tc = TrainConfig.from_dict(info["train_config"])
+    if runtime is not None:
+        tc = replace(tc, **{name: getattr(runtime, name) for name in RUNTIME_SETTINGS})
     rank, world = init_from_env()
     device = pick_device(tc.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    micro_batch = _check_processes(tc, world)
+    train_ids, val_ids = _token_ids(run, config, tc, device, data_dir)
+    if world > 1:
+        dist.barrier(group=patient_group())  # the slowest process has loaded the data (patiently)
+    model, net = _build_model(config, tc, world, device)
+    t = _Trainer(run, tc, rank, world, device, model, net, make_optimizer(model, tc, device), train_ids, val_ids,
+                 micro_batch, torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
+    log_file = run.path / "metrics.jsonl"
+    if resume:
+        t.start = t.completed = t.saved = _load_resume(t)
+        if rank == 0:
+            _truncate_metrics(run, t.start)
+    elif rank == 0 and log_file.exists():
+        log_file.unlink()
+    return t
+
+
+def _check_processes(tc: TrainConfig, world: int) -> int:
+    """Images per process per micro-step, if `world` processes can run this config."""
     micro_batch, rem = divmod(tc.batch_size, tc.grad_accum * world)
     if rem or micro_batch == 0:
         raise ConfigError(f"batch_size {tc.batch_size} must divide by grad_accum ({tc.grad_accum}) × processes ({world})")
-
-    palette = run.palette
-    train_ids, val_ids = _token_ids(run, config, tc, device, data_dir)
-
-    torch.manual_seed(tc.seed)  # same initial weights on every process
-    model = IGPT(config).to(device)
-    model.gradient_checkpointing = tc.activation_checkpointing
-    optimizer = make_optimizer(model, tc, device)
-    start = 0
-    resume_dir = run.path / "resume"
-    log_file = run.path / "metrics.jsonl"
-    if resume:
-        start = _load_resume(resume_dir, model, optimizer, device)
-        if rank == 0:
-            _truncate_metrics(run, start)
-    elif rank == 0 and log_file.exists():
-        log_file.unlink()
-
-    net, ddp = model, None
-    if world > 1:
-        dist.barrier(group=patient_group())  # the slowest process has loaded the data (patiently)
-        net = ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if tc.compile:
-        net = torch.compile(net)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-    order = _BatchOrder(len(train_ids), tc.batch_size, tc.seed)
-    checkpoint_steps = set(tc.checkpoint_steps())
-    tokens_per_step = tc.batch_size * config.n_positions  # the global batch, all processes together
-    peak = _peak_flops(device)
-    bar = progress_bar(progress and rank == 0, total=tc.steps, initial=start, desc=f"training {run.name}", unit="step")
-
-    pending: list[torch.Tensor] = []  # losses of finished steps not yet read back (reading makes the host wait)
-
-    def write_pending(upto: int, losses: list[float] | None = None) -> None:
-        """Rank 0 appends the pending losses (steps ..upto) to the log, with the val loss if evaluated at upto."""
-        nonlocal pending
-        losses = (torch.stack(pending).tolist() if pending else []) if losses is None else losses
-        rows = [{"step": upto - len(losses) + 1 + i, "loss": loss, "lr": lr_at(upto - len(losses) + 1 + i, tc)}
-                for i, loss in enumerate(losses)]
-        if rows and last_eval == upto:
-            rows[-1].update(val_loss=last_val, val_bpd=bits_per_dim(last_val))
-        if rank == 0:
-            append_jsonl(log_file, rows)
-        pending = []
-
-    completed = start  # last step whose optimizer update is done (and whose loss is in `pending` or the log)
-    updating = False  # inside optimizer_update: the weights are half-way between two steps
-    last_val, last_eval = None, None
-    t0 = time.perf_counter()
-    window = (start, t0)  # for the progress bar's throughput: steps and time since the last report
-    model.train()
-    with StopSignals() as signals:
-        try:
-            for step in range(start + 1, tc.steps + 1):
-                set_lr(optimizer, lr_at(step, tc))
-                local = order.indices(step)[rank::world]
-                batches = [train_ids[idx].to(device, non_blocking=True).long() for idx in local.split(micro_batch)]
-                seeds = [tc.seed * 1_000_003 + step * 1009 + rank * 31 + micro for micro in range(len(batches))]
-                loss = forward_backward(net, batches, autocast=autocast, seeds=seeds,
-                                        no_sync=ddp.no_sync if ddp is not None else None)
-                stop_flag = None
-                if world > 1:  # one collective for the mean loss and for "a process was asked to stop"
-                    packed = torch.stack([loss, torch.full((), float(signals.requested), device=device)])
-                    dist.all_reduce(packed)
-                    loss, stop_flag = packed[0] / world, packed[1]
-                updating = True
-                optimizer_update(model, optimizer, tc.grad_clip)
-                updating = False
-                completed = step
-                pending.append(loss)
-
-                is_checkpoint = step in checkpoint_steps
-                is_eval = is_checkpoint or step % tc.eval_every == 0
-                flush = is_eval or len(pending) >= 10 or step == tc.steps
-                if stop_flag is None:
-                    stop = signals.requested
-                else:  # the same answer on every process; on a GPU read only where the host waits anyway
-                    stop = bool(stop_flag.item()) if device.type == "cpu" or flush else False
-                stop = stop and step < tc.steps
-                if flush or stop:
-                    losses = torch.stack(pending).tolist()  # the host waits for the device here, and only here
-                    now = time.perf_counter()
-                    if is_eval:
-                        last_val = evaluate(model, val_ids, seed=tc.seed, rank=rank, world=world, autocast=autocast)
-                        last_eval = step
-                    write_pending(step, losses)
-                    if rank == 0 and is_checkpoint:
-                        save_checkpoint(run.checkpoint_path(step), model, palette, step=step, val_loss=last_val)
-                        _save_resume(resume_dir, model, optimizer, step)
-                    if world > 1 and is_checkpoint:
-                        dist.barrier()  # the checkpoint exists before any process goes on (or returns)
-                    if bar is not None:
-                        rate = tokens_per_step * (step - window[0]) / max(now - window[1], 1e-9)
-                        shown = {"loss": f"{losses[-1]:.3f}", "val": None if last_val is None else f"{last_val:.3f}",
-                                 "tok_s": f"{rate:,.0f}"}
-                        if peak:  # model FLOPs utilisation, over all processes' GPUs
-                            shown["mfu"] = f"{rate * model_flops_per_token(config) / (peak * world):.0%}"
-                        bar.set_postfix(shown)
-                    window = (step, time.perf_counter())  # the next window excludes this evaluation and checkpoint
-                if stop:
-                    raise KeyboardInterrupt  # every process stops after the same step; handled below
-                if bar is not None:
-                    bar.update(1)
-                if on_step is not None and rank == 0:
-                    on_step(step, loss)
-        except KeyboardInterrupt:
-            # Keep what is known: the losses not yet logged and a resumable state at the last finished step.
-            if rank == 0:
-                write_pending(completed)
-                if not updating:
-                    _save_resume(resume_dir, model, optimizer, completed)
-            raise
-        except RuntimeError as err:
-            if world == 1 or not is_peer_failure(err):
-                raise
-            saved = None
-            if rank == 0 and not updating:
-                try:
-                    write_pending(completed)
-                    _save_resume(resume_dir, model, optimizer, completed)
-                    saved = completed
-                except Exception:  # noqa: BLE001 - the error below matters more
-                    pass
-            raise IgptError(lost_peers_message(err, rank, completed + 1, saved, run)) from err
-        finally:
-            if bar is not None:
-                bar.close()
-    elapsed = time.perf_counter() - t0
-    return {
-        "run": run.name,
-        "path": str(run.path.resolve()),
-        "steps": tc.steps,
-        "val_loss": last_val,
-        "val_bpd": None if last_val is None else bits_per_dim(last_val),
-        "unigram_val_loss": info.get("unigram_val_loss"),
-        "tokens_per_second": tokens_per_step * (tc.steps - start) / max(elapsed, 1e-9),
-        "seconds": elapsed,
-        "checkpoints": run.checkpoints(),
-        "processes": world,
-    }
+    if tc.fsdp and world == 1:
+        raise ConfigError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N "
+                          "(N ≥ 2), or train without --fsdp on one process")
+    return micro_batch
 
 
 def _token_ids(run: Run, config: ModelConfig, tc: TrainConfig, device, data_dir) -> tuple:
@@ -532,26 +495,293 @@ def _token_ids(run: Run, config: ModelConfig, tc: TrainConfig, device, data_dir)
     return train_ids, val_ids
 
 
-def _save_resume(folder: Path, model: IGPT, optimizer, step: int) -> None:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp))
-    atomic_write(folder / "optimizer.pt", lambda tmp: torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp))
-    atomic_write_json(folder / "step.json", {"step": step})  # written last: marks the pair complete
+def _build_model(config: ModelConfig, tc: TrainConfig, world: int, device) -> tuple[IGPT, torch.nn.Module]:
+    """(the model, the module a step calls). The same initial weights on every process, and for any
+    number of processes: built from the seed on the host, then moved (or, under FSDP, sharded) to the device."""
+    torch.manual_seed(tc.seed)
+    model = IGPT(config)
+    model.gradient_checkpointing = tc.activation_checkpointing
+    net = model
+    if tc.fsdp:
+        _shard(model, device, world)
+    else:
+        model.to(device)
+        if world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if tc.compile:
+        net = torch.compile(net)
+    return model, net
 
 
-def _load_resume(folder: Path, model: IGPT, optimizer, device) -> int:
+def _shard(model: IGPT, device: torch.device, world: int) -> None:
+    """Fully sharded data parallel (FSDP2, `fully_shard`): every process keeps 1/world of each weight, its
+    gradient and its Adam moments. Each Block is one unit: its weights are all-gathered just before it
+    runs (forward, and again in backward) and freed after; gradients are reduce-scattered, so each
+    process keeps only its part. The root unit holds the embeddings, the final norm and the head. On
+    GPUs the gathered weights are bf16 and gradients are reduced in fp32; the kept shards stay fp32."""
+    mesh = init_device_mesh(device.type, (world,))
+    policy = MixedPrecisionPolicy()
+    if device.type == "cuda":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.h:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)  # host-built weights move to the device shard by shard
+
+
+def _train_step(t: _Trainer, step: int, order: _BatchOrder, signals: StopSignals, saves: SaveSchedule):
+    """Forward, backward and update of optimizer step `step`. Returns (mean loss over all processes,
+    flags [stop requested anywhere, save due by rank 0's clock] or None on one process), as device tensors."""
+    set_lr(t.optimizer, lr_at(step, t.tc))
+    local = order.indices(step)[t.rank :: t.world]
+    batches = [t.train_ids[idx].to(t.device, non_blocking=True).long() for idx in local.split(t.micro_batch)]
+    seeds = [t.tc.seed * 1_000_003 + step * 1009 + t.rank * 31 + micro for micro in range(len(batches))]
+    ddp = t.net if isinstance(t.net, torch.nn.parallel.DistributedDataParallel) else None  # (FSDP syncs every micro-step)
+    loss = forward_backward(t.net, batches, autocast=t.autocast, seeds=seeds, no_sync=ddp.no_sync if ddp else None)
+    flags = None
+    if t.world > 1:  # one collective for the mean loss, "a process was asked to stop" and "time to save"
+        stop, save = float(signals.requested), float(t.rank == 0 and saves.time_due())
+        packed = torch.stack([loss, torch.full_like(loss, stop), torch.full_like(loss, save)])  # fills: no host-to-device copy
+        dist.all_reduce(packed)
+        loss, flags = packed[0] / t.world, packed[1:]
+    t.updating = True
+    optimizer_update(t.model, t.optimizer, t.tc.grad_clip)
+    t.updating = False
+    t.completed = step
+    return loss, flags
+
+
+class _MetricsLog:
+    """metrics.jsonl, written by rank 0: one row per step (train loss, lr), plus the val loss on steps that
+    evaluated. Losses wait on the device until a flush reads them back together (a read makes the host wait)."""
+
+    def __init__(self, path: Path, tc: TrainConfig, writer: bool):
+        self.path, self.tc, self.writer = path, tc, writer
+        self.pending: list[torch.Tensor] = []  # losses of finished steps, not yet read back
+        self.last_val: float | None = None
+        self.last_eval: int | None = None  # the step of last_val
+
+    def losses(self) -> list[float]:
+        return torch.stack(self.pending).tolist() if self.pending else []  # the host waits for the device here
+
+    def write(self, upto: int, losses: list[float] | None = None) -> None:
+        """Append the pending losses (steps ..upto), with the val loss if evaluated at upto."""
+        losses = self.losses() if losses is None else losses
+        first = upto - len(losses) + 1
+        rows = [{"step": first + i, "loss": loss, "lr": lr_at(first + i, self.tc)} for i, loss in enumerate(losses)]
+        if rows and self.last_eval == upto:
+            rows[-1].update(val_loss=self.last_val, val_bpd=bits_per_dim(self.last_val))
+        if self.writer:
+            append_jsonl(self.path, rows)
+        self.pending = []
+
+
+class _ProgressBar:
+    """Rank 0's tqdm bar: loss, val loss, tokens/s of the global batch, and MFU on known GPUs."""
+
+    def __init__(self, t: _Trainer):
+        self.bar = progress_bar(True, total=t.tc.steps, initial=t.start, desc=f"training {t.run.name}", unit="step")
+        self.config, self.world, self.peak = t.model.config, t.world, _peak_flops(t.device)
+        self.tokens_per_step = t.tc.batch_size * self.config.n_positions
+        self.window = (t.start, time.perf_counter())  # steps and time since the last report
+
+    def show(self, step: int, loss: float, val: float | None, now: float) -> None:
+        rate = self.tokens_per_step * (step - self.window[0]) / max(now - self.window[1], 1e-9)
+        shown = {"loss": f"{loss:.3f}", "val": None if val is None else f"{val:.3f}", "tok_s": f"{rate:,.0f}"}
+        if self.peak:  # model FLOPs utilisation, over all processes' GPUs
+            shown["mfu"] = f"{rate * model_flops_per_token(self.config) / (self.peak * self.world):.0%}"
+        self.bar.set_postfix(shown)
+        self.window = (step, time.perf_counter())  # the next window excludes this evaluation and checkpoint
+
+    def advance(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None, data_dir: Path | None = None,
+          runtime: TrainConfig | None = None) -> dict:
+    """Train `run` to its configured number of steps; returns a summary dict.
+
+    on_step(step, loss) is called after every optimizer step (rank 0; loss is a device tensor);
+    raising KeyboardInterrupt from it, pressing Ctrl-C or sending SIGTERM saves a resumable state
+    and stops (KeyboardInterrupt propagates). Under torchrun, a lost process raises `IgptError`.
+    Besides every checkpoint, the resume state is saved every `save_every` (steps or wall time).
+    runtime: take the RUNTIME_SETTINGS from this config instead of the run's (e.g. on --resume).
+    """
+    t = _set_up(run, resume, data_dir, runtime)
+    log = _MetricsLog(run.path / "metrics.jsonl", t.tc, writer=t.rank == 0)
+    order = _BatchOrder(len(t.train_ids), t.tc.batch_size, t.tc.seed)
+    saves = SaveSchedule(t.tc.save_every)
+    bar = _ProgressBar(t) if progress and t.rank == 0 else None
+    t0 = time.perf_counter()
+    t.model.train()
+    with StopSignals() as signals:
+        try:
+            for step in range(t.start + 1, t.tc.steps + 1):
+                loss, flags = _train_step(t, step, order, signals, saves)
+                log.pending.append(loss)
+                if _report_and_save(t, step, flags, log, saves, signals, bar):
+                    raise KeyboardInterrupt  # every process stops after the same step, its state saved
+                if bar is not None:
+                    bar.advance()
+                if on_step is not None and t.rank == 0:
+                    on_step(step, loss)
+        except KeyboardInterrupt:
+            _save_alone(t, log)
+            raise
+        except (RuntimeError, dcp.CheckpointException) as err:  # (the latter: a collective failed while saving)
+            if t.world == 1 or not is_peer_failure(err):
+                raise
+            try:
+                _save_alone(t, log)
+            except Exception:  # noqa: BLE001 - the lost process matters more
+                pass
+            raise IgptError(lost_peers_message(err, t.rank, t.completed + 1, t.saved, run)) from err
+        finally:
+            if bar is not None:
+                bar.close()
+    elapsed = time.perf_counter() - t0
+    return {
+        "run": run.name,
+        "path": str(run.path.resolve()),
+        "steps": t.tc.steps,
+        "val_loss": log.last_val,
+        "val_bpd": None if log.last_val is None else bits_per_dim(log.last_val),
+        "unigram_val_loss": run.info.get("unigram_val_loss"),
+        "tokens_per_second": t.tc.batch_size * t.model.config.n_positions * (t.tc.steps - t.start) / max(elapsed, 1e-9),
+        "seconds": elapsed,
+        "checkpoints": run.checkpoints(),
+        "processes": t.world,
+    }
+
+
+def _report_and_save(t: _Trainer, step: int, flags, log: _MetricsLog, saves: SaveSchedule, signals: StopSignals,
+                     bar: _ProgressBar | None) -> bool:
+    """After step `step`: log, evaluate, checkpoint and save the resume state where due (every process
+    decides the same). Returns whether training stops here (a stop signal reached some process)."""
+    tc = t.tc
+    is_checkpoint = step in t.checkpoint_steps
+    is_eval = is_checkpoint or step % tc.eval_every == 0
+    flush = is_eval or len(log.pending) >= 10 or step == tc.steps or saves.step_due(step)
+    if flags is None:  # one process: its own signals and clock
+        stop, save = signals.requested, saves.time_due()
+    elif t.device.type == "cpu" or flush:  # the same answer on every process; on a GPU read only where the host waits anyway
+        stop, save = (bool(flag) for flag in flags.tolist())
+    else:
+        stop = save = False
+    stop = stop and step < tc.steps
+    save = save or stop or is_checkpoint or saves.step_due(step)
+    if not (flush or save):
+        return False
+    losses = log.losses()
+    now = time.perf_counter()
+    if is_eval:
+        log.last_val = evaluate(t.model, t.val_ids, seed=tc.seed, rank=t.rank, world=t.world, autocast=t.autocast)
+        log.last_eval = step
+    log.write(step, losses)
+    if is_checkpoint:
+        state = _full_state_dict(t.model, sharded=tc.fsdp)  # under FSDP, every process sends rank 0 its shards
+        if t.rank == 0:
+            save_checkpoint(t.run.checkpoint_path(step), t.model, t.run.palette, state_dict=state, step=step,
+                            val_loss=log.last_val)
+    if save:
+        _save_resume(t, step)
+        saves.saved()
+    if t.world > 1 and (is_checkpoint or save):
+        dist.barrier()  # the files exist before any process goes on (or returns)
+    if bar is not None:
+        bar.show(step, losses[-1], log.last_val, now)
+    return stop
+
+
+def _full_state_dict(model: IGPT, sharded: bool) -> dict[str, torch.Tensor]:
+    """All the weights, as one process holds them (under FSDP: gathered on rank 0 and on the host; the
+    other processes get {})."""
+    if not sharded:
+        return model.state_dict()
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _save_alone(t: _Trainer, log: _MetricsLog) -> None:
+    """When training stops without the others (Ctrl-C twice, on_step raising, a lost process): rank 0
+    logs the losses it has and, if it can alone, saves a resume state at the last finished step."""
+    if t.rank == 0:
+        log.write(t.completed)
+        if not t.updating and not t.tc.fsdp and t.saved != t.completed:  # FSDP: the others hold the rest
+            _save_resume(t, t.completed)
+
+
+# -- the resume state ---------------------------------------------------------------------------------
+
+
+def _save_resume(t: _Trainer, step: int) -> None:
+    """Save what `--resume` needs to continue after `step`: weights and optimizer state.
+
+        resume/step_0000120/   model.safetensors + optimizer.pt (one process, DDP: rank 0 writes)
+                               or, under FSDP, DCP shards: each process writes its own part at once
+        resume/step.json       {"step": 120, "folder": "step_0000120"}
+
+    The folder is written under a temporary name and renamed when complete; step.json is replaced
+    (atomically) only then, and older folders are deleted only after that: killed at any moment
+    (kill -9 included), resume/ still holds one complete state that step.json names.
+    """
+    folder = t.resume_dir / f"step_{step:07d}"
+    tmp = t.resume_dir / f".{folder.name}.tmp"
+    if t.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a process killed while saving
+        tmp.mkdir(parents=True)
+    if t.tc.fsdp:
+        dist.barrier()  # the fresh temp folder exists before anyone writes into it
+        model_state, optimizer_state = get_state_dict(t.model, t.optimizer)  # this process's shards
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)  # returns when all wrote
+    elif t.rank == 0:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in t.model.state_dict().items()}
+        atomic_write(tmp / "model.safetensors", lambda path: save_file(tensors, path))  # (flushed to disk)
+        atomic_write(tmp / "optimizer.pt", lambda path: torch.save({"step": step, "optimizer": t.optimizer.state_dict()}, path))
+    if t.rank == 0:
+        if folder.exists():  # complete (it was renamed into place) and of this same step: keep it
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, folder)
+        atomic_write_json(t.resume_dir / "step.json", {"step": step, "folder": folder.name})
+        for old in t.resume_dir.iterdir():  # older states, and leftovers of interrupted saves
+            if old.name not in (folder.name, "step.json"):
+                if old.is_dir():
+                    shutil.rmtree(old)
+                else:
+                    old.unlink()
+    t.saved = step
+
+
+def _load_resume(t: _Trainer) -> int:
+    """Load the saved weights and optimizer state into t's model and optimizer; returns their step.
+
+    A resume state is the run's own working file, not one to share: DCP's index (FSDP) is a pickle.
+    Checkpoints (safetensors) are the files to share."""
     try:
-        step = json.loads((folder / "step.json").read_text())["step"]
-        state = torch.load(folder / "optimizer.pt", map_location=device, weights_only=True)
-        if state["step"] != step:
-            raise ValueError("model and optimizer state are from different steps")
-        model.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(device)))
-        optimizer.load_state_dict(state["optimizer"])
+        pointer = json.loads((t.resume_dir / "step.json").read_text())
+        step, folder = pointer["step"], t.resume_dir / pointer.get("folder", ".")  # ".": saved before per-step folders
+        if t.tc.fsdp:
+            model_state, optimizer_state = get_state_dict(t.model, t.optimizer)
+            dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)  # reshards if need be
+            set_state_dict(t.model, t.optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+        else:
+            state = torch.load(folder / "optimizer.pt", map_location=t.device, weights_only=True)
+            if state["step"] != step:
+                raise ValueError("model and optimizer state are from different steps")
+            t.model.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(t.device)))
+            t.optimizer.load_state_dict(state["optimizer"])
     except FileNotFoundError:
-        raise IgptError(f"nothing to resume in {folder.parent.name!r}: no saved state yet; train without --resume") from None
-    except (ValueError, KeyError, RuntimeError) as err:
-        raise IgptError(f"the resume state in {folder} is damaged ({err}); train without --resume") from None
+        raise IgptError(f"nothing to resume in {t.run.name!r}: no saved state yet; train without --resume") from None
+    except (ValueError, KeyError, RuntimeError, dcp.CheckpointException) as err:
+        raise IgptError(f"the resume state in {t.resume_dir} is damaged ({_first_line(err)}); "
+                        "train without --resume") from None
     return step
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
 def _truncate_metrics(run: Run, step: int) -> None:

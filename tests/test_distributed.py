@@ -1,6 +1,7 @@
 """Distributed training under torchrun (2 CPU processes, gloo), and the recipes' command lines.
 
 - 2 processes give the loss curve of 1 process with the same global batch, and only rank 0 writes;
+- so does --fsdp (sharded weights, gradients, Adam state), with one-file checkpoints and sharded resume;
 - a world that loses a process stops with a clear error in bounded time (no hang), keeps a loadable
   checkpoint and a resumable state, and `--resume` under torchrun continues the uninterrupted curve;
 - a process that hangs (stopped, not dead) is given up on after $IGPT_DIST_TIMEOUT seconds;
@@ -115,6 +116,18 @@ def assert_same_model(run_a, run_b, tol=1e-4):
         torch.testing.assert_close(model_a(ids)[0], model_b(ids)[0], atol=tol, rtol=0)
 
 
+def resume_beside_a_straight_run(args: list[str], tmp_path: Path, **train_options):
+    """Launch torchrun with `args --resume` and, meanwhile, train the same run uninterrupted in this
+    process (batch 16); returns that one when both are done."""
+    resumed = torchrun([*args, "--resume"], cwd=tmp_path)
+    straight = start_run("straight", "digits", "tiny", "ar", 16, train_config=TrainConfig(batch_size=16, **train_options),
+                         model_overrides=TINY, runs_dir=tmp_path / "ref")
+    train(straight, progress=False)
+    out = finish(resumed)
+    assert resumed.returncode == 0, out[-3000:]
+    return straight
+
+
 def files(run) -> list[str]:
     return sorted(str(p.relative_to(run.path)) for p in run.path.rglob("*") if p.is_file())
 
@@ -208,16 +221,45 @@ def test_a_lost_process_stops_the_world_with_a_clear_error_and_resume_continues_
     assert not list(run_path.rglob("*.tmp"))
 
     # exact resume under torchrun, compared with an uninterrupted run made here meanwhile
-    resumed = torchrun([*args, "--resume"], cwd=tmp_path)
-    straight = start_run("straight", "digits", "tiny", "ar", 16,
-                         train_config=TrainConfig(steps=steps, batch_size=16, checkpoints=[3], eval_every=1000),
-                         model_overrides=TINY, runs_dir=tmp_path / "ref")
-    train(straight, progress=False)
-    out = finish(resumed)
-    assert resumed.returncode == 0, out[-3000:]
+    straight = resume_beside_a_straight_run(args, tmp_path, steps=steps, checkpoints=[3], eval_every=1000)
     assert_same_curve(curve(lost), curve(straight))
     assert lost.checkpoints() == [3, steps]
     assert_same_model(lost, straight)
+
+
+def test_fsdp_gives_the_one_process_curve_one_checkpoint_file_and_resumes_after_kill_9(tmp_path):
+    """--fsdp (with micro-steps and activation checkpointing): each process holds half of every weight,
+    gradient and Adam moment. The resume state is
+    saved as DCP shards at the checkpoint and every second of wall time (rank 0's clock, shared in the
+    step's all-reduce); a SIGKILLed process stops the world, --resume continues the uninterrupted curve."""
+    steps = 40
+    args = ["--dataset", "digits", "--steps", str(steps), "--batch-size", "16", "--checkpoints", "6",
+            "--eval-every", "20", "--save-every", "1s", "--fsdp", "--grad-accum", "2", "--activation-checkpointing",
+            *TINY_ARGS, "--name", "sharded", "--runs-dir", str(tmp_path / "runs"), "--json"]
+    launch = torchrun(args, cwd=tmp_path)
+    run_path = tmp_path / "runs" / "sharded"
+    wait_for(run_path / "resume" / "step.json", launch)
+    os.kill(worker(launch.pid, rank=1), signal.SIGKILL)
+    out = finish(launch, timeout=120)
+    assert launch.returncode != 0 and "lost contact with the others" in out, out[-3000:]
+    saved = json.loads((run_path / "resume" / "step.json").read_text())
+    assert 1 <= saved["step"] < steps  # a timed save or the checkpoint at 6, whichever came first
+    shards = sorted(p.name for p in (run_path / "resume" / saved["folder"]).iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # each process wrote its own part
+
+    straight = resume_beside_a_straight_run(args, tmp_path, steps=steps, checkpoints=[6], eval_every=20, grad_accum=2)
+    sharded = open_run("sharded", tmp_path / "runs")
+    assert_same_curve(curve(sharded), curve(straight))
+    val_a, val_b = sharded.val_losses(), straight.val_losses()
+    assert val_a.keys() == val_b.keys() == {6, 20, 40}
+    assert all(abs(val_a[s] - val_b[s]) < 1e-5 for s in val_a)
+    # checkpoints: one self-contained safetensors file each, gathered from the shards
+    outside_resume = [name for name in files(straight) if not name.startswith("resume/")]
+    assert files(sharded) == sorted(outside_resume + ["resume/step.json"] + [
+        f"resume/step_{steps:07d}/{name}" for name in (".metadata", "__0_0.distcp", "__1_0.distcp")])
+    model, palette, info = load_checkpoint(sharded.checkpoint_path(steps))
+    assert info["step"] == steps and len(palette) == 16 and model.config.n_embd == 32
+    assert_same_model(sharded, straight)
 
 
 def test_a_hung_process_is_given_up_on_after_the_timeout(tmp_path):
@@ -267,7 +309,7 @@ def test_the_loop_reads_values_back_only_every_10_steps_and_at_evaluations(tmp_p
         monkeypatch.setattr(torch.Tensor, name, counting(name))
     train(run, progress=False)
     monkeypatch.undo()
-    assert sorted(reads) == sorted(["train.py:train:tolist"] * 3 + ["train.py:evaluate:item"]), reads
+    assert sorted(reads) == sorted(["train.py:losses:tolist"] * 3 + ["train.py:evaluate:item"]), reads
     assert len(run.metrics()) == 25
 
 

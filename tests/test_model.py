@@ -101,7 +101,7 @@ def test_norm_is_rms_without_mean_or_bias():
 
 
 def test_presets_match_the_paper_parameter_counts():
-    paper = {"s": 76e6, "m": 455e6, "l": 1.36e9}
+    paper = {"s": 76e6, "m": 455e6, "l": 1.36e9, "xl": 6.8e9}
     for name, count in paper.items():
         with torch.device("meta"):
             model = IGPT(preset(name, vocab_size=513, n_positions=1024))

@@ -1,14 +1,21 @@
 """Training: learns, logs, checkpoints, resumes exactly, refuses changed configs, leaves no half files."""
 
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from igpt_core.errors import ConfigError, DatasetError, RunError
-from igpt_core.runs import ModelCache, open_run
 from igpt_core.model import IGPT, preset
-from igpt_core.train import TrainConfig, check_resume, copy_state, lr_at, make_optimizer, start_run, train
+from igpt_core.runs import ModelCache, load_checkpoint, open_run
+from igpt_core.train import (SaveSchedule, TrainConfig, check_resume, copy_state, lr_at, make_optimizer, parse_save_every,
+                             start_run, train)
 
 from conftest import TINY
 
@@ -39,8 +46,14 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train(broken, progress=False, on_step=stop_at_7)
-    assert json.loads((broken.path / "resume" / "step.json").read_text())["step"] == 7
-    train(broken, resume=True, progress=False)
+    def saved_step():
+        return json.loads((broken.path / "resume" / "step.json").read_text())["step"]
+
+    assert saved_step() == 7
+    seen = []  # a resumed run may save more often: a run-time setting, like the device
+    train(broken, resume=True, progress=False, on_step=lambda step, loss: seen.append(saved_step()),
+          runtime=TrainConfig(save_every="1"))
+    assert seen == list(range(8, 13))
     a = [(r["step"], r["loss"]) for r in straight.metrics()]
     b = [(r["step"], r["loss"]) for r in broken.metrics()]
     assert [s for s, _ in b] == list(range(1, 13))
@@ -68,9 +81,13 @@ def test_bad_names_fail_cleanly_and_leave_nothing(tmp_path):
     with pytest.raises(DatasetError, match="unknown dataset"):
         start_run("x", dataset="imagenet", runs_dir=tmp_path)
     with pytest.raises(ConfigError, match="unknown preset"):
-        start_run("x", preset_name="xl", runs_dir=tmp_path)
+        start_run("x", preset_name="xxl", runs_dir=tmp_path)
     with pytest.raises(RunError, match="no run named"):
         open_run("x", tmp_path)
+    with pytest.raises(ConfigError, match="--fsdp shards the model across processes"):
+        start_run("x", train_config=TrainConfig(fsdp=True), runs_dir=tmp_path)
+    with pytest.raises(ConfigError, match="must divide by grad_accum"):
+        start_run("x", train_config=TrainConfig(batch_size=10, grad_accum=4), runs_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -115,3 +132,69 @@ def test_model_cache_loads_once_and_again_when_the_file_changes(tiny_run, tmp_pa
     assert cache.load(run, step)[0] is not model
     with pytest.raises(RunError, match="no checkpoint at step 7"):
         cache.load(run, 7)
+
+
+# -- no lost work: the resume state is saved between checkpoints too ---------------------------------
+
+
+def test_kill_9_at_a_random_step_loses_at_most_save_every_and_resume_gives_the_uninterrupted_curve(tmp_path):
+    steps, save_every = 80, 7  # 7: saves also fall between the log's flushes (every 10 steps)
+    args = [sys.executable, "-m", "igpt_core.cli", "train", "--dataset", "digits", "--steps", str(steps),
+            "--batch-size", "16", "--eval-every", "25", "--save-every", str(save_every), "--set", "n_layer=2",
+            "--set", "n_embd=32", "--set", "n_head=2", "--name", "killed", "--runs-dir", str(tmp_path / "runs"), "--json"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seed = random.randrange(1 << 30)
+    kill_after = random.Random(seed).randrange(2 * save_every, steps // 2)  # logged steps before the kill
+    run_path = tmp_path / "runs" / "killed"
+
+    def logged() -> int:
+        rows = open_run("killed", tmp_path / "runs").metrics() if (run_path / "run.json").exists() else []
+        return rows[-1]["step"] if rows else 0
+
+    while logged() < kill_after:
+        assert proc.poll() is None, f"training ended before step {kill_after} (seed {seed}):\n{proc.stdout.read()[-2000:]}"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)  # no handler runs: only what is already on disk survives
+    proc.communicate()
+    last_logged = logged()
+    saved = json.loads((run_path / "resume" / "step.json").read_text())["step"]
+    assert last_logged - save_every <= saved < steps, (seed, last_logged, saved)
+
+    # the same run, uninterrupted, in this process
+    straight = start_run("straight", train_config=TrainConfig(steps=steps, batch_size=16, eval_every=25),
+                         model_overrides=TINY, runs_dir=tmp_path / "ref")
+    train(straight, progress=False)
+    resumed = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    killed = open_run("killed", tmp_path / "runs")
+    a, b = straight.metrics(), killed.metrics()
+    assert [r["step"] for r in b] == list(range(1, steps + 1))
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys() and ra["lr"] == rb["lr"], (ra, rb)
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5), (seed, ra, rb)
+        assert ra.get("val_loss", 0) == pytest.approx(rb.get("val_loss", 0), abs=1e-5), (seed, ra, rb)
+    assert killed.checkpoints() == straight.checkpoints()
+    assert load_checkpoint(killed.checkpoint_path(steps))[2]["step"] == steps
+    assert sorted(p.name for p in (run_path / "resume").iterdir()) == ["step.json", f"step_{steps:07d}"]
+
+
+def test_save_every_takes_steps_or_wall_time():
+    assert parse_save_every("50") == (50, None)
+    assert parse_save_every("90s") == (None, 90.0)
+    assert parse_save_every("10m") == (None, 600.0) and parse_save_every(TrainConfig().save_every) == (None, 600.0)
+    assert parse_save_every("1.5h") == (None, 5400.0)
+    for bad in ["0", "-5", "2.5", "10 min", "m", ""]:
+        with pytest.raises(ConfigError, match="save_every"):
+            parse_save_every(bad)
+    now = [100.0]
+    by_time = SaveSchedule("10m", clock=lambda: now[0])
+    assert not by_time.time_due() and not by_time.step_due(600)
+    now[0] += 599
+    assert not by_time.time_due()
+    now[0] += 1
+    assert by_time.time_due()
+    by_time.saved()
+    assert not by_time.time_due()  # counted again from the last save
+    by_steps = SaveSchedule("50", clock=lambda: now[0])
+    assert by_steps.step_due(100) and not by_steps.step_due(101) and not by_steps.time_due()
