@@ -19,6 +19,14 @@ LOSSY_NOTE = ("bits/dim are per palette token (and /3 per RGB sub-pixel); the pa
               "not comparable with bits/dim on raw 8-bit pixels")
 
 
+def masking_groups(config: ModelConfig, T: int, device=None) -> list[torch.Tensor]:
+    """How a BERT model reads every pixel: round(1/mask_prob) interleaved groups of positions, (T,)
+    bool each, hidden in turn, so each pixel is predicted with about mask_prob of the image hidden."""
+    groups = _bert_groups(config)
+    positions = torch.arange(T, device=device)
+    return [positions % groups == g for g in range(groups)]
+
+
 @torch.inference_mode()
 def pixel_nll(model: IGPT, ids: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Negative log-likelihood in nats of every pixel, (N, T).
@@ -37,11 +45,9 @@ def pixel_nll(model: IGPT, ids: torch.Tensor, batch_size: int = 64) -> torch.Ten
             logits, _ = model(batch)
             out.append(F.cross_entropy(logits.float().transpose(1, 2), batch, reduction="none").cpu())
             continue
-        groups = _bert_groups(model.config)
         nll = torch.zeros(batch.shape, dtype=torch.float32)
-        for g in range(groups):
-            mask = torch.zeros_like(batch, dtype=torch.bool)
-            mask[:, g::groups] = True
+        for group in masking_groups(model.config, batch.shape[1], device):
+            mask = group.expand(batch.shape)
             logits, _ = model(batch, mask=mask)
             full = F.cross_entropy(logits.float().transpose(1, 2), batch, reduction="none").cpu()
             nll[mask.cpu()] = full[mask.cpu()]

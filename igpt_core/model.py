@@ -16,6 +16,7 @@ lays the weights out for that job.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -133,6 +134,20 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh·hs)
         return self.c_proj(y)
 
+    def probabilities(self, x, causal: bool):
+        """The attention weights forward() uses, spelled out: softmax(q·k / √hs), (B, nh, T, T).
+
+        Only for looking inside the model (forward keeps the fused kernel, which never forms them).
+        Row t is query position t; causal rows put exact zeros on keys after t.
+        """
+        B, T, C = x.shape
+        q, k, _ = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs) each
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, nh, T, T)
+        if causal:
+            future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        return scores.softmax(-1)
+
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -233,7 +248,7 @@ class IGPT(nn.Module):
             raise ValueError("masks are for BERT-objective models; AR models see only the past anyway")
         x = self._embed(self._inputs(ids), mask)
         x, _ = self._blocks(x)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, n_colors)
+        logits = self.readout(x)  # (B, T, n_colors)
         loss = None
         if targets is not None:
             nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (B, T)
@@ -262,3 +277,33 @@ class IGPT(nn.Module):
         x = self._embed(self._inputs(ids), mask)
         _, collected = self._blocks(x, stop=min(max(layers) + 1, n), collect=set(layers))  # block l's input norm needs blocks < l
         return torch.stack([collected[layer].mean(dim=1) for layer in layers])
+
+    # -- looking inside ------------------------------------------------------------------------------
+
+    def readout(self, stream: torch.Tensor) -> torch.Tensor:
+        """Logits from a residual stream (..., n_embd): the final norm, then the head."""
+        return self.lm_head(self.ln_f(stream))
+
+    def residual_streams(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The residual stream after the embeddings and after each block, (n_layer + 1, B, T, n_embd).
+
+        Positions are the network's inputs (AR: SOS at 0, pixel i at i + 1); `readout` of the last
+        one gives forward()'s logits, of an earlier one the "logit lens" reading of that layer.
+        """
+        causal = self.config.objective == "ar"
+        x = self._embed(self._inputs(ids, mask), mask)
+        streams = [x]
+        for block in self.h:
+            x = block(x, causal)
+            streams.append(x)
+        return torch.stack(streams)
+
+    def attention_weights(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+        """Each block's attention weights in turn, (B, nh, T, T): query row t over key positions (AR:
+        key 0 is SOS, key j is pixel j - 1). One layer at a time, as T² per head adds up fast.
+        """
+        causal = self.config.objective == "ar"
+        x = self._embed(self._inputs(ids, mask), mask)
+        for block in self.h:
+            yield block.attn.probabilities(block.ln_1(x), causal)
+            x = block(x, causal)

@@ -33,11 +33,18 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None, 
 def sample_logits(logits: torch.Tensor, generator: torch.Generator, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """One id per row of logits (B, K): temperature, then top-k, then nucleus (top-p) filtering."""
+    probs = sampling_probabilities(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sampling_probabilities(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                           top_p: float | None = None) -> torch.Tensor:
+    """The distribution sampling draws from, (..., K): logits / temperature, top-k, then top-p."""
     logits = logits.float()
     if temperature != 1:
         logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
@@ -45,8 +52,7 @@ def sample_logits(logits: torch.Tensor, generator: torch.Generator, temperature:
         drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits.softmax(-1)
 
 
 def _generator(seed: int | None, device) -> torch.Generator:

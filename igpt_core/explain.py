@@ -1,0 +1,177 @@
+"""Inside the model: what a pixel is drawn from, where the model looked, what each layer would paint.
+
+`ids` is one image's palette ids, (T,) with T = side², and a pixel is its 0-based raster index t.
+An AR model predicts pixel t from the network input at position t (SOS at 0, pixel i at i + 1), so
+it sees pixels < t. A BERT model predicts pixel t with that pixel masked (its colour embedding
+zeroed, as in training) and every other pixel visible.
+
+Everything runs on the model's device under `torch.inference_mode()` and returns CPU tensors.
+The model's forward pass keeps its fused attention; the weights are formed only here, through
+`IGPT.attention_weights`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import IgptError
+from .likelihood import masking_groups
+from .model import IGPT
+from .sample import _as_prompt, _check_sampling, sampling_probabilities
+
+
+@dataclass
+class Attention:
+    """Where the query that predicts one pixel looks, in every layer and head.
+
+    pixels: (n_layer, n_head, side, side) weights on the image's pixels (AR: exact zeros on the
+            pixel itself and everything after it).
+    sos:    (n_layer, n_head) weight on the start-of-sequence token (AR), None for BERT. For AR
+            pixels.flatten(2).sum(-1) + sos == 1.
+    """
+
+    pixels: torch.Tensor
+    sos: torch.Tensor | None
+
+
+def _image(model: IGPT, ids) -> torch.Tensor:
+    """One image's ids as a (1, T) batch on the model's device."""
+    ids = _as_prompt(model, ids)
+    n_colors = model.config.n_colors
+    if ids.min() < 0 or ids.max() >= n_colors:
+        raise IgptError(f"palette ids must lie in 0..{n_colors - 1} for this {n_colors}-colour model")
+    return ids[None]
+
+
+def _pixel(model: IGPT, pixel: int) -> int:
+    T, side = model.config.n_positions, model.config.image_size
+    if not 0 <= pixel < T:
+        raise IgptError(f"pixel {pixel} is outside the {side}×{side} image (raster index 0..{T - 1})")
+    return int(pixel)
+
+
+def _query(model: IGPT, ids: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The input and mask that predict pixel t. AR: the prefix up to t (nothing later matters);
+    BERT: the whole image with pixel t masked."""
+    if model.config.objective == "ar":
+        return ids[:, : t + 1], None
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[:, t] = True
+    return ids, mask
+
+
+@torch.inference_mode()
+def next_pixel(model: IGPT, ids, pixel: int, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
+    """The probabilities (n_colors,) of every palette colour for `pixel`, reshaped by temperature
+    and top-k exactly as sampling reshapes them (AR: given the pixels before it; BERT: given all
+    the others)."""
+    _check_sampling(temperature, top_k, None, 1)
+    t = _pixel(model, pixel)
+    inputs, mask = _query(model, _image(model, ids), t)
+    logits, _ = model(inputs, mask=mask)
+    return sampling_probabilities(logits[0, t], temperature, top_k).cpu()
+
+
+@torch.inference_mode()
+def attention_maps(model: IGPT, ids, pixel: int) -> Attention:
+    """The attention of the query that predicts `pixel`, in every layer and head, over the image."""
+    t = _pixel(model, pixel)
+    inputs, mask = _query(model, _image(model, ids), t)
+    rows = torch.stack([weights[0, :, t] for weights in model.attention_weights(inputs, mask)]).float().cpu()
+    L, nh, side = model.config.n_layer, model.config.n_head, model.config.image_size
+    if model.config.objective == "bert":
+        return Attention(rows.reshape(L, nh, side, side), None)
+    pixels = torch.zeros(L, nh, side * side)
+    pixels[..., :t] = rows[..., 1:]  # key j + 1 holds pixel j; pixels t.. are not visible yet
+    return Attention(pixels.reshape(L, nh, side, side), rows[..., 0])
+
+
+def _log_probs(model: IGPT, ids: torch.Tensor, every_layer: bool) -> torch.Tensor:
+    """Log-probabilities of every pixel, (n, B, T, n_colors): n = n_layer + 1 readouts of the
+    residual stream (every_layer) or just the model's output (n = 1). BERT reads each pixel with
+    its masking group hidden (as in `likelihood.pixel_nll`)."""
+
+    def read(mask):
+        if every_layer:
+            return model.readout(model.residual_streams(ids, mask)).float().log_softmax(-1)
+        return model(ids, mask=mask)[0].float().log_softmax(-1)[None]
+
+    if model.config.objective == "ar":
+        return read(None)
+    out = None
+    for group in masking_groups(model.config, ids.shape[1], ids.device):
+        log_probs = read(group.expand(ids.shape))
+        out = log_probs if out is None else torch.where(group[:, None], log_probs, out)
+    return out
+
+
+@torch.inference_mode()
+def layer_predictions(model: IGPT, ids) -> torch.Tensor:
+    """The "logit lens": log-probabilities (n_layer + 1, T, n_colors) of every pixel read out of
+    the residual stream after the embeddings (0) and after each block (1..n_layer) through the
+    final norm and the head. The last entry is the model's own prediction."""
+    return _log_probs(model, _image(model, ids), every_layer=True)[:, 0].cpu()
+
+
+@torch.inference_mode()
+def entropy_map(model: IGPT, ids) -> np.ndarray:
+    """The entropy in nats of every pixel's predicted distribution, (side, side): where the model
+    was unsure (0 = certain, log n_colors = no idea), beside `likelihood.surprise_map`."""
+    log_probs = _log_probs(model, _image(model, ids), every_layer=False)[0, 0]
+    side = model.config.image_size
+    return (-(log_probs.exp() * log_probs).sum(-1)).reshape(side, side).cpu().numpy()
+
+
+def _grid_distances(side: int, device) -> torch.Tensor:
+    """Euclidean distance in pixels between every pair of raster positions, (T, T)."""
+    rows, cols = torch.meshgrid(torch.arange(side, device=device), torch.arange(side, device=device), indexing="ij")
+    points = torch.stack([rows.flatten(), cols.flatten()], -1).float()
+    return torch.cdist(points, points)
+
+
+def _batch_distances(model: IGPT, batch: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
+    """Summed over images and queries: attention-weighted distance per layer and head, (L, nh)."""
+    total = torch.zeros(model.config.n_layer, model.config.n_head, device=batch.device)
+    if model.config.objective == "ar":
+        for layer, weights in enumerate(model.attention_weights(batch)):
+            # queries predicting pixels 1..T-1 (pixel 0 sees only SOS) over keys holding pixels 0..T-2;
+            # SOS has no place on the grid, so each row is renormalised over the pixels it sees
+            on_pixels = weights[..., 1:, 1:]
+            weighted = (on_pixels * distances[1:, :-1]).sum(-1) / on_pixels.sum(-1)
+            total[layer] += weighted.sum((0, 2))
+        return total
+    for group in masking_groups(model.config, batch.shape[1], batch.device):
+        for layer, weights in enumerate(model.attention_weights(batch, group.expand(batch.shape))):
+            total[layer] += (weights[..., group, :] * distances[group]).sum((-1, -2)).sum(0)
+    return total
+
+
+@torch.inference_mode()
+def attention_distance(model: IGPT, ids, batch_size: int = 8) -> torch.Tensor:
+    """Mean attention distance (n_layer, n_head): the Euclidean distance in pixels between each
+    query pixel and the pixels it attends to, weighted by attention, averaged over queries and
+    images — the "attention distance" of vision-transformer papers (Dosovitskiy et al. 2021, Fig. 7).
+
+    `ids`: (N, T) images or one (T,). AR: queries are pixels 1..T-1 (pixel 0 sees only SOS) and the
+    SOS weight is left out, each row renormalised over pixels. BERT: each pixel's query with its
+    masking group hidden."""
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(ids).long()
+    ids = ids.reshape(-1, ids.shape[-1]) if ids.dim() > 1 else ids[None]
+    if ids.shape[1] != model.config.n_positions or len(ids) == 0:
+        raise IgptError(f"attention distance needs images of {model.config.n_positions} pixels, got shape {tuple(ids.shape)}")
+    distances = _grid_distances(model.config.image_size, device)
+    total = torch.zeros(model.config.n_layer, model.config.n_head, device=device)
+    for batch in ids.split(batch_size):
+        total += _batch_distances(model, batch.to(device), distances)
+    queries = ids.shape[1] - 1 if model.config.objective == "ar" else ids.shape[1]
+    return (total / (len(ids) * queries)).cpu()
+
+
+def entropy(probabilities: torch.Tensor) -> float:
+    """Entropy in nats of one distribution (n_colors,), e.g. `next_pixel`'s; colours top-k removed count 0."""
+    p = probabilities.double()
+    return float(-(p * p.log()).nan_to_num().sum())
