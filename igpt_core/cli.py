@@ -258,6 +258,46 @@ def cmd_surprise(args) -> None:
           f"{nll.max():.2f} nats -> {args.out}")
 
 
+def _pixel_position(text: str, side: int) -> tuple[int, int]:
+    try:
+        row, col = (int(x) for x in text.split(","))
+    except ValueError:
+        raise IgptError(f"--pixel takes ROW,COL (0-based, e.g. 3,4), got {text!r}") from None
+    if not (0 <= row < side and 0 <= col < side):
+        raise IgptError(f"pixel ({row}, {col}) is outside the {side}×{side} image: rows and columns run 0..{side - 1}")
+    return row, col
+
+
+def cmd_inside(args) -> None:
+    from . import explain
+    from .images import load_image
+    from .render import inside_picture, save_png
+
+    run, model, palette = _load(args)
+    size, step = model.config.image_size, run.resolve_step(args.step)
+    row, col = _pixel_position(args.pixel, size)
+    t = row * size + col
+    ids = palette.encode(load_image(args.image)[None], size)[0]
+    numbers = explain.describe(explain.next_pixel(model, ids, t), int(ids[t]))
+    attention = explain.attention_maps(model, ids, t)
+    lens = explain.layer_predictions(model, ids)
+    layer_p = lens[:, t, int(ids[t])].exp().tolist()
+    top = numbers["top_ids"]
+    title = (f"{run.name} step {step}, pixel (row {row}, col {col}): true colour p = {numbers['true_probability']:.3f}, "
+             f"rank {numbers['true_rank']} of {model.config.n_colors}, entropy {numbers['entropy']:.2f} nats")
+    picture = inside_picture(palette.decode(ids[None], size)[0], row, col, palette.colors[top],
+                             numbers["top_probabilities"], top.index(int(ids[t])) if int(ids[t]) in top else None,
+                             attention.pixels.mean(1).numpy(), palette.decode(lens.argmax(-1).numpy(), size),
+                             [f"{'embeddings' if i == 0 else f'layer {i}'}: {p:.2f}" for i, p in enumerate(layer_p)], title)
+    save_png(picture, args.out)
+    result = dict(run=run.name, step=step, pixel=[row, col], objective=model.config.objective, **numbers,
+                  top_colors=palette.colors[top].tolist(), layer_true_probability=layer_p,
+                  attention_mean_over_heads=attention.pixels.mean(1).tolist(),
+                  attention_sos=None if attention.sos is None else attention.sos.tolist(), out=args.out)
+    _emit(args, result, f"{title}\n  top colours {top} with p {[round(p, 3) for p in numbers['top_probabilities']]}"
+                        f"\n  picture -> {args.out}")
+
+
 # -- probes and fine-tuning -------------------------------------------------------------------------
 
 
@@ -527,6 +567,17 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(p)
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--out", default="surprise.png", help="PNG to write (default surprise.png)")
+
+    p = command("inside", cmd_inside, "inside the model: one pixel's next-colour distribution, attention, and logit lens",
+                "Writes a picture: the model's view with the pixel marked and its top-8 colours with probabilities; "
+                "where every layer's query for that pixel attends (mean over heads) as heat maps over the image; "
+                "and what each layer would paint (the argmax colour of each layer's residual stream read out through "
+                "the final norm and head, the 'logit lens'). AR models see the pixels before it; BERT models see "
+                "all the others, the pixel masked.")
+    model_options(p)
+    p.add_argument("--image", required=True, help="image file (resized and quantised to the model's view)")
+    p.add_argument("--pixel", required=True, metavar="ROW,COL", help="the pixel to look at, 0-based, e.g. 3,4")
+    p.add_argument("--out", default="inside.png", help="PNG to write (default inside.png)")
 
     p = command("probe", cmd_probe, "linear probes of every layer across checkpoints (the paper's central measurement)",
                 "Features = mean over positions of each block's input norm, one forward pass for all layers, cached "

@@ -112,7 +112,11 @@ def _log_probs(model: IGPT, ids: torch.Tensor, every_layer: bool) -> torch.Tenso
 def layer_predictions(model: IGPT, ids) -> torch.Tensor:
     """The "logit lens": log-probabilities (n_layer + 1, T, n_colors) of every pixel read out of
     the residual stream after the embeddings (0) and after each block (1..n_layer) through the
-    final norm and the head. The last entry is the model's own prediction."""
+    final norm and the head. The last entry is the model's own prediction.
+
+    BERT reads all pixels in 1/mask_prob passes, each hiding one interleaved group (as
+    `likelihood.pixel_nll` does), so a pixel is read with ~mask_prob of the image hidden, where
+    `next_pixel` hides that pixel alone."""
     return _log_probs(model, _image(model, ids), every_layer=True)[:, 0].cpu()
 
 
@@ -175,3 +179,17 @@ def entropy(probabilities: torch.Tensor) -> float:
     """Entropy in nats of one distribution (n_colors,), e.g. `next_pixel`'s; colours top-k removed count 0."""
     p = probabilities.double()
     return float(-(p * p.log()).nan_to_num().sum())
+
+
+def describe(probabilities: torch.Tensor, true_id: int | None = None, k: int = 8) -> dict:
+    """The numbers people read off a distribution (n_colors,): the k most likely colour ids with
+    their probabilities, the entropy in nats, and the true colour's probability and rank (1 = the
+    model's first choice)."""
+    p = probabilities.double()
+    top = p.topk(min(k, len(p)))
+    out = {"top_ids": top.indices.tolist(), "top_probabilities": top.values.tolist(), "entropy": entropy(p)}
+    if true_id is not None:
+        out["true_id"] = int(true_id)
+        out["true_probability"] = float(p[true_id])
+        out["true_rank"] = int((p > p[true_id]).sum()) + 1
+    return out

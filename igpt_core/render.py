@@ -91,3 +91,82 @@ def heatmap(values: np.ndarray, vmax: float | None = None) -> np.ndarray:
 def save_png(image: np.ndarray, path) -> None:
     """Write a PNG atomically (lossless, so every palette colour survives)."""
     atomic_write(Path(path), lambda tmp: Image.fromarray(np.asarray(image)).save(tmp, format="PNG"))
+
+
+# -- inside the model: what a pixel is drawn from, where the model looked, what each layer paints --
+
+MARK = (0, 200, 255)  # outline of the chosen pixel: a cyan that stands out on the ramp and on digits
+
+
+def mark_pixel(image: np.ndarray, row: int, col: int, pixel: int, color=MARK) -> np.ndarray:
+    """An enlarged image (each pixel `pixel` × `pixel` wide) with one pixel outlined."""
+    picture = Image.fromarray(np.ascontiguousarray(image))
+    y, x = row * pixel, col * pixel
+    ImageDraw.Draw(picture).rectangle([x, y, x + pixel - 1, y + pixel - 1], outline=color, width=max(1, pixel // 8))
+    return np.asarray(picture)
+
+
+def overlay(image: np.ndarray, values: np.ndarray, vmax: float | None = None, alpha: float = 0.7) -> np.ndarray:
+    """A heat map over an image: the image in grey, the values' ramp colours blended on top."""
+    grey = np.asarray(image, dtype=np.float64).mean(-1, keepdims=True)
+    blended = (1 - alpha) * grey + alpha * heatmap(values, vmax)
+    return np.rint(blended).clip(0, 255).astype(np.uint8)
+
+
+def distribution_bars(colors: np.ndarray, probabilities, true_index: int | None = None, *, width: int = 320,
+                      row: int = 22) -> np.ndarray:
+    """One row per colour: a swatch, a bar as long as its probability, the percentage. The true
+    colour's row (true_index into `colors`) is outlined."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    picture = Image.new("RGB", (width, row * len(colors) + 4), BACKGROUND)
+    draw = ImageDraw.Draw(picture)
+    bar_room = width - row - 60
+    for i, (color, p) in enumerate(zip(colors, probabilities)):
+        y = 2 + i * row
+        draw.rectangle([2, y, row - 2, y + row - 4], fill=tuple(int(c) for c in color), outline=(120, 120, 120))
+        draw.rectangle([row + 4, y + 4, row + 4 + max(1, round(bar_room * p)), y + row - 8], fill=(90, 110, 160))
+        draw.text((width - 54, y + 4), f"{100 * p:5.1f}%", fill=(40, 40, 40))
+        if i == true_index:
+            draw.rectangle([0, y - 2, width - 1, y + row - 2], outline=MARK, width=2)
+    return np.asarray(picture)
+
+
+def stack(parts: list[np.ndarray], pad: int = 6, across: bool = False) -> np.ndarray:
+    """Pictures one under the other (or side by side, `across`) on white, aligned top-left."""
+    along, other = (1, 0) if across else (0, 1)
+    size = [0, 0]
+    size[along] = sum(p.shape[along] + pad for p in parts) + pad
+    size[other] = max(p.shape[other] for p in parts) + 2 * pad
+    out = np.full((*size, 3), 255, np.uint8)
+    offset = pad
+    for p in parts:
+        y, x = (pad, offset) if across else (offset, pad)
+        out[y : y + p.shape[0], x : x + p.shape[1]] = p
+        offset += p.shape[along] + pad
+    return out
+
+
+def caption(text: str, width: int, height: int = 16) -> np.ndarray:
+    """A line of text on white, as a picture, for titling a section."""
+    picture = Image.new("RGB", (width, height), BACKGROUND)
+    ImageDraw.Draw(picture).text((2, 2), text, fill=(20, 20, 20))
+    return np.asarray(picture)
+
+
+def inside_picture(view: np.ndarray, row: int, col: int, colors: np.ndarray, probabilities, true_index: int | None,
+                   attention: np.ndarray, strip: np.ndarray, strip_labels: list[str], title: str) -> np.ndarray:
+    """The `igpt inside` figure: the model's view with the pixel marked beside its top colours; the
+    attention of every layer (L, side, side) over the image; the layer-by-layer predictions strip
+    (L + 1, side, side, 3), one label per layer. The chosen pixel is outlined in every picture."""
+    scale = display_scale(view.shape[0], 160)
+
+    def marked(image):
+        return mark_pixel(enlarge(image, scale), row, col, scale)
+
+    top = stack([marked(view), distribution_bars(colors, probabilities, true_index)], across=True)
+    layers = grid([[marked(overlay(view, a)) for a in attention]], pixel=1,
+                  labels=[f"layer {i + 1}" for i in range(len(attention))])
+    paint = grid([[marked(image) for image in strip]], pixel=1, labels=strip_labels)
+    width = max(top.shape[1], layers.shape[1], paint.shape[1])
+    return stack([caption(title, width), top, caption("where it looked: attention of each layer, mean over heads", width),
+                  layers, caption("what each layer would paint: argmax colour (p of the true colour here)", width), paint])
