@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import functools
+import importlib.util
 import inspect
 import json
 import os
@@ -543,6 +544,12 @@ class Demo:
                         f"Change the seed and press {button} again for new guesses.")
             yield completion_grid(original, view, kept, samples), text
 
+    def model_and_ids(self, name, step, editor, picture, zoom, across, down):
+        """(model, palette, palette ids of the model's view): what the "Inside the model" tab looks at."""
+        model, palette, _ = self.load(name, step)
+        _, ids, _, _ = self._prepare(palette, model.config.image_size, editor, picture, zoom, across, down)
+        return model, palette, ids
+
     @_user_errors
     def surprise(self, name, step, editor, picture, square):
         """Per-pixel surprise (negative log-likelihood) of the model's view, as a heat map."""
@@ -714,6 +721,14 @@ def _wire_actions(actions: Demo, ui: SimpleNamespace) -> None:
     tab.stop.click(None, cancels=[filling])
     filling.failure(functools.partial(_stopped, "filled"), tab.progress, tab.progress, api_visibility="private",
                     show_progress="hidden")
+
+
+def _sibling(name: str):
+    """Another module of apps/ (a folder of scripts, not a package), imported by its path."""
+    spec = importlib.util.spec_from_file_location(f"igpt_apps_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def build_demo(runs_dir=None) -> gr.Blocks:

@@ -288,7 +288,7 @@ def cmd_inside(args) -> None:
     picture = inside_picture(palette.decode(ids[None], size)[0], row, col, palette.colors[top],
                              numbers["top_probabilities"], top.index(int(ids[t])) if int(ids[t]) in top else None,
                              attention.pixels.mean(1).numpy(), palette.decode(lens.argmax(-1).numpy(), size),
-                             [f"{'embeddings' if i == 0 else f'layer {i}'}: {p:.2f}" for i, p in enumerate(layer_p)], title)
+                             layer_p, title)
     save_png(picture, args.out)
     result = dict(run=run.name, step=step, pixel=[row, col], objective=model.config.objective, **numbers,
                   top_colors=palette.colors[top].tolist(), layer_true_probability=layer_p,

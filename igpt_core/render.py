@@ -153,20 +153,40 @@ def caption(text: str, width: int, height: int = 16) -> np.ndarray:
     return np.asarray(picture)
 
 
+def _labelled_rows(cells: list[np.ndarray], labels: list[str], per_row: int) -> np.ndarray:
+    """Equal-sized pictures in rows of `per_row`, each row with its own labels on top."""
+    rows = [grid([cells[i : i + per_row]], pixel=1, labels=labels[i : i + per_row]) for i in range(0, len(cells), per_row)]
+    return stack(rows, pad=0)
+
+
+def attention_panel(view: np.ndarray, maps: np.ndarray, row: int, col: int, labels: list[str],
+                    scale: int | None = None, per_row: int = 6) -> np.ndarray:
+    """Attention maps (n, side, side) as heat maps over the model's view, in rows, each scaled to its
+    own maximum, the chosen pixel outlined."""
+    scale = scale or display_scale(view.shape[0])
+    cells = [mark_pixel(enlarge(overlay(view, m), scale), row, col, scale) for m in maps]
+    return _labelled_rows(cells, labels, per_row)
+
+
+def layer_strip(paintings: np.ndarray, true_probability, row: int, col: int, scale: int | None = None,
+                per_row: int = 7) -> np.ndarray:
+    """What each layer would paint (n_layer + 1, side, side, 3), in rows, labelled with the probability
+    each layer gives the true colour of the chosen pixel."""
+    scale = scale or display_scale(paintings.shape[1])
+    labels = [f"{'embeddings' if i == 0 else f'layer {i}'}: {p:.2f}" for i, p in enumerate(true_probability)]
+    return _labelled_rows([mark_pixel(enlarge(image, scale), row, col, scale) for image in paintings], labels, per_row)
+
+
 def inside_picture(view: np.ndarray, row: int, col: int, colors: np.ndarray, probabilities, true_index: int | None,
-                   attention: np.ndarray, strip: np.ndarray, strip_labels: list[str], title: str) -> np.ndarray:
+                   attention: np.ndarray, paintings: np.ndarray, true_probability, title: str) -> np.ndarray:
     """The `igpt inside` figure: the model's view with the pixel marked beside its top colours; the
-    attention of every layer (L, side, side) over the image; the layer-by-layer predictions strip
-    (L + 1, side, side, 3), one label per layer. The chosen pixel is outlined in every picture."""
+    attention of every layer (L, side, side) over the image; what each layer would paint
+    (L + 1, side, side, 3) with the true colour's probability. The pixel is outlined throughout."""
     scale = display_scale(view.shape[0], 160)
-
-    def marked(image):
-        return mark_pixel(enlarge(image, scale), row, col, scale)
-
-    top = stack([marked(view), distribution_bars(colors, probabilities, true_index)], across=True)
-    layers = grid([[marked(overlay(view, a)) for a in attention]], pixel=1,
-                  labels=[f"layer {i + 1}" for i in range(len(attention))])
-    paint = grid([[marked(image) for image in strip]], pixel=1, labels=strip_labels)
+    top = stack([mark_pixel(enlarge(view, scale), row, col, scale), distribution_bars(colors, probabilities, true_index)],
+                across=True)
+    layers = attention_panel(view, attention, row, col, [f"layer {i + 1}" for i in range(len(attention))], scale)
+    paint = layer_strip(paintings, true_probability, row, col, scale)
     width = max(top.shape[1], layers.shape[1], paint.shape[1])
     return stack([caption(title, width), top, caption("where it looked: attention of each layer, mean over heads", width),
                   layers, caption("what each layer would paint: argmax colour (p of the true colour here)", width), paint])
