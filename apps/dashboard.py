@@ -7,9 +7,11 @@
 A thin shell over igpt_core: it reads what `igpt train`, `igpt probe` and `igpt finetune` stored in
 the run folders (metrics.jsonl, probes/<dataset>.json, run.json) and charts it, the paper's way
 (Chen et al. 2020, Figures 2-3): probe accuracy by layer per checkpoint, validation loss against
-best-layer probe accuracy, AR against BERT, linear probe against fine-tuning, training curves.
-Nothing is recomputed on page load; the only computation is the "Compute missing probes" button,
-which calls `igpt_core.probe.probe_run`.
+best-layer probe accuracy, AR against BERT, linear probe against fine-tuning, training curves,
+and where the attention heads look (attention distance per layer and head, attention/distance.json).
+Nothing is recomputed on page load; the only computations are the "Compute missing probes" button,
+which calls `igpt_core.probe.probe_run`, and the attention-distance buttons, which call
+`igpt_core.explain.run_distances`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import streamlit as st
 from plotly.colors import sample_colorscale
 
 from igpt_core.errors import IgptError
+from igpt_core.explain import load_distances, run_distances
 from igpt_core.probe import ProbeTable, load_probe_results, probe_run
 from igpt_core.runs import Run, default_runs_dir, list_runs
 
@@ -423,6 +426,85 @@ def compute_probes(runs_dir: Path, runs: dict[str, dict], chosen: list[str], dat
     st.rerun()
 
 
+# -- where the heads look: attention distance per layer and head -------------------------------------------
+
+
+def distance_frame(name: str, table: dict) -> pd.DataFrame:
+    """The stored attention distances of one run: one row per checkpoint, layer and head."""
+    columns = ["run", "step", "layer", "head", "distance"]
+    return pd.DataFrame.from_records([{"run": name, **{k: r[k] for k in columns[1:]}} for r in table["rows"]],
+                                     columns=columns)
+
+
+def distance_chart(name: str, table: dict, frame: pd.DataFrame) -> go.Figure:
+    """Mean attention distance by layer, one line per checkpoint (mean over heads), each head a dot."""
+    colors, lo, hi = step_colors(sorted(frame.step.unique().tolist()) or [1])
+    fig = go.Figure()
+    for step, rows in frame.groupby("step", sort=True):
+        mean = rows.groupby("layer").distance.mean()
+        fig.add_trace(go.Scatter(x=mean.index.to_numpy(), y=mean.to_numpy(), mode="lines+markers", name=f"step {step}",
+                                 legendgroup=f"step {step}", line=dict(color=colors[step], width=2),
+                                 hovertemplate=f"step {step}<br>layer %{{x}}: mean over heads %{{y:.2f}} px<extra></extra>"))
+        fig.add_trace(go.Scatter(x=rows.layer.to_numpy(), y=rows.distance.to_numpy(), mode="markers", showlegend=False,
+                                 legendgroup=f"step {step}", marker=dict(color=colors[step], size=5, opacity=0.6),
+                                 customdata=rows["head"].to_numpy(),
+                                 hovertemplate=f"step {step}<br>layer %{{x}}, head %{{customdata}}: %{{y:.2f}} px"
+                                               "<extra></extra>"))
+    n_layer = int(table["n_layer"])
+    fig.add_trace(go.Scatter(x=[1, n_layer], y=[table["uniform"]] * 2, mode="lines", name="uniform attention",
+                             line=dict(color=RAW_COLOR, dash="dash", width=2),
+                             hovertemplate="equal weight on every visible pixel: %{y:.2f} px<extra></extra>"))
+    fig.update_layout(
+        title=dict(text=f"Attention distance by layer — {name} ({str(table['objective']).upper()}, {n_layer} layers, "
+                        f"{table['images']} {table['dataset']} validation images)"),
+        xaxis=dict(title=dict(text="layer"), dtick=1, range=[0.7, n_layer + 0.3]),
+        yaxis=dict(title=dict(text="mean distance to the attended pixels (pixels)"), rangemode="tozero"),
+        legend=dict(orientation="h", yanchor="top", y=-0.22, x=0), margin=dict(t=60, b=10), height=420)
+    return fig
+
+
+def compute_distances(runs_dir: Path, name: str, missing: list[int]) -> None:
+    """The button's work: `explain.run_distances` for the missing checkpoints, with a progress bar."""
+    with st.status(f"Attention distances of {name}…", expanded=True) as status:
+        bar = st.progress(0.0, text=f"{len(missing)} checkpoint(s) to measure")
+        try:
+            run_distances(name, missing, runs_dir=runs_dir,
+                          on_progress=lambda done, total: bar.progress(done / total, text=f"{done}/{total} checkpoints"))
+        except IgptError as err:
+            status.update(label=f"Measuring {name} failed", state="error")
+            st.error(str(err))
+            return
+        status.update(label=f"Measured {name}", state="complete")
+    st.rerun()
+
+
+def where_the_heads_look(runs_dir: Path, good: list[str]) -> None:
+    """Section 5: attention distance per layer and head, one line per checkpoint, from stored results."""
+    st.header("5 · Where the heads look")
+    st.caption("How far each head looks: the mean Euclidean distance, in pixels, between a query pixel and the "
+               "pixels it attends to, weighted by attention and averaged over queries and validation images (the "
+               "attention-distance plot of vision-transformer papers). Dashed: a head that spreads its weight "
+               "evenly over every pixel it may see; below it a head looks near, above it far.")
+    for name in good:
+        try:
+            table = load_distances(name, runs_dir=runs_dir)
+            steps = Run(runs_dir / name).checkpoints()
+        except IgptError as err:
+            st.warning(str(err), icon=":material/warning:")
+            continue
+        done = set() if table is None else {r["step"] for r in table["rows"]}
+        missing = [s for s in steps if s not in done]
+        if table is not None and table["rows"]:
+            frame = distance_frame(name, table)
+            st.plotly_chart(distance_chart(name, table, frame), key=f"chart:distance:{name}", config=PLOTLY_CONFIG)
+            table_with_download(frame, f"attention-distance_{name}.csv", f"distance:{name}")
+        else:
+            st.caption(f"No attention distances stored for {name} yet.")
+        if missing and st.button(f"Compute the missing attention distances of {name} ({len(missing)} checkpoint"
+                                 f"{'s' if len(missing) > 1 else ''})", key=f"distance_go:{name}"):
+            compute_distances(runs_dir, name, missing)
+
+
 # -- the page -------------------------------------------------------------------------------------------
 
 
@@ -647,6 +729,7 @@ def main() -> None:
     loss_vs_accuracy(view)
     ar_vs_bert_and_finetuning(view)
     training_curves(view)
+    where_the_heads_look(runs_dir, view.good)
 
 
 if __name__ == "__main__":

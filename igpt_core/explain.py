@@ -12,14 +12,20 @@ The model's forward pass keeps its fused attention; the weights are formed only 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from .data import load_dataset
 from .errors import IgptError
+from .files import atomic_write_json
 from .likelihood import masking_groups
 from .model import IGPT
+from .runs import Run, as_run
 from .sample import _as_prompt, _check_sampling, sampling_probabilities
 
 
@@ -193,3 +199,92 @@ def describe(probabilities: torch.Tensor, true_id: int | None = None, k: int = 8
         out["true_probability"] = float(p[true_id])
         out["true_rank"] = int((p > p[true_id]).sum()) + 1
     return out
+
+
+# -- attention distance of a run's checkpoints, stored in the run ------------------------------------------
+#
+#     runs/<run>/attention/distance.json   {"format", "dataset", "images", "images_hash", "n_layer", "n_head",
+#                                           "objective", "uniform", "rows": [{"step", "layer", "head", "distance",
+#                                           "checkpoint"}]}
+#
+# Layers and heads are counted from 1. "uniform" is the distance of a head that spreads its weight
+# evenly over every pixel it may see: below it a head looks near, above it far.
+
+DISTANCE_FORMAT = 1
+DISTANCE_IMAGES = 64  # validation images per checkpoint
+
+
+def distance_path(run: Run) -> Path:
+    return run.path / "attention" / "distance.json"
+
+
+def load_distances(run, *, runs_dir=None) -> dict | None:
+    """The stored attention-distance table of `run` (a Run or a name), or None if never computed.
+    A damaged file raises IgptError naming it."""
+    run = as_run(run, runs_dir)
+    path = distance_path(run)
+    if not path.exists():
+        return None
+    try:
+        table = json.loads(path.read_text())
+        rows = table["rows"]
+        ok = all(isinstance(r["step"], int) and isinstance(r["layer"], int) and isinstance(r["head"], int)
+                 and isinstance(r["distance"], (int, float)) for r in rows)
+    except (ValueError, OSError, KeyError, TypeError) as err:
+        raise IgptError(f"the attention distances {path} are damaged ({err}); delete the file to compute them again") from None
+    if not ok or table.get("format") != DISTANCE_FORMAT:
+        raise IgptError(f"the attention distances {path} are damaged or of another format; delete the file "
+                        "to compute them again")
+    return table
+
+
+def uniform_distance(config) -> float:
+    """The attention distance of a head with equal weight on every pixel it may see (AR: the pixels
+    before the query; BERT: all of them), averaged over queries like `attention_distance`."""
+    distances = _grid_distances(config.image_size, "cpu").double()
+    if config.objective == "bert":
+        return float(distances.mean())
+    seen = torch.ones_like(distances).tril(-1)[1:]  # query pixels 1..T-1 over the pixels before them
+    return float(((distances[1:] * seen).sum(-1) / seen.sum(-1)).mean())
+
+
+def _checkpoint_stamp(run: Run, step: int) -> str:
+    stat = run.checkpoint_path(step).stat()
+    return f"size={stat.st_size};mtime={stat.st_mtime_ns}"
+
+
+def run_distances(run, steps="all", *, dataset: str | None = None, images: int = DISTANCE_IMAGES, runs_dir=None,
+                  data_dir=None, device="cpu", on_progress=None) -> dict:
+    """Attention distance per layer and head at each checkpoint in `steps` ("all", "last" or a list),
+    on the first `images` validation images of `dataset` (default: the run's own; imported runs: the
+    built-in photos). Computes only checkpoints missing from the stored table (or whose file changed),
+    stores the table atomically, and returns it. on_progress(done, total) after each checkpoint."""
+    run = as_run(run, runs_dir)
+    info, config = run.info, run.model_config
+    own = info.get("dataset") or "photos"
+    dataset = dataset or ("photos" if own.startswith("imported:") else own)
+    data = load_dataset(dataset, "val", resolution=config.image_size,
+                        data_dir=data_dir or (info.get("data_dir") if dataset == own else None))
+    ids = torch.from_numpy(run.palette.encode(data.images[:images], config.image_size)).long()
+    images_hash = hashlib.sha1(ids.numpy().tobytes()).hexdigest()
+    wanted = {"all": run.checkpoints(), "last": [run.resolve_step(None)]}.get(steps) if isinstance(steps, str) else steps
+    wanted = [run.resolve_step(int(s)) for s in wanted]
+    table = load_distances(run)
+    if table is None or table.get("images_hash") != images_hash or table.get("n_layer") != config.n_layer:
+        table = {"format": DISTANCE_FORMAT, "dataset": dataset, "images": len(ids), "images_hash": images_hash,
+                 "n_layer": config.n_layer, "n_head": config.n_head, "objective": config.objective,
+                 "uniform": uniform_distance(config), "rows": []}
+    stamps = {r["step"]: r["checkpoint"] for r in table["rows"]}
+    todo = [s for s in wanted if stamps.get(s) != _checkpoint_stamp(run, s)]
+    for done, step in enumerate(todo, 1):
+        model, _, _ = run.load(step, device=device)
+        distance = attention_distance(model, ids)
+        table["rows"] = [r for r in table["rows"] if r["step"] != step] + [
+            {"step": step, "layer": layer + 1, "head": head + 1, "distance": float(distance[layer, head]),
+             "checkpoint": _checkpoint_stamp(run, step)}
+            for layer in range(config.n_layer) for head in range(config.n_head)]
+        table["rows"].sort(key=lambda r: (r["step"], r["layer"], r["head"]))
+        atomic_write_json(distance_path(run), table)  # after each checkpoint: an interruption keeps what is done
+        if on_progress:
+            on_progress(done, len(todo))
+    return table

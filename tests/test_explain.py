@@ -4,11 +4,12 @@ distributions, BERT masking, and attention distance on a model built by hand."""
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
 
-from igpt_core import explain, hf
+from igpt_core import explain, hf, load_dataset
 from igpt_core.errors import IgptError
 from igpt_core.likelihood import masking_groups
 from igpt_core.model import IGPT, ModelConfig
@@ -161,3 +162,36 @@ def test_bad_inputs_say_what_is_wrong():
         explain.next_pixel(model, ids, 3, temperature=0)
     with pytest.raises(IgptError, match="pixels"):
         explain.attention_distance(model, ids[:20])
+
+
+@pytest.mark.parametrize("objective", ["ar", "bert"])
+def test_a_freshly_initialised_model_attends_uniformly(objective):
+    """At init q·k ≈ 0, so every head spreads its weight evenly: the distance of uniform attention."""
+    config = ModelConfig(vocab_size=17, n_positions=36, n_layer=2, n_head=2, n_embd=32, objective=objective)
+    torch.manual_seed(0)
+    model = IGPT(config).eval()
+    distance = explain.attention_distance(model, some_ids(model, n=2))
+    torch.testing.assert_close(distance, torch.full((2, 2), explain.uniform_distance(config)), atol=0.02, rtol=0)
+
+
+def test_run_distances_are_stored_and_measured_once(tiny_run, tmp_path):
+    shutil.copytree(tiny_run.path, tmp_path / "runs" / "copy")
+    run = open_run("copy", tmp_path / "runs")
+    assert explain.load_distances(run) is None
+    calls = []
+    table = explain.run_distances(run, [run.checkpoints()[0]], images=8, on_progress=lambda *a: calls.append(a))
+    assert calls == [(1, 1)] and {r["step"] for r in table["rows"]} == {run.checkpoints()[0]}
+    assert explain.load_distances(run) == table
+    table = explain.run_distances(run, "all", images=8, on_progress=lambda *a: calls.append(a))
+    assert len(calls) == len(run.checkpoints()) and {r["step"] for r in table["rows"]} == set(run.checkpoints())
+    model = run.load()[0]
+    ids = torch.from_numpy(run.palette.encode(load_dataset("digits", "val", resolution=8).images[:8], 8))
+    last = [r["distance"] for r in table["rows"] if r["step"] == run.checkpoints()[-1]]
+    assert last == pytest.approx(explain.attention_distance(model, ids).flatten().tolist())
+    explain.run_distances(run, "all", images=8, on_progress=lambda *a: calls.append(a))
+    assert len(calls) == len(run.checkpoints())  # nothing left to measure
+    assert [p.name for p in explain.distance_path(run).parent.iterdir()] == ["distance.json"]  # no temp files
+
+    explain.distance_path(run).write_text('{"rows": [')
+    with pytest.raises(IgptError, match="distance.json are damaged"):
+        explain.load_distances(run)
