@@ -7,7 +7,8 @@ zeroed, as in training) and every other pixel visible.
 
 Everything runs on the model's device under `torch.inference_mode()` and returns CPU tensors.
 The model's forward pass keeps its fused attention; the weights are formed only here, through
-`IGPT.attention_weights`.
+`IGPT.attention_weights`. `run_distances` measures the attention distance of a run's checkpoints
+and stores it in the run folder, as probe results are (`load_distances` reads it back).
 """
 
 from __future__ import annotations
