@@ -544,10 +544,10 @@ class Demo:
                         f"Change the seed and press {button} again for new guesses.")
             yield completion_grid(original, view, kept, samples), text
 
-    def model_and_ids(self, name, step, editor, picture, zoom, across, down):
+    def model_and_ids(self, name, step, editor, picture, *region):
         """(model, palette, palette ids of the model's view): what the "Inside the model" tab looks at."""
         model, palette, _ = self.load(name, step)
-        _, ids, _, _ = self._prepare(palette, model.config.image_size, editor, picture, zoom, across, down)
+        _, ids, _, _ = self._prepare(palette, model.config.image_size, editor, picture, *region)
         return model, palette, ids
 
     @_user_errors
