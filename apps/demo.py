@@ -723,6 +723,7 @@ def _wire_actions(actions: Demo, ui: SimpleNamespace) -> None:
                     show_progress="hidden")
 
 
+@functools.cache
 def _sibling(name: str):
     """Another module of apps/ (a folder of scripts, not a package), imported by its path."""
     spec = importlib.util.spec_from_file_location(f"igpt_apps_{name}", Path(__file__).with_name(f"{name}.py"))

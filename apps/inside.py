@@ -45,6 +45,28 @@ def _parse_pixel(text: str | None, side: int) -> tuple[int, int] | None:
     return row - 1, col - 1
 
 
+def pixel_numbers(model, palette, ids, t: int, temperature, top_k, true_id: int | None = None) -> dict:
+    """What pixel t is drawn from, as plain data: `explain.describe` of `explain.next_pixel`, with the
+    pixel (row, column from 1), the colours as RGB and the sampling settings."""
+    top_k = int(top_k or 0) or None
+    probabilities = explain.next_pixel(model, ids, t, temperature=float(temperature), top_k=top_k)
+    numbers = explain.describe(probabilities, true_id, k=min(SHOWN_COLORS, top_k or SHOWN_COLORS))
+    side = model.config.image_size
+    numbers.update(pixel=[t // side + 1, t % side + 1], top_colors=palette.colors[numbers["top_ids"]].tolist(),
+                   temperature=float(temperature), top_k=top_k)
+    return numbers
+
+
+def draw_bars(numbers: dict | None) -> np.ndarray | None:
+    """`pixel_numbers` as bars, the true colour (if known) outlined."""
+    if not numbers:
+        return None
+    true = numbers.get("true_id")
+    top = numbers["top_ids"]
+    return distribution_bars(np.array(numbers["top_colors"]), numbers["top_probabilities"],
+                             top.index(true) if true in top else None, width=360)
+
+
 class Inside:
     """The tab's actions. `model_ids(name, step, *picture)` gives (model, palette, ids of the view)."""
 
@@ -75,20 +97,15 @@ class Inside:
         model, palette, ids, _, pixel, t = self._focus(pixel_text, name, step, picture)
         if pixel is None:
             return None, "Click a pixel of the model's view.", None
-        top_k = int(top_k or 0) or None
-        probabilities = explain.next_pixel(model, ids, t, temperature=float(temperature), top_k=top_k)
-        numbers = explain.describe(probabilities, int(ids[t]), k=min(SHOWN_COLORS, top_k or SHOWN_COLORS))
-        top, n_colors = numbers["top_ids"], model.config.n_colors
-        bars = distribution_bars(palette.colors[top], numbers["top_probabilities"],
-                                 top.index(numbers["true_id"]) if numbers["true_id"] in top else None, width=360)
+        numbers = pixel_numbers(model, palette, ids, t, temperature, top_k, true_id=int(ids[t]))
+        n_colors = model.config.n_colors
         seen = "the pixels before it" if model.config.objective == "ar" else "every other pixel (it is masked)"
         text = (f"Pixel row {pixel[0] + 1}, column {pixel[1] + 1}, given {seen}: its true colour (outlined) has "
                 f"**p = {numbers['true_probability']:.3f}**, rank **{numbers['true_rank']}** of {n_colors}; "
                 f"entropy **{numbers['entropy']:.2f} nats** (at most log {n_colors} = {math.log(n_colors):.2f}). "
-                f"Temperature {float(temperature):g}" + (f", top-{top_k}." if top_k else ", all colours."))
-        numbers.update(pixel=[pixel[0] + 1, pixel[1] + 1], top_colors=palette.colors[top].tolist(),
-                       temperature=float(temperature), top_k=top_k)
-        return bars, text, numbers
+                f"Temperature {numbers['temperature']:g}"
+                + (f", top-{numbers['top_k']}." if numbers["top_k"] else ", all colours."))
+        return draw_bars(numbers), text, numbers
 
     def look(self, pixel_text, layer, name, step, *picture):
         """(the view with the pixel marked, attention per layer, heads of `layer`, the layer strip, its caption)."""
@@ -197,3 +214,13 @@ def build_tab(model_ids, choice: list, picture: list, sampling: list, view, user
         slider.change(**distribute, api_visibility="private", trigger_mode="always_last")
     layer.release(actions.heads, [pixel, layer, *context], heads, api_name="inside_heads", show_progress="hidden")
     uncertainty_btn.click(actions.uncertainty, context, [uncertainty, uncertainty_text], api_name="inside_uncertainty")
+
+
+def watched(numbers: dict | None):
+    """The Complete tab's "what the next pixel is drawn from": (bars, one line), or nothing yet."""
+    if not numbers:
+        return None, ""
+    row, col = numbers["pixel"]
+    settings = f"temperature {numbers['temperature']:g}" + (f", top-{numbers['top_k']}" if numbers["top_k"] else "")
+    return draw_bars(numbers), (f"Sample 1 draws row {row}, column {col} from these colours: entropy "
+                                f"**{numbers['entropy']:.2f} nats**, {settings}.")
