@@ -291,7 +291,7 @@ class IGPT(nn.Module):
         one gives forward()'s logits, of an earlier one the "logit lens" reading of that layer.
         """
         causal = self.config.objective == "ar"
-        x = self._embed(self._inputs(ids, mask), mask)
+        x = self._embed(self._inputs(ids), mask)
         streams = [x]
         for block in self.h:
             x = block(x, causal)
@@ -303,7 +303,7 @@ class IGPT(nn.Module):
         key 0 is SOS, key j is pixel j - 1). One layer at a time, as T² per head adds up fast.
         """
         causal = self.config.objective == "ar"
-        x = self._embed(self._inputs(ids, mask), mask)
+        x = self._embed(self._inputs(ids), mask)
         for block in self.h:
             yield block.attn.probabilities(block.ln_1(x), causal)
             x = block(x, causal)

@@ -10,6 +10,8 @@ from PIL import Image, ImageDraw
 
 from .files import atomic_write
 
+BACKGROUND = (255, 255, 255)  # white behind every picture and its text
+
 
 def enlarge(image: np.ndarray, pixel: int) -> np.ndarray:
     """Each pixel drawn as a pixel × pixel square (nearest neighbour), so tokens stay visible."""

@@ -9,7 +9,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from igpt_core import explain
+from igpt_core import explain, open_run
 from igpt_core.model import ModelConfig
 from tests.test_dashboard import app, chart, csv_of, fake_runs, no_exception, texts, traces, write_run  # noqa: F401
 
@@ -67,7 +67,7 @@ def test_button_measures_the_missing_checkpoints(tiny_run, tmp_path, app):
     assert f"({len(steps)} checkpoints)" in button.label
     button.click().run()
     no_exception(at)
-    table = explain.load_distances(explain.open_run("real", runs))
+    table = explain.load_distances(open_run("real", runs))
     assert sorted({r["step"] for r in table["rows"]}) == steps and len(table["rows"]) == len(steps) * 2 * 2
     lines = traces(chart(at, "Attention distance by layer — real (AR, 2 layers"))
     last = [r["distance"] for r in table["rows"] if r["step"] == steps[-1]]

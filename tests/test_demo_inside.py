@@ -10,9 +10,11 @@ import pytest
 from gradio_client.exceptions import AppError
 
 from igpt_core import explain, load_dataset, open_run
+from conftest import CHROMIUM_ARGS, keep_screenshot
+from playwright.sync_api import sync_playwright
+
 from igpt_core.render import save_png
-from tests.test_demo import (CHROMIUM, CHROMIUM_ARGS, IDLE, SIZE, WHOLE, app, as_input, client, grid_cells,  # noqa: F401
-                             read_png, runs)
+from tests.test_demo import IDLE, SIZE, WHOLE, app, as_input, client, grid_cells, read_png, runs  # noqa: F401
 
 
 def model_and_ids(app, name, index):
@@ -84,11 +86,9 @@ def test_a_streaming_completion_shows_what_each_next_pixel_is_drawn_from(app, tm
                                                               "every row"))
 
 
-@pytest.mark.skipif(not __import__("pathlib").Path(CHROMIUM).exists(), reason="needs Debian's chromium")
-def test_browser_click_on_a_pixel_shows_the_panels(app, tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api")
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+def test_browser_click_on_a_pixel_shows_the_panels(app, tmp_path, chromium):
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1600})
             page.goto(app.url)
@@ -118,8 +118,9 @@ def test_browser_click_on_a_pixel_shows_the_panels(app, tmp_path):
                                    timeout=90_000)
             page.wait_for_function("() => document.querySelector('#drawing img')", timeout=30_000)
             assert "Sample 1 draws row 8" in page.inner_text("#drawing-text")
-            page.screenshot(path="/tmp/igpt-demo-watch.png", full_page=True)
+            page.screenshot(path=str(tmp_path / "watching.png"), full_page=True)
+            keep_screenshot(tmp_path / "watching.png")
             page.screenshot(path=str(tmp_path / "inside.png"), full_page=True)
-            page.screenshot(path="/tmp/igpt-demo-inside.png", full_page=True)
+            keep_screenshot(tmp_path / "inside.png")
         finally:
             browser.close()

@@ -14,7 +14,8 @@ from igpt_core.errors import IgptError
 from igpt_core.likelihood import masking_groups
 from igpt_core.model import IGPT, ModelConfig
 from igpt_core.runs import open_run
-from tests.test_hf import SHAPES, randomize, save_hf_folder
+from conftest import randomize
+from tests.test_hf import SHAPES, save_hf_folder
 from tests.test_model import random_model
 
 from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling  # noqa: E402  (a dev dependency)
@@ -69,7 +70,7 @@ def test_last_layer_prediction_is_the_models_own(objective):
             expected = model(ids[None])[0][0].log_softmax(-1)
         else:  # every pixel read with its masking group hidden
             expected = torch.zeros_like(lens[-1])
-            for group in masking_groups(model.config.mask_prob, 36):
+            for group in masking_groups(model.config, 36):
                 expected[group] = model(ids[None], mask=group[None])[0][0, group].log_softmax(-1)
     torch.testing.assert_close(lens[-1], expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(lens[0], lens[-1])  # the embeddings alone predict something else
