@@ -158,18 +158,19 @@ class Inside:
         return picture, text
 
 
-def build_tab(model_ids, choice: list, picture: list, sampling: list, view, user_errors) -> None:
+def build_tab(model_ids, choice: list, picture: list, sampling: list, user_errors) -> None:
     """The tab's components and events, built inside the caller's `gr.Tabs()`.
 
     choice: [run, step] pickers; picture: the inputs `model_ids` reads after them; sampling:
-    [temperature, top_k] sliders; view: the page's image of the model's input (its changes redraw the
-    tab); user_errors: the page's decorator that shows an IgptError as a message.
+    [temperature, top_k] sliders; user_errors: the page's decorator that shows an IgptError as a
+    message. The tab redraws when it is opened and when a pixel is chosen (not on every change of the
+    picture elsewhere on the page, which would queue work behind the other tabs' events).
     """
     inside = Inside(model_ids)
     actions = SimpleNamespace(**{name: user_errors(getattr(inside, name)) for name in
                                  ("pick", "distribution", "look", "heads", "layer_slider", "uncertainty")})
     context = [*choice, *picture]
-    with gr.Tab("Inside the model", id="inside"):
+    with gr.Tab("Inside the model", id="inside") as tab:
         gr.Markdown(HELP)
         with gr.Row():
             with gr.Column(scale=2):
@@ -207,9 +208,8 @@ def build_tab(model_ids, choice: list, picture: list, sampling: list, view, user
     clickable.select(actions.pick, context, pixel, api_visibility="private")  # sets the pixel: its .change draws
     pixel.change(**distribute, api_name="inside_distribution", trigger_mode="always_last").then(
         **look, api_name="inside_look")
-    view.change(actions.layer_slider, context, layer, api_visibility="private", show_progress="hidden",
-                trigger_mode="always_last").then(**distribute, api_visibility="private").then(
-        **look, api_visibility="private")
+    tab.select(actions.layer_slider, context, layer, api_visibility="private", show_progress="hidden").then(
+        **distribute, api_visibility="private").then(**look, api_visibility="private")
     for slider in sampling:  # the bars follow the sampling sliders live
         slider.change(**distribute, api_visibility="private", trigger_mode="always_last")
     layer.release(actions.heads, [pixel, layer, *context], heads, api_name="inside_heads", show_progress="hidden")
