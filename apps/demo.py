@@ -751,6 +751,9 @@ def build_demo(runs_dir=None) -> gr.Blocks:
                 ui.complete = _complete_tab()
                 ui.surprise = _surprise_tab()
                 ui.inpaint = _inpaint_tab()
+                _sibling("inside").build_tab(actions.model_and_ids, [ui.run, ui.step],
+                                             [ui.inpaint.paint, ui.chosen, ui.pick.square],
+                                             [ui.sampling.temperature, ui.sampling.top_k], _user_errors)
             ui.paint = ui.inpaint.paint
         _wire_choices(demo, actions, ui)
         _wire_actions(actions, ui)

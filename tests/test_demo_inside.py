@@ -13,8 +13,7 @@ from igpt_core import explain, load_dataset, open_run
 from conftest import CHROMIUM_ARGS, keep_screenshot
 from playwright.sync_api import sync_playwright
 
-from igpt_core.render import save_png
-from tests.test_demo import IDLE, SIZE, WHOLE, app, as_input, client, grid_cells, read_png, runs  # noqa: F401
+from tests.test_demo import IDLE, SIZE, app, as_input, client, read_png, runs  # noqa: F401
 
 
 def model_and_ids(app, name, index):
@@ -29,7 +28,7 @@ def test_distribution_is_next_pixel(app, tmp_path, name):
     model, palette, ids = model_and_ids(app, name, 2)
     t = 3 * SIZE + 2  # row 4, column 3 counted from 1
     for temperature, top_k in [(1.0, 0), (0.5, 3)]:
-        bars, text, numbers = c.predict("4, 3", temperature, top_k, name, 20, as_input(editor), *WHOLE,
+        bars, text, numbers = c.predict("4, 3", temperature, top_k, name, 20, as_input(editor), "",
                                         api_name="/inside_distribution")
         expected = explain.next_pixel(model, ids, t, temperature=temperature, top_k=top_k or None)
         top = expected.topk(3 if top_k else 8)
@@ -44,7 +43,7 @@ def test_distribution_is_next_pixel(app, tmp_path, name):
 def test_attention_heads_strip_and_uncertainty_panels(app, tmp_path):
     c = client(app, tmp_path)
     editor, *_ = c.predict("digits-ar", 5, api_name="/use_example")
-    view, layers, heads, strip, caption = c.predict("2, 5", 2, "digits-ar", 20, as_input(editor), *WHOLE,
+    view, layers, heads, strip, caption = c.predict("2, 5", 2, "digits-ar", 20, as_input(editor), "",
                                                     api_name="/inside_look")
     n_layer, n_head = 2, 2
     widths = [read_png(p).shape[1] for p in (layers, heads, strip)]
@@ -55,35 +54,13 @@ def test_attention_heads_strip_and_uncertainty_panels(app, tmp_path):
     true_p = explain.layer_predictions(model, ids)[-1, 1 * SIZE + 4, int(ids[1 * SIZE + 4])].exp()
     assert f"{float(true_p):.2f} at the output" in caption
 
-    picture, text = c.predict("digits-ar", 20, as_input(editor), *WHOLE, api_name="/inside_uncertainty")
+    picture, text = c.predict("digits-ar", 20, as_input(editor), "", api_name="/inside_uncertainty")
     assert read_png(picture).shape[1] > 2.5 * read_png(picture).shape[0]  # view, entropy, surprise side by side
     mean = float(re.search(r"Mean uncertainty \*\*([0-9.]+) nats", text).group(1))
     assert mean == pytest.approx(float(explain.entropy_map(model, ids).mean()), abs=6e-3)
 
     with pytest.raises(AppError, match="outside the 8×8 image"):
-        c.predict("9, 1", 1.0, 0, "digits-ar", 20, as_input(editor), *WHOLE, api_name="/inside_distribution")
-
-
-def test_a_streaming_completion_shows_what_each_next_pixel_is_drawn_from(app, tmp_path):
-    """The page's own Demo object: each frame's numbers are `next_pixel` of sample 1 at the next pixel."""
-    actions = app.module.Demo(app.runs)
-    model, palette, _ = open_run("digits-ar", app.runs).load()
-    image = load_dataset("digits", "val").images[4]
-    frames = list(actions.complete("digits-ar", 20, None, image, *WHOLE, 4, 2, 0.8, 5, 3, "every row", True))
-    assert frames[0][2] is None  # before the first pixel arrives
-    rows = []
-    for i, (grid, _, numbers) in enumerate(frames[1:]):
-        save_png(grid, tmp_path / f"{i}.png")
-        sample = grid_cells(tmp_path / f"{i}.png", 2)[3]  # sample 1, in palette colours (grey not drawn yet)
-        row, col = numbers["pixel"]
-        t = (row - 1) * SIZE + (col - 1)
-        expected = explain.next_pixel(model, palette.encode(sample[None], SIZE)[0], t, temperature=0.8, top_k=5)
-        assert numbers["top_ids"] == expected.topk(5).indices.tolist()
-        np.testing.assert_allclose(numbers["top_probabilities"], expected.topk(5).values, rtol=1e-5)
-        rows.append(row)
-    assert rows == [6, 7, 8, 8]  # the first pixel of each next row; the last frame keeps the last one
-    assert all(frame[2] is None for frame in actions.complete("digits-ar", 20, None, image, *WHOLE, 4, 1, 1.0, 0, 3,
-                                                              "every row"))
+        c.predict("9, 1", 1.0, 0, "digits-ar", 20, as_input(editor), "", api_name="/inside_distribution")
 
 
 def test_browser_click_on_a_pixel_shows_the_panels(app, tmp_path, chromium):
@@ -111,15 +88,6 @@ def test_browser_click_on_a_pixel_shows_the_panels(app, tmp_path, chromium):
             page.wait_for_function("() => document.querySelector('#inside-uncertainty img')", timeout=60_000)
             assert "Mean uncertainty" in page.inner_text("#inside-uncertainty-text")
 
-            page.get_by_role("tab", name="Complete").click()  # the option while a completion streams
-            page.locator("#watch input").check()
-            page.locator("#complete-btn").click()
-            page.wait_for_function("() => document.querySelector('#progress').innerText.includes('Done')",
-                                   timeout=90_000)
-            page.wait_for_function("() => document.querySelector('#drawing img')", timeout=30_000)
-            assert "Sample 1 draws row 8" in page.inner_text("#drawing-text")
-            page.screenshot(path=str(tmp_path / "watching.png"), full_page=True)
-            keep_screenshot(tmp_path / "watching.png")
             page.screenshot(path=str(tmp_path / "inside.png"), full_page=True)
             keep_screenshot(tmp_path / "inside.png")
         finally:
