@@ -490,8 +490,10 @@ class Demo:
     # -- page actions: completing, filling in, scoring --
 
     @_user_errors
-    def complete(self, name, step, editor, picture, square, keep_rows, n_samples, temperature, top_k, seed, update):
-        """Stream completions from the top `keep_rows` rows: (grid, progress text) at least once per row."""
+    def complete(self, name, step, editor, picture, square, keep_rows, n_samples, temperature, top_k, seed, update,
+                 watch=False):
+        """Stream completions from the top `keep_rows` rows: (grid, progress text, what sample 1's next
+        pixel is drawn from if `watch` and the model is AR, else None) at least once per row."""
         model, palette, step = self.load(name, step)
         size = model.config.image_size
         keep_rows = int(keep_rows)
@@ -501,8 +503,21 @@ class Demo:
         stream = complete_stream(model, ids, keep_rows, int(n_samples), temperature=float(temperature),
                                  top_k=int(top_k or 0) or None, seed=int(seed or 0),
                                  every=1 if update == "every pixel" else size)
-        yield from self._frames(stream, model, palette, known, original, view, hide_rows(view, keep_rows),
-                                int(n_samples), "complete")
+        drawn_from = {"numbers": None}
+        if watch and model.config.objective == "ar":
+            stream = self._watching(stream, model, palette, keep_rows * size, temperature, top_k, drawn_from)
+        for frame in self._frames(stream, model, palette, known, original, view, hide_rows(view, keep_rows),
+                                  int(n_samples), "complete"):
+            yield *frame, drawn_from["numbers"]
+
+    @staticmethod
+    def _watching(stream, model, palette, start: int, temperature, top_k, drawn_from: dict):
+        """The stream, noting in drawn_from what sample 1's next pixel is drawn from (`next_pixel`)."""
+        for out, filled, done in stream:
+            if start + filled < out.shape[1]:
+                drawn_from["numbers"] = _sibling("inside").pixel_numbers(model, palette, out[0], start + filled,
+                                                                         temperature, top_k)
+            yield out, filled, done
 
     @_user_errors
     def inpaint(self, name, step, editor, picture, square, n_samples, temperature, top_k, seed):
@@ -628,13 +643,21 @@ def _complete_tab() -> SimpleNamespace:
                                   elem_id="keep-rows")
             update = gr.Radio(["every row", "every pixel"], value="every row", label="Update the picture", scale=2,
                               elem_id="update")
+            watch = gr.Checkbox(label="Show what the next pixel is drawn from (AR)", value=False, scale=2,
+                                elem_id="watch")
             button = gr.Button("Complete", variant="primary", scale=1, elem_id="complete-btn")
             stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop-btn")
         progress = gr.Markdown(elem_id="progress")
+        with gr.Row(equal_height=True):
+            drawing = gr.Image(show_label=False, format="png", interactive=False, height=200, scale=1,
+                               elem_id="drawing")
+            drawing_text = gr.Markdown(elem_id="drawing-text")
+        drawn_from = gr.State(None)  # what sample 1's next pixel is drawn from, as the stream goes
         result = gr.Image(label="Completions", show_label=False, format="png", interactive=False, elem_id="grid",
                           elem_classes="pixels", buttons=["download", "fullscreen"])
     return SimpleNamespace(keep_rows=keep_rows, update=update, button=button, stop=stop, progress=progress,
-                           result=result)
+                           result=result, watch=watch, drawing=drawing, drawing_text=drawing_text,
+                           drawn_from=drawn_from)
 
 
 def _surprise_tab() -> SimpleNamespace:
@@ -707,9 +730,12 @@ def _wire_actions(actions: Demo, ui: SimpleNamespace) -> None:
     picture = [ui.run, ui.step, ui.paint, ui.chosen, ui.pick.square]
     sampling = [ui.sampling.n_samples, ui.sampling.temperature, ui.sampling.top_k, ui.sampling.seed]
     tab = ui.complete
-    completing = tab.button.click(actions.complete, [*picture, tab.keep_rows, *sampling, tab.update],
-                                  [tab.result, tab.progress], api_name="complete", show_progress="minimal",
-                                  show_progress_on=tab.result)
+    completing = tab.button.click(actions.complete, [*picture, tab.keep_rows, *sampling, tab.update, tab.watch],
+                                  [tab.result, tab.progress, tab.drawn_from], api_name="complete",
+                                  show_progress="minimal", show_progress_on=tab.result)
+    # The stream notes next_pixel's numbers in a State (not returned to API clients); its change draws them.
+    tab.drawn_from.change(_sibling("inside").watched, tab.drawn_from, [tab.drawing, tab.drawing_text],
+                          api_visibility="private", show_progress="hidden", trigger_mode="always_last")
     # A cancelled event counts as failed, so .failure notes it after the last frame.
     tab.stop.click(None, cancels=[completing])
     completing.failure(functools.partial(_stopped, "generated"), tab.progress, tab.progress, api_visibility="private",

@@ -13,7 +13,8 @@ from igpt_core import explain, load_dataset, open_run
 from conftest import CHROMIUM_ARGS, keep_screenshot
 from playwright.sync_api import sync_playwright
 
-from tests.test_demo import IDLE, SIZE, app, as_input, client, read_png, runs  # noqa: F401
+from igpt_core.render import save_png
+from tests.test_demo import IDLE, SIZE, app, as_input, client, grid_cells, read_png, runs  # noqa: F401
 
 
 def model_and_ids(app, name, index):
@@ -63,6 +64,28 @@ def test_attention_heads_strip_and_uncertainty_panels(app, tmp_path):
         c.predict("9, 1", 1.0, 0, "digits-ar", 20, as_input(editor), "", api_name="/inside_distribution")
 
 
+def test_a_streaming_completion_shows_what_each_next_pixel_is_drawn_from(app, tmp_path):
+    """The page's own Demo object: each frame's numbers are `next_pixel` of sample 1 at the next pixel."""
+    actions = app.module.Demo(app.runs)
+    model, palette, _ = open_run("digits-ar", app.runs).load()
+    image = load_dataset("digits", "val").images[4]
+    frames = list(actions.complete("digits-ar", 20, None, image, "", 4, 2, 0.8, 5, 3, "every row", True))
+    assert frames[0][2] is None  # before the first pixel arrives
+    rows = []
+    for i, (grid, _, numbers) in enumerate(frames[1:]):
+        save_png(grid, tmp_path / f"{i}.png")
+        sample = grid_cells(tmp_path / f"{i}.png", 2)[3]  # sample 1, in palette colours (grey not drawn yet)
+        row, col = numbers["pixel"]
+        t = (row - 1) * SIZE + (col - 1)
+        expected = explain.next_pixel(model, palette.encode(sample[None], SIZE)[0], t, temperature=0.8, top_k=5)
+        assert numbers["top_ids"] == expected.topk(5).indices.tolist()
+        np.testing.assert_allclose(numbers["top_probabilities"], expected.topk(5).values, rtol=1e-5)
+        rows.append(row)
+    assert rows == [6, 7, 8, 8]  # the first pixel of each next row; the last frame keeps the last one
+    assert all(frame[2] is None for frame in actions.complete("digits-ar", 20, None, image, "", 4, 1, 1.0, 0, 3,
+                                                              "every row"))
+
+
 def test_browser_click_on_a_pixel_shows_the_panels(app, tmp_path, chromium):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
@@ -87,6 +110,16 @@ def test_browser_click_on_a_pixel_shows_the_panels(app, tmp_path, chromium):
             page.locator("#inside-uncertainty-btn").click()
             page.wait_for_function("() => document.querySelector('#inside-uncertainty img')", timeout=60_000)
             assert "Mean uncertainty" in page.inner_text("#inside-uncertainty-text")
+
+            page.get_by_role("tab", name="Complete").click()  # the option while a completion streams
+            page.locator("#watch input").check()
+            page.locator("#complete-btn").click()
+            page.wait_for_function("() => document.querySelector('#progress').innerText.includes('Done')",
+                                   timeout=90_000)
+            page.wait_for_function("() => document.querySelector('#drawing img')", timeout=30_000)
+            assert "Sample 1 draws row 8" in page.inner_text("#drawing-text")
+            page.screenshot(path=str(tmp_path / "watching.png"), full_page=True)
+            keep_screenshot(tmp_path / "watching.png")
 
             page.screenshot(path=str(tmp_path / "inside.png"), full_page=True)
             keep_screenshot(tmp_path / "inside.png")
