@@ -32,7 +32,7 @@ class Palette:
         if not np.isfinite(clusters).all():
             raise IgptError("the palette holds non-finite colours; re-fit it")
         self.clusters = clusters
-        self._table = None  # nearest-colour id per packed 24-bit RGB value, filled as colours are seen
+        self._table = None  # nearest-colour id + 1 per packed 24-bit RGB value, filled as colours are seen
         # per level of CELLS: (candidates per cell (-1: not computed yet), their ids (cells, widest))
         self._cells = [(np.full(1 << 3 * (8 - bits), -1), np.zeros((1 << 3 * (8 - bits), 0), np.int16)) for bits in CELLS]
         self._lock = threading.Lock()
@@ -96,16 +96,16 @@ class Palette:
         packed = (images[..., 0].astype(np.int32) << 16) | (images[..., 1].astype(np.int32) << 8) | images[..., 2]
         with self._lock:  # apps quantise from several threads; the table is filled by one at a time
             if self._table is None:
-                self._table = np.full(256**3, -1, dtype=np.int16)  # 32 MB; -1 = not computed yet
+                self._table = np.zeros(256**3, dtype=np.int16)  # 32 MB of id + 1 (0: not computed yet), zeroed lazily by the OS
             ids = self._table[packed]
-            missing = ids < 0
+            missing = ids == 0
             if missing.any():
                 wanted = packed[missing]
                 new = np.sort(wanted)
                 new = new[np.r_[True, new[1:] != new[:-1]]]  # distinct (faster than np.unique's hashing)
-                self._table[new] = self._nearest(new)
+                self._table[new] = self._nearest(new) + 1
                 ids[missing] = self._table[wanted]
-        return ids.astype(np.int64)
+        return ids.astype(np.int64) - 1
 
     def _nearest(self, packed: np.ndarray) -> np.ndarray:
         """Nearest-colour ids of distinct packed 24-bit colours, by exact float64 distances.
@@ -142,10 +142,11 @@ class Palette:
             cell = cells >> (bits - CELLS[-1])  # (n, 3): the cell of this level holding each colour
             index = (cell[:, 0] << 2 * (8 - bits)) | (cell[:, 1] << (8 - bits)) | cell[:, 2]
             known_counts, known_ids = self._cells[level]
-            todo, first = np.unique(index[known_counts[index] < 0], return_index=True)
-            if len(todo):  # cells met for the first time: their candidates, from their parents'
-                pool = ids[parent_of[known_counts[index] < 0][first]]
-                found, found_counts = self._box_candidates(cell[known_counts[index] < 0][first] << bits, bits, pool)
+            unseen = np.flatnonzero(known_counts[index] < 0)
+            if len(unseen):  # cells met for the first time: their candidates, from their parents'
+                todo, first = np.unique(index[unseen], return_index=True)
+                first = unseen[first]  # one colour in each new cell
+                found, found_counts = self._box_candidates(cell[first] << bits, bits, ids[parent_of[first]])
                 if found.shape[1] > known_ids.shape[1]:
                     known_ids = np.pad(known_ids, ((0, 0), (0, found.shape[1] - known_ids.shape[1])), constant_values=-1)
                 known_ids[todo, : found.shape[1]] = found
