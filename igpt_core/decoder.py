@@ -152,8 +152,7 @@ class Decoder:
 
         # Folded in float64 (where the device has it), so that each stored weight is the float32 (or
         # model dtype) rounding of the exact product: the decoder is then as exact as the model itself.
-        # (int8 rounds each weight to 1/254 of its channel's largest: float32 folding suffices there.)
-        fold = torch.float64 if self.device.type in ("cpu", "cuda") and precision == "fp32" else torch.float32
+        fold = torch.float64 if self.device.type in ("cpu", "cuda") else torch.float32
         p = lambda name: weight(name).detach().to(fold)  # noqa: E731
         block_matrix = _int8_matrix if precision == "int8" else lambda t: self._matrix(t, batch_size)
         self.wte, self.wpe = self._keep(p("wte.weight")), self._keep(p("wpe.weight"))
