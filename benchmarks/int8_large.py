@@ -72,9 +72,21 @@ def rss_gb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
 
 
+def map_large_blocks() -> None:
+    """Have glibc give every block of 1 MB or more its own mapping, returned to the OS when freed.
+
+    By default it raises that threshold as blocks are freed (up to 32 MB), so the folding's
+    temporaries land in its heap, where the int8 weights made after them pin them: measured
+    0.8 GB of freed-but-kept memory after building iGPT-L (RSS 2.51 GB, 1.71 after malloc_trim).
+    """
+    try:
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def release_freed_heap() -> None:
-    """Hand back to the OS the heap pages freed by the folding (glibc keeps freed blocks under 32 MB
-    in its heap, where the int8 weights made after them pin them): ~0.5 GB at iGPT-L sizes."""
+    """Hand back to the OS whatever freed heap pages remain (glibc's malloc_trim)."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
@@ -87,6 +99,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    map_large_blocks()
     config = ModelConfig(**IGPT_L)
     T, keep = config.n_positions, config.n_positions // 2
     pixels = T - keep if args.pixels is None else args.pixels
