@@ -489,7 +489,8 @@ class Demo:
     # -- page actions: completing, filling in, scoring --
 
     @_user_errors
-    def complete(self, name, step, editor, picture, square, keep_rows, n_samples, temperature, top_k, seed, update):
+    def complete(self, name, step, editor, picture, square, keep_rows, n_samples, temperature, top_k, seed, update,
+                 int8=False):
         """Stream completions from the top `keep_rows` rows: (grid, progress text) at least once per row."""
         model, palette, step = self.load(name, step)
         size = model.config.image_size
@@ -499,7 +500,7 @@ class Demo:
         known[: keep_rows * size] = True
         stream = complete_stream(model, ids, keep_rows, int(n_samples), temperature=float(temperature),
                                  top_k=int(top_k or 0) or None, seed=int(seed or 0),
-                                 every=1 if update == "every pixel" else size)
+                                 every=1 if update == "every pixel" else size, precision="int8" if int8 else "fp32")
         yield from self._frames(stream, model, palette, known, original, view, hide_rows(view, keep_rows),
                                 int(n_samples), "complete")
 
@@ -621,13 +622,14 @@ def _complete_tab() -> SimpleNamespace:
                                   elem_id="keep-rows")
             update = gr.Radio(["every row", "every pixel"], value="every row", label="Update the picture", scale=2,
                               elem_id="update")
+            int8 = gr.Checkbox(False, label="int8: faster, approximate", scale=1, elem_id="int8")
             button = gr.Button("Complete", variant="primary", scale=1, elem_id="complete-btn")
             stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop-btn")
         progress = gr.Markdown(elem_id="progress")
         result = gr.Image(label="Completions", show_label=False, format="png", interactive=False, elem_id="grid",
                           elem_classes="pixels", buttons=["download", "fullscreen"])
-    return SimpleNamespace(keep_rows=keep_rows, update=update, button=button, stop=stop, progress=progress,
-                           result=result)
+    return SimpleNamespace(keep_rows=keep_rows, update=update, int8=int8, button=button, stop=stop,
+                           progress=progress, result=result)
 
 
 def _surprise_tab() -> SimpleNamespace:
@@ -700,7 +702,7 @@ def _wire_actions(actions: Demo, ui: SimpleNamespace) -> None:
     picture = [ui.run, ui.step, ui.paint, ui.chosen, ui.pick.square]
     sampling = [ui.sampling.n_samples, ui.sampling.temperature, ui.sampling.top_k, ui.sampling.seed]
     tab = ui.complete
-    completing = tab.button.click(actions.complete, [*picture, tab.keep_rows, *sampling, tab.update],
+    completing = tab.button.click(actions.complete, [*picture, tab.keep_rows, *sampling, tab.update, tab.int8],
                                   [tab.result, tab.progress], api_name="complete", show_progress="minimal",
                                   show_progress_on=tab.result)
     # A cancelled event counts as failed, so .failure notes it after the last frame.
