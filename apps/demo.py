@@ -491,7 +491,7 @@ class Demo:
 
     @_user_errors
     def complete(self, name, step, editor, picture, square, keep_rows, n_samples, temperature, top_k, seed, update,
-                 watch=False):
+                 watch=False, int8=False):
         """Stream completions from the top `keep_rows` rows: (grid, progress text, what sample 1's next
         pixel is drawn from if `watch` and the model is AR, else None) at least once per row."""
         model, palette, step = self.load(name, step)
@@ -502,7 +502,7 @@ class Demo:
         known[: keep_rows * size] = True
         stream = complete_stream(model, ids, keep_rows, int(n_samples), temperature=float(temperature),
                                  top_k=int(top_k or 0) or None, seed=int(seed or 0),
-                                 every=1 if update == "every pixel" else size)
+                                 every=1 if update == "every pixel" else size, precision="int8" if int8 else "fp32")
         drawn_from = {"numbers": None}
         if watch and model.config.objective == "ar":
             stream = self._watching(stream, model, palette, keep_rows * size, temperature, top_k, drawn_from)
@@ -645,6 +645,7 @@ def _complete_tab() -> SimpleNamespace:
                               elem_id="update")
             watch = gr.Checkbox(label="Show what the next pixel is drawn from (AR)", value=False, scale=2,
                                 elem_id="watch")
+            int8 = gr.Checkbox(False, label="int8: faster, approximate", scale=1, elem_id="int8")
             button = gr.Button("Complete", variant="primary", scale=1, elem_id="complete-btn")
             stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop-btn")
         progress = gr.Markdown(elem_id="progress")
@@ -656,7 +657,7 @@ def _complete_tab() -> SimpleNamespace:
         result = gr.Image(label="Completions", show_label=False, format="png", interactive=False, elem_id="grid",
                           elem_classes="pixels", buttons=["download", "fullscreen"])
     return SimpleNamespace(keep_rows=keep_rows, update=update, button=button, stop=stop, progress=progress,
-                           result=result, watch=watch, drawing=drawing, drawing_text=drawing_text,
+                           result=result, watch=watch, int8=int8, drawing=drawing, drawing_text=drawing_text,
                            drawn_from=drawn_from)
 
 
@@ -730,7 +731,8 @@ def _wire_actions(actions: Demo, ui: SimpleNamespace) -> None:
     picture = [ui.run, ui.step, ui.paint, ui.chosen, ui.pick.square]
     sampling = [ui.sampling.n_samples, ui.sampling.temperature, ui.sampling.top_k, ui.sampling.seed]
     tab = ui.complete
-    completing = tab.button.click(actions.complete, [*picture, tab.keep_rows, *sampling, tab.update, tab.watch],
+    completing = tab.button.click(actions.complete, [*picture, tab.keep_rows, *sampling, tab.update, tab.watch,
+                                   tab.int8],
                                   [tab.result, tab.progress, tab.drawn_from], api_name="complete",
                                   show_progress="minimal", show_progress_on=tab.result)
     # The stream notes next_pixel's numbers in a State (not returned to API clients); its change draws them.

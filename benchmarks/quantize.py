@@ -2,7 +2,8 @@
 
 - ours: Palette(clusters).encode(images, 32) — a 2^24-entry table (32 MB, int16) of nearest-colour
         ids, filled on demand: each batch costs exact float64 distances for its colours not seen
-        before, then one table lookup per pixel.
+        before, to the few centres that can be nearest in their cell of the RGB cube (the cells'
+        candidate lists are computed once per palette, as cells are met), then one lookup per pixel.
 - hf:   transformers ImageGPTImageProcessorPil(clusters=..., size 32×32)(images)["input_ids"] —
         float32 distances from every pixel to every cluster, per call.
 

@@ -19,6 +19,14 @@ machine (time spent waiting for a core is not counted).
 `greedy_check` compares top_k=1 completions with HF's greedy generate on the first pixels; a
 mismatch is reported with the logit gap between the two best colours there (a gap near 0 is an
 fp32 argmax tie, not a bug).
+
+int8 (`precision="int8"`, approximate): `int8_ratio` is HF's time over ours with int8 weights, timed
+in the same interleaved rounds; `int8_greedy_agreement` compares int8 and fp32 top_k=1 completions
+of the same pixels (random weights give nearly flat logits: a hard case for agreement). The
+section `int8_trained_run` scores a trained digits run (trained here, or --run) with both: bits/dim,
+the share of positions where the most likely colour agrees given the same prefix, and greedy
+completions of test images. --large adds iGPT-L shapes with int8 (benchmarks/int8_large.py, in its
+own process so that its peak memory is its own).
 """
 
 from __future__ import annotations
@@ -27,13 +35,18 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
 import transformers
 from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 
+from igpt_core.decoder import Decoder
 from igpt_core.hf import state_dict_from_hf
+from igpt_core.likelihood import score
 from igpt_core.model import IGPT, ModelConfig
 from igpt_core.sample import complete, inpaint
 from machine import machine_facts  # benchmarks/machine.py (scripts run from this folder)
@@ -43,6 +56,7 @@ CASES = {  # name: (model shape, repeats, repeats with --quick, pixels in the gr
     "igpt-s": (dict(n_layer=24, n_embd=512, n_head=8, vocab_size=513, n_positions=32 * 32), 3, 1, 128),
 }
 TARGETS = {("tiny", 1): 3.0, ("igpt-s", 1): 2.0}  # the issue's goals for `ratio` ("Fast completions")
+INT8_TARGETS = {("igpt-s", 1): 3.0}  # the goal for `int8_ratio`, on 1 thread and on 2
 BATCHES = (1, 8)
 
 
@@ -93,6 +107,17 @@ def greedy_check(ours, hf, prompt: torch.Tensor, keep: int, n: int) -> dict:
     return result
 
 
+def greedy_agreement(ours, prompt: torch.Tensor, keep: int, n: int) -> dict:
+    """int8 against fp32 top_k=1 completions of the n pixels after `keep`."""
+    known = torch.ones(prompt.numel(), dtype=torch.bool)
+    known[keep : keep + n] = False
+    fp32, int8 = (inpaint(ours, prompt, known, 1, top_k=1, seed=0, precision=p)[0, keep : keep + n]
+                  for p in ("fp32", "int8"))
+    same = fp32 == int8
+    return {"pixels": n, "equal_fraction": round(float(same.float().mean()), 4),
+            "matching_prefix": n if bool(same.all()) else int((~same).nonzero()[0])}
+
+
 def run_case(name: str, quick: bool) -> dict:
     shape, repeats, quick_repeats, n_check = CASES[name]
     repeats = quick_repeats if quick else repeats
@@ -102,29 +127,83 @@ def run_case(name: str, quick: bool) -> dict:
     prompt = torch.randint(0, ours.config.n_colors, (T,), generator=torch.Generator().manual_seed(1))
     n_check = T - keep if n_check is None else (32 if quick else n_check)
     result = {"shape": shape, "image": f"{side}x{side}", "kept_pixels": keep, "generated_per_image": T - keep,
-              "greedy_check": greedy_check(ours, hf, prompt, keep, n_check), "batches": {}}
+              "greedy_check": greedy_check(ours, hf, prompt, keep, n_check),
+              "int8_greedy_agreement": greedy_agreement(ours, prompt, keep, n_check), "batches": {}}
     for batch in BATCHES:
         pixels = batch * (T - keep)
-        mine = lambda r: complete(ours, prompt, side // 2, batch, seed=r)  # noqa: E731
-        theirs = lambda r: hf_generate(hf, prompt, keep, batch, T, do_sample=True, top_k=None)  # noqa: E731
+        runs = {  # name: one completion of the bottom half, for seed r
+            "ours": lambda r: complete(ours, prompt, side // 2, batch, seed=r),
+            "int8": lambda r: complete(ours, prompt, side // 2, batch, seed=r, precision="int8"),
+            "hf": lambda r: hf_generate(hf, prompt, keep, batch, T, do_sample=True, top_k=None),
+        }
         if name == "tiny":  # warm-up (first calls allocate, initialise kernels); the large case is warm by now
-            mine(-1), theirs(-1)
-        ours_t, hf_t = [], []
-        for r in range(repeats):  # interleaved, alternating who goes first
-            pair = [(ours_t, mine), (hf_t, theirs)]
-            for times, fn in pair if r % 2 == 0 else pair[::-1]:
-                times.append(timed(lambda: fn(r)))
-        (ours_s, ours_cpu), (hf_s, hf_cpu) = zip(*ours_t), zip(*hf_t)
+            [fn(-1) for fn in runs.values()]
+        times = {key: [] for key in runs}
+        for r in range(repeats):  # interleaved, rotating who goes first
+            order = list(runs)[r % 3:] + list(runs)[: r % 3]
+            for key in order:
+                times[key].append(timed(lambda: runs[key](r)))
+        (ours_s, ours_cpu), (int8_s, int8_cpu), (hf_s, hf_cpu) = (zip(*times[key]) for key in runs)
         result["batches"][str(batch)] = {
             "ours_px_per_s": round(pixels / statistics.median(ours_s), 1),
+            "int8_px_per_s": round(pixels / statistics.median(int8_s), 1),
             "hf_px_per_s": round(pixels / statistics.median(hf_s), 1),
             "ratio": round(statistics.median(h / o for o, h in zip(ours_s, hf_s)), 2),
+            "int8_ratio": round(statistics.median(h / o for o, h in zip(int8_s, hf_s)), 2),
             "cpu_ratio": round(statistics.median(h / o for o, h in zip(ours_cpu, hf_cpu)), 2),
+            "int8_cpu_ratio": round(statistics.median(h / o for o, h in zip(int8_cpu, hf_cpu)), 2),
             **({"target_ratio": TARGETS[name, batch]} if (name, batch) in TARGETS else {}),
+            **({"target_int8_ratio": INT8_TARGETS[name, batch]} if (name, batch) in INT8_TARGETS else {}),
             "ours_seconds": [round(s, 3) for s in ours_s],
+            "int8_seconds": [round(s, 3) for s in int8_s],
             "hf_seconds": [round(s, 3) for s in hf_s],
         }
     return result
+
+
+def trained_run(run_name: str | None, runs_dir: str | None, quick: bool, folder: str) -> dict:
+    """bits/dim and agreement of int8 with fp32 on a trained run: --run, or a digits run trained in `folder`."""
+    from igpt_core.data import load_dataset
+    from igpt_core.runs import open_run
+    from igpt_core.train import TrainConfig, start_run, train
+
+    if run_name:
+        run = open_run(run_name, runs_dir)
+    else:
+        steps, overrides = (40, dict(n_layer=2, n_embd=32, n_head=2)) if quick else (300, {})
+        run = start_run("int8-check", "digits", "tiny", "ar", 16, train_config=TrainConfig(steps=steps),
+                        model_overrides=overrides, runs_dir=folder)
+        train(run, progress=False)
+    model, palette, _ = run.load()
+    images = load_dataset(run.info["dataset"], "test", resolution=model.config.image_size).images
+    ids = torch.from_numpy(palette.encode(images, model.config.image_size))
+    fp32, int8 = score(model, ids), score(model, ids, precision="int8")
+    with torch.inference_mode():
+        logits, _ = model(ids)
+        sos = torch.full_like(ids[:, :1], model.config.sos_id)
+        approx = Decoder(model, len(ids), "int8").feed(torch.cat([sos, ids[:, :-1]], 1), every_position=True)
+    side = model.config.image_size
+    greedy = [[complete(model, image, side // 2, 1, top_k=1, precision=p)[0] for p in ("fp32", "int8")]
+              for image in ids[: 8 if quick else 64]]
+    return {
+        "run": run.name, "model": model.config.to_dict(), "test_images": len(ids),
+        "bits_per_dim": {"fp32": round(fp32["bits_per_dim"], 5), "int8": round(int8["bits_per_dim"], 5),
+                         "relative_difference": round(int8["bits_per_dim"] / fp32["bits_per_dim"] - 1, 6),
+                         "target": "within 1%"},
+        "argmax_agreement_same_prefix": round(float((logits.argmax(-1) == approx.argmax(-1)).float().mean()), 4),
+        "logits_max_abs_diff": round(float((logits - approx).abs().max()), 4),
+        "greedy_completions": {"images": len(greedy),
+                               "identical": sum(bool(torch.equal(a, b)) for a, b in greedy),
+                               "pixels_equal_fraction": round(float(torch.stack(
+                                   [(a == b).float().mean() for a, b in greedy]).mean()), 4)},
+    }
+
+
+def large(threads: int) -> dict:
+    """benchmarks/int8_large.py in its own process (its peak memory is then its own)."""
+    result = subprocess.run([sys.executable, "int8_large.py", "--threads", str(threads)], capture_output=True,
+                            text=True, cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
+    return json.loads(result.stdout)
 
 
 def main(argv=None) -> None:
@@ -133,16 +212,25 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}),
                         help="torch thread counts to measure, each in turn (default: 1 and every core)")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--run", help="trained run to score with int8 and fp32 (default: train a digits run here)")
+    parser.add_argument("--runs-dir", help="folder holding --run")
+    parser.add_argument("--large", action="store_true", help="also complete with iGPT-L shapes in int8 (minutes)")
     args = parser.parse_args(argv)
     transformers.logging.set_verbosity_error()
     report = {"benchmark": "completion throughput, bottom half of one image, generated pixels per second",
               "command": "python benchmarks/sampling.py" + (" --quick" if args.quick else "")
-              + " --threads " + " ".join(map(str, args.threads)) + " --cases " + " ".join(args.cases),
+              + " --threads " + " ".join(map(str, args.threads)) + " --cases " + " ".join(args.cases)
+              + (f" --run {args.run}" if args.run else "") + (" --large" if args.large else ""),
               "quick": args.quick, "machine": {**machine_facts(), "transformers": transformers.__version__},
               "threads": {}}
     for threads in args.threads:
         torch.set_num_threads(threads)
         report["threads"][str(threads)] = {name: run_case(name, args.quick) for name in args.cases}
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as folder:
+        report["int8_trained_run"] = trained_run(args.run, args.runs_dir, args.quick, folder)
+    if args.large:
+        report["int8_igpt_l"] = large(threads=1)
     report["machine"]["load_average_end"] = list(os.getloadavg())
     print(json.dumps(report, indent=2))
 

@@ -205,7 +205,8 @@ def cmd_sample(args) -> None:
 
     run, model, palette = _load(args)
     size = model.config.image_size
-    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                   precision="int8" if args.int8 else "fp32")
     out = Path(args.out)
     if args.unconditional:
         ids = unconditional(model, args.n, **options)
@@ -232,7 +233,7 @@ def cmd_score(args) -> None:
     size = model.config.image_size
     data = load_dataset(args.dataset or run.info["dataset"], args.split, data_dir=args.data_dir, resolution=size)
     images = data.images[: args.limit] if args.limit else data.images
-    result = score(model, torch.from_numpy(palette.encode(images, size)))
+    result = score(model, torch.from_numpy(palette.encode(images, size)), precision="int8" if args.int8 else "fp32")
     result.update(run=run.name, dataset=data.name, split=args.split)
     _emit(args, result, f"{run.name} on {data.name} [{args.split}], {result['images']} images: "
                         f"{result['nats_per_token']:.4f} nats/token = {result['bits_per_dim']:.4f} bits/dim "
@@ -475,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-k", type=int, help="sample only from the k most likely colours")
         p.add_argument("--top-p", type=float, help="nucleus sampling: smallest set of colours with this probability mass")
         p.add_argument("--seed", type=int, default=0, help="same seed, same output (default 0)")
+        int8_option(p)
+
+    def int8_option(p):
+        p.add_argument("--int8", action="store_true",
+                       help="decode with int8 weights: faster on CPUs, approximate (autoregressive runs only)")
 
     datasets = ", ".join(DATASETS)
     d = TrainConfig()
@@ -562,6 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--limit", type=int, help="score only the first N images")
     p.add_argument("--data-dir", help="where dataset files live")
+    int8_option(p)
 
     p = command("surprise", cmd_surprise, "per-pixel surprise (negative log-likelihood) of an image, as a picture")
     model_options(p)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .decoder import Decoder, check_precision
 from .model import IGPT, ModelConfig
 
 LOSSY_NOTE = ("bits/dim are per palette token (and /3 per RGB sub-pixel); the palette is lossy, so they are "
@@ -27,22 +28,30 @@ def masking_groups(config: ModelConfig, T: int, device=None) -> list[torch.Tenso
     return [positions % groups == g for g in range(groups)]
 
 
+def _int8_logits(model: IGPT, batch: torch.Tensor) -> torch.Tensor:
+    """An AR model's logits (B, T, n_colors) for ids (B, T), through the int8 decoder in one call."""
+    sos = torch.full_like(batch[:, :1], model.config.sos_id)
+    return Decoder(model, len(batch), "int8").feed(torch.cat([sos, batch[:, :-1]], dim=1), every_position=True)
+
+
 @torch.inference_mode()
-def pixel_nll(model: IGPT, ids: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+def pixel_nll(model: IGPT, ids: torch.Tensor, batch_size: int = 64, precision: str = "fp32") -> torch.Tensor:
     """Negative log-likelihood in nats of every pixel, (N, T).
 
-    AR: the exact -log p(x_t | x_<t). BERT models have no such factorisation: each pixel is scored
+    AR: the exact -log p(x_t | x_<t) (with precision="int8", of the int8 decoder's approximation of
+    the model, see `decoder.Decoder`). BERT models have no such factorisation: each pixel is scored
     hidden together with about mask_prob of the others (positions split into round(1/mask_prob)
     interleaved groups, each hidden in turn) — a pseudo-likelihood, useful for comparing BERT runs
     with each other only.
     """
+    check_precision(model.config, precision)
     device = next(model.parameters()).device
     ids = torch.as_tensor(ids).long()
     out = []
     for batch in ids.split(batch_size):
         batch = batch.to(device)
         if model.config.objective == "ar":
-            logits, _ = model(batch)
+            logits = _int8_logits(model, batch) if precision == "int8" else model(batch)[0]
             out.append(F.cross_entropy(logits.float().transpose(1, 2), batch, reduction="none").cpu())
             continue
         nll = torch.zeros(batch.shape, dtype=torch.float32)
@@ -85,9 +94,9 @@ def summarize(nll: torch.Tensor, config: ModelConfig) -> dict:
     }
 
 
-def score(model: IGPT, ids: torch.Tensor, batch_size: int = 64) -> dict:
+def score(model: IGPT, ids: torch.Tensor, batch_size: int = 64, precision: str = "fp32") -> dict:
     """Mean likelihood of images given as ids (N, T), in nats/token and bits/dim."""
-    return summarize(pixel_nll(model, ids, batch_size), model.config)
+    return {**summarize(pixel_nll(model, ids, batch_size, precision), model.config), "precision": precision}
 
 
 def surprise_map(model: IGPT, ids) -> np.ndarray:

@@ -18,6 +18,9 @@ from .errors import IgptError
 from .files import atomic_write_text
 from .images import resize
 
+# The nearest-colour search cuts the RGB cube into cells of 2^bits values per channel, coarse to fine.
+CELLS = (6, 4, 2)
+
 
 class Palette:
     """k colours in [-1, 1]; `quantize` maps uint8 RGB to ids, `dequantize` maps ids back."""
@@ -29,7 +32,9 @@ class Palette:
         if not np.isfinite(clusters).all():
             raise IgptError("the palette holds non-finite colours; re-fit it")
         self.clusters = clusters
-        self._table = None  # nearest-colour id per packed 24-bit RGB value, filled as colours are seen
+        self._table = None  # nearest-colour id + 1 per packed 24-bit RGB value, filled as colours are seen
+        # per level of CELLS: (candidates per cell (-1: not computed yet), their ids (cells, widest))
+        self._cells = [(np.full(1 << 3 * (8 - bits), -1), np.zeros((1 << 3 * (8 - bits), 0), np.int16)) for bits in CELLS]
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -82,8 +87,8 @@ class Palette:
         """uint8 RGB (..., 3) -> int64 palette ids (...): the nearest colour by squared distance.
 
         A table over the packed 24-bit colour remembers the answer for every colour seen so far, so
-        a batch costs one vectorised lookup plus distances for its new colours only. Ties go to the
-        lower id, as with argmin in Hugging Face's processor.
+        a batch costs one vectorised lookup plus distances for its new colours only (`_nearest`).
+        Ties go to the lower id, as with argmin in Hugging Face's processor.
         """
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.shape[-1:] != (3,):
@@ -91,28 +96,82 @@ class Palette:
         packed = (images[..., 0].astype(np.int32) << 16) | (images[..., 1].astype(np.int32) << 8) | images[..., 2]
         with self._lock:  # apps quantise from several threads; the table is filled by one at a time
             if self._table is None:
-                self._table = np.full(256**3, -1, dtype=np.int16)  # 32 MB; -1 = not computed yet
+                self._table = np.zeros(256**3, dtype=np.int16)  # 32 MB of id + 1 (0: not computed yet), zeroed lazily by the OS
             ids = self._table[packed]
-            missing = ids < 0
+            missing = ids == 0
             if missing.any():
-                # Mark the new colours in the table and read them back in order: a set without sorting the batch.
-                self._table[packed[missing]] = -2
-                new = np.flatnonzero(self._table == -2)
-                self._table[new] = self._nearest(new)
-                ids = self._table[packed]
-        return ids.astype(np.int64)
+                wanted = packed[missing]
+                new = np.sort(wanted)
+                new = new[np.r_[True, new[1:] != new[:-1]]]  # distinct (faster than np.unique's hashing)
+                self._table[new] = self._nearest(new) + 1
+                ids[missing] = self._table[wanted]
+        return ids.astype(np.int64) - 1
 
     def _nearest(self, packed: np.ndarray) -> np.ndarray:
-        """Nearest-colour ids of packed 24-bit colours, by exact distances in float64."""
+        """Nearest-colour ids of distinct packed 24-bit colours, by exact float64 distances.
+
+        Comparing every colour with all k centres costs k distances each, and a first call on new
+        photos meets ~200 new colours per image. Instead the RGB cube is cut into cells (`CELLS`):
+        a centre can be the nearest to some colour of a cell only if its distance to the cell's box
+        is at most the smallest, over centres, of their farthest distance from the box. Those few
+        candidates are all that is compared, exactly. Pruning never changes the answer, ties
+        included: candidate ids are kept ascending and argmin takes the first of equals.
+        """
         rgb = np.stack([(packed >> 16) & 255, (packed >> 8) & 255, packed & 255], axis=1)
-        points = torch.from_numpy(rgb.astype(np.float64) / 127.5 - 1.0)
-        centers = torch.from_numpy(self.clusters.astype(np.float64))
-        center_norms = centers.square().sum(1)
-        out = []
-        for chunk in points.split(4096):  # (4096, k) distances: small enough to stay in cache
-            # |x - c|^2 = |x|^2 - 2 x.c + |c|^2; |x|^2 is the same for every c, so argmin skips it
-            out.append((center_norms[None] - 2 * chunk @ centers.T).argmin(dim=1))
-        return torch.cat(out).numpy().astype(np.int16)
+        candidates, counts = self._candidates(rgb >> CELLS[-1])
+        x = rgb / 127.5 - 1.0  # float64, as the centres below
+        centers = self.clusters.T.astype(np.float64)  # (3, k): one channel at a time is faster than (n, w, 3) arrays
+        out = candidates[:, 0].copy()  # right wherever a cell has a single candidate
+        order = np.argsort(counts.astype(np.uint16), kind="stable")  # colours grouped by candidate count
+        ends = np.searchsorted(counts[order], np.arange(1, counts.max() + 1), side="right")
+        for width, (start, end) in enumerate(zip(ends[:-1], ends[1:]), start=2):
+            for begin in range(start, end, (1 << 20) // width):  # ~1M distances at a time
+                rows = order[begin : min(end, begin + (1 << 20) // width)]
+                choice = candidates[rows, :width]  # (n, width) centre ids
+                distance = sum(np.square(x[rows, channel, None] - centers[channel][choice]) for channel in range(3))
+                out[rows] = choice[np.arange(len(rows)), distance.argmin(1)]
+        return out
+
+    def _candidates(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Candidate centre ids for cells (n, 3) of the finest level: (n, widest) ids, ascending and
+        first in each row (then -1), and how many each (n,). Each cell's list is computed once per
+        palette from its parent cell's, which holds every candidate of its children."""
+        ids, counts = np.arange(len(self.clusters), dtype=np.int16)[None], np.array([len(self.clusters)])
+        parent_of = np.zeros(len(cells), dtype=np.intp)  # row of each cell's parent in (ids, counts)
+        for level, bits in enumerate(CELLS):
+            cell = cells >> (bits - CELLS[-1])  # (n, 3): the cell of this level holding each colour
+            index = (cell[:, 0] << 2 * (8 - bits)) | (cell[:, 1] << (8 - bits)) | cell[:, 2]
+            known_counts, known_ids = self._cells[level]
+            unseen = np.flatnonzero(known_counts[index] < 0)
+            if len(unseen):  # cells met for the first time: their candidates, from their parents'
+                todo, first = np.unique(index[unseen], return_index=True)
+                first = unseen[first]  # one colour in each new cell
+                found, found_counts = self._box_candidates(cell[first] << bits, bits, ids[parent_of[first]])
+                if found.shape[1] > known_ids.shape[1]:
+                    known_ids = np.pad(known_ids, ((0, 0), (0, found.shape[1] - known_ids.shape[1])), constant_values=-1)
+                known_ids[todo, : found.shape[1]] = found
+                known_counts[todo] = found_counts
+                self._cells[level] = (known_counts, known_ids)
+            ids, counts, parent_of = known_ids, known_counts, index
+        return ids[parent_of], counts[parent_of]
+
+    def _box_candidates(self, first: np.ndarray, bits: int, pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Of centre ids `pool` (m, w) (-1: none), those that can be nearest to a colour of the box of
+        2^bits values per channel starting at `first` (m, 3). Float32, with a margin for its
+        rounding: an extra candidate only costs a distance."""
+        half = np.float32(((1 << bits) - 1) / 255.0)  # half the box's side in [-1, 1] units
+        middle = ((first + ((1 << bits) - 1) / 2) / 127.5 - 1.0).astype(np.float32)  # (m, 3)
+        near = far = 0
+        for channel, center in enumerate(self.clusters.T):
+            offset = np.abs(center[pool] - middle[:, channel, None])  # (m, w)
+            near = near + np.square(np.maximum(offset - half, 0))  # to the box's nearest point
+            far = far + np.square(offset + half)  # to its farthest corner
+        far[pool < 0] = np.inf
+        rows, cols = np.nonzero((near <= far.min(axis=1, keepdims=True) * (1 + 1e-5) + 1e-6) & (pool >= 0))
+        counts = np.bincount(rows, minlength=len(pool))
+        found = np.full((len(pool), counts.max()), -1, dtype=np.int16)
+        found[rows, np.arange(len(rows)) - (np.cumsum(counts) - counts)[rows]] = pool[rows, cols]
+        return found, counts
 
     def dequantize(self, ids) -> np.ndarray:
         """Palette ids (...) -> uint8 RGB (..., 3)."""

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .decoder import Decoder
+from .decoder import Decoder, check_precision
 from .errors import IgptError
 from .model import IGPT
 
@@ -73,14 +73,16 @@ def _as_prompt(model: IGPT, ids) -> torch.Tensor:
 @torch.inference_mode()
 def complete_stream(model: IGPT, ids, keep_rows: int, n_samples: int = 1, *, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                    every: int | None = None) -> Iterator[tuple[torch.Tensor, int]]:
+                    every: int | None = None, precision: str = "fp32") -> Iterator[tuple[torch.Tensor, int]]:
     """Complete one image from its first `keep_rows` rows, `n_samples` times in one batch.
 
     Yields (ids (n_samples, T), pixels generated so far, which positions those are (T,) bool)
     after every `every` pixels (default: one row) and once at the end. Positions not generated yet
     hold the prompt's own ids. Works for AR models with the KV cache; BERT models use
     `inpaint_stream` on the masked rows instead.
+    precision="int8" decodes AR models with int8 weights: faster on CPUs, approximate (`Decoder`).
     """
+    check_precision(model.config, precision)
     side = model.config.image_size
     if not 0 <= keep_rows <= side:
         raise IgptError(f"rows to keep must lie in 0..{side} for this {side}×{side} model, got {keep_rows}")
@@ -92,7 +94,7 @@ def complete_stream(model: IGPT, ids, keep_rows: int, n_samples: int = 1, *, tem
     known = torch.zeros(side * side, dtype=torch.bool)
     known[: keep_rows * side] = True
     yield from inpaint_stream(model, ids, known, n_samples, temperature=temperature, top_k=top_k,
-                              top_p=top_p, seed=seed, every=every)
+                              top_p=top_p, seed=seed, every=every, precision=precision)
 
 
 def complete(model: IGPT, ids, keep_rows: int, n_samples: int = 1, **options) -> torch.Tensor:
@@ -110,7 +112,8 @@ def unconditional(model: IGPT, n_samples: int = 1, **options) -> torch.Tensor:
 @torch.inference_mode()
 def inpaint_stream(model: IGPT, ids, known, n_samples: int = 1, *, temperature: float = 1.0,
                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                   every: int | None = None, steps: int = 8) -> Iterator[tuple[torch.Tensor, int]]:
+                   every: int | None = None, steps: int = 8,
+                   precision: str = "fp32") -> Iterator[tuple[torch.Tensor, int]]:
     """Fill the positions where `known` (T,) is False; known positions are never changed.
 
     AR models decode in raster order with the KV cache, feeding the known pixels as they come
@@ -119,8 +122,10 @@ def inpaint_stream(model: IGPT, ids, known, n_samples: int = 1, *, temperature: 
     Yields (ids (n_samples, T), pixels filled so far, which positions those are (T,) bool — the
     same for every sample); the last item is the result. A filled pixel may hold the colour it
     had before, so only the third item tells what is filled.
+    precision="int8": AR models only, as in `complete_stream`.
     """
     _check_sampling(temperature, top_k, top_p, n_samples)
+    check_precision(model.config, precision)
     prompt = _as_prompt(model, ids)
     known = torch.as_tensor(known, dtype=torch.bool).reshape(-1).to(prompt.device)
     if known.numel() != prompt.numel():
@@ -134,7 +139,7 @@ def inpaint_stream(model: IGPT, ids, known, n_samples: int = 1, *, temperature: 
         return
     every = every or model.config.image_size
     T = prompt.numel()
-    decoder = Decoder(model, n_samples)
+    decoder = Decoder(model, n_samples, precision)
     first = int((~known).nonzero()[0])  # the prompt up to the first hidden pixel goes in as one chunk
     sos = torch.full((1, 1), model.config.sos_id, device=prompt.device)
     # fed once for all samples: every sample starts from the prompt's keys and values

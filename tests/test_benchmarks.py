@@ -20,10 +20,15 @@ def run(script: str, *args: str) -> dict:
 
 
 def test_sampling_benchmark_runs_and_our_greedy_completion_equals_hf():
-    tiny = run("sampling.py", "--quick", "--cases", "tiny", "--threads", "1")["threads"]["1"]["tiny"]
+    report = run("sampling.py", "--quick", "--cases", "tiny", "--threads", "1")
+    tiny = report["threads"]["1"]["tiny"]
     assert tiny["greedy_check"] == {"pixels": 128, "equal": True}  # every generated pixel, as HF's generate()
     for batch in ("1", "8"):
         assert tiny["batches"][batch]["ours_px_per_s"] > 0 and tiny["batches"][batch]["hf_px_per_s"] > 0
+        assert tiny["batches"][batch]["int8_ratio"] > 0
+    assert 0 <= tiny["int8_greedy_agreement"]["equal_fraction"] <= 1
+    trained = report["int8_trained_run"]  # int8 against fp32 on a digits run the script trains
+    assert abs(trained["bits_per_dim"]["relative_difference"]) < 0.01
 
 
 def test_quantize_benchmark_runs_and_gives_hf_ids():

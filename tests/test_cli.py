@@ -80,6 +80,20 @@ def test_sample_score_surprise(workdir):
     assert np.array(surprise["nll"]).shape == (8, 8)
 
 
+def test_sample_and_score_with_int8(workdir):
+    image = np.zeros((20, 20, 3), np.uint8)
+    image[5:15, 8:12] = 255
+    Image.fromarray(image).save(workdir / "digit8.png")
+    out = json.loads(igpt("sample", "t", "--image", "digit8.png", "-n", "2", "--int8", "--out", "g8.png", "--json",
+                          cwd=workdir).stdout)
+    assert out["samples"] == 2 and Image.open(workdir / "g8.png").size[0] > 0
+    int8 = json.loads(igpt("score", "t", "--limit", "20", "--int8", "--json", cwd=workdir).stdout)
+    fp32 = json.loads(igpt("score", "t", "--limit", "20", "--json", cwd=workdir).stdout)
+    assert int8["precision"] == "int8" and fp32["precision"] == "fp32"
+    assert int8["bits_per_dim"] == pytest.approx(fp32["bits_per_dim"], rel=0.01)
+    assert "--int8" in igpt("sample", "--help", cwd=workdir).stdout
+
+
 def test_data_command_writes_examples(tmp_path):
     out = json.loads(igpt("data", "digits", "--json", "--out", "d.png", cwd=tmp_path).stdout)
     assert out["images"] == 1294 and out["resolution"] == 8 and len(out["classes"]) == 10

@@ -237,6 +237,17 @@ def test_complete_streams_rows_and_keeps_the_kept_rows(app, tmp_path):
         assert (sample[keep + 2 :] == GREY).all()
 
 
+def test_int8_toggle_completes_and_refuses_bert_runs(app, tmp_path):
+    c = client(app, tmp_path)
+    editor, view_png, *_ = c.predict("digits-ar", 5, api_name="/use_example")
+    view = shrink(read_png(view_png))
+    args = (as_input(editor), *WHOLE, 4, 2, 1.0, 0, 9, "every row", False, True)  # watch off, int8 on
+    grid_png, text = c.predict("digits-ar", 20, *args, api_name="/complete")
+    assert text.startswith("Done") and all(np.array_equal(s[:4], view[:4]) for s in grid_cells(grid_png, 2)[3:])
+    with pytest.raises(AppError, match="int8 decoding is for autoregressive models"):
+        c.predict("digits-bert", 20, *args, api_name="/complete")
+
+
 def test_same_seed_same_guesses_other_seed_other_guesses(app, tmp_path):
     c = client(app, tmp_path)
     editor, *_ = c.predict("digits-ar", 4, api_name="/use_example")

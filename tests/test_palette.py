@@ -138,3 +138,58 @@ def test_painted_cells():
     thin = np.zeros((64, 64), bool)
     thin[20, :] = True  # thinner than a quarter of a pixel everywhere: still counts
     assert painted_cells(thin, 8)[2].all() and painted_cells(thin, 8).sum() == 8
+
+
+def exact_nearest(clusters, pixels):
+    """Brute force over every centre, float64 differences: the ids quantize must give."""
+    x = pixels.reshape(-1, 3) / 127.5 - 1
+    centers = np.asarray(clusters, np.float64)[None]
+    return np.concatenate([np.square(chunk[:, None] - centers).sum(-1).argmin(1) for chunk in np.split(x, range(0, len(x), 2048))])
+
+
+def test_new_then_remembered_colours_of_photos_equal_hugging_face():
+    from transformers import ImageGPTImageProcessorPil
+
+    from igpt_core.data import load_dataset
+
+    crops = load_dataset("photos", "train").images
+    clusters = Palette.fit(crops[:200], 64).clusters  # a palette fitted to such photos, as in a real run
+    processor = ImageGPTImageProcessorPil(clusters=clusters, size={"height": 32, "width": 32})
+    palette = Palette(clusters)
+    for images in (crops[200:260], crops[230:290]):  # new colours, then half remembered and half new
+        expected = np.array(processor(list(images), return_tensors="np")["input_ids"])
+        assert np.array_equal(palette.encode(images, 32), expected)
+
+
+def test_near_ties_and_exact_ties_get_the_exact_nearest_centre():
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (300, 3), dtype=np.uint8)
+    x = pixels / 127.5 - 1
+    # around each pixel, two centres at distances that differ by ~1e-7: below float32's resolution
+    direction = rng.normal(size=(300, 3))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    radius = rng.uniform(0.01, 0.05, (300, 1))
+    near_pairs = np.concatenate([x + radius * direction, x - radius * (1 + 1e-7) * direction]).astype(np.float32)
+    clusters = np.concatenate([rng.uniform(-1, 1, (40, 3)), near_pairs, near_pairs[:50]])  # and exact duplicates
+    palette = Palette(clusters)
+    truth = exact_nearest(palette.clusters, pixels)
+    assert np.array_equal(palette.quantize(pixels), truth)
+    assert np.array_equal(palette.quantize(pixels), truth)  # again, from the table
+    # the case is adversarial: float32 distances, as Hugging Face computes them, get some of these wrong
+    x32, c32 = x.astype(np.float32), palette.clusters
+    float32 = ((x32**2).sum(1)[:, None] - 2 * x32 @ c32.T + (c32**2).sum(1)[None]).argmin(1)
+    assert (float32 != truth).any()
+    # exact ties go to the lower id: a centre and its copy; pixel 0 (-1 in each channel) halfway between two
+    copies = Palette(np.array([[0.5, 0, 0], [-1, -1, -1], [0, 0, 0], [0, 0, 0], [-0.5, 0, 0]]))
+    assert copies.quantize(np.array([[127, 128, 128]], np.uint8))[0] == 2
+    halfway = Palette(np.array([[0.9, 0.9, 0.9], [-0.5, -1, -1], [-1, -1, -1.5], [-1.5, -1, -1]]))
+    assert halfway.quantize(np.zeros((1, 3), np.uint8))[0] == 1
+
+
+def test_colours_on_the_search_cells_boundaries_are_exact():
+    # the first and last values of cells of 4, 16 and 64 values (see palette.CELLS), and a few others
+    rng = np.random.default_rng(5)
+    clusters = rng.uniform(-1, 1, (512, 3)).astype(np.float32)
+    values = np.unique(np.r_[0, 3, 4, 15, 16, 63, 64, 127, 128, 191, 192, 251, 252, 255, rng.integers(0, 256, 16)])
+    grid = np.stack(np.meshgrid(values, values, values, indexing="ij"), -1).reshape(-1, 3).astype(np.uint8)
+    assert np.array_equal(Palette(clusters).quantize(grid), exact_nearest(clusters, grid))
