@@ -19,6 +19,7 @@ SHAPES = [  # depth, width, heads, palette, resolution and eps all varied
 
 
 def randomized(shape) -> IGPT:
+    torch.manual_seed(0)  # the test ids too: the float32 error bounds below were measured on these inputs
     return randomize(IGPT(ModelConfig(**shape)))
 
 
