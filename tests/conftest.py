@@ -1,6 +1,7 @@
 """Shared fixtures: tiny trained runs on the embedded digits data, made once per test session;
 the Chromium that browser tests drive."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from playwright.sync_api import sync_playwright
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the hub
@@ -72,6 +74,20 @@ def chromium() -> str:
             pytest.fail(message + "; CI is set, so a missing browser is a failure")
         pytest.skip(message)
     return CHROMIUM
+
+
+@contextlib.contextmanager
+def browser_page(chromium: str, url: str, height: int = 1300, timeout: float = 90_000):
+    """A headless Chromium page opened on `url`, 1400 pixels wide; the browser is closed afterwards,
+    whatever the test did."""
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": height})
+            page.goto(url, timeout=timeout)
+            yield page
+        finally:
+            browser.close()
 
 
 def keep_screenshot(path: Path) -> None:

@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import CHROMIUM_ARGS, keep_screenshot
-from playwright.sync_api import sync_playwright
+from conftest import browser_page, keep_screenshot
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
@@ -517,24 +516,18 @@ def test_page_renders_in_chromium(fake_runs, tmp_path, chromium):
             except OSError:
                 assert time.monotonic() < deadline, "the server did not start"
                 time.sleep(0.3)
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1400, "height": 1000})
-                page.goto(f"http://127.0.0.1:{port}/", timeout=90_000)
-                page.wait_for_selector(".js-plotly-plot .main-svg", timeout=90_000)
-                page.get_by_text("Linear-probe test accuracy by layer — ar").first.wait_for(timeout=30_000)
-                page.wait_for_timeout(1500)  # let plotly finish drawing before the picture
-                assert page.locator(".js-plotly-plot").count() >= 1
-                assert page.locator(".js-plotly-plot .scatterlayer .trace").count() >= 4
-                assert page.get_by_text("Image GPT probe dashboard").count() == 1
-                assert page.locator('[data-testid="stException"]').count() == 0
-                shot = tmp_path / "dashboard.png"
-                page.screenshot(path=str(shot))
-                assert shot.stat().st_size > 10_000
-                keep_screenshot(shot)
-            finally:
-                browser.close()
+        with browser_page(chromium, f"http://127.0.0.1:{port}/", height=1000, timeout=90_000) as page:
+            page.wait_for_selector(".js-plotly-plot .main-svg", timeout=90_000)
+            page.get_by_text("Linear-probe test accuracy by layer — ar").first.wait_for(timeout=30_000)
+            page.wait_for_timeout(1500)  # let plotly finish drawing before the picture
+            assert page.locator(".js-plotly-plot").count() >= 1
+            assert page.locator(".js-plotly-plot .scatterlayer .trace").count() >= 4
+            assert page.get_by_text("Image GPT probe dashboard").count() == 1
+            assert page.locator('[data-testid="stException"]').count() == 0
+            shot = tmp_path / "dashboard.png"
+            page.screenshot(path=str(shot))
+            assert shot.stat().st_size > 10_000
+            keep_screenshot(shot)
     finally:
         server.terminate()
         try:

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import CHROMIUM_ARGS, keep_screenshot, make_run
+from conftest import browser_page, keep_screenshot, make_run
 from PIL import Image
 
 from igpt_core import load_dataset, open_run, surprise_map
@@ -37,7 +37,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 from playwright.sync_api import TimeoutError as PlaywrightTimeout  # noqa: E402
-from playwright.sync_api import sync_playwright  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "apps" / "demo.py"
@@ -510,94 +509,88 @@ def set_number(page, elem_id: str, value) -> None:
 
 
 def test_browser_streams_a_completion_and_inpaints_a_painted_mask(app, tmp_path, chromium):
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1300})
-            page.goto(app.url)
-            page.wait_for_selector("#examples img", timeout=60_000)
-            page.wait_for_function("() => document.querySelector('#view img')", timeout=60_000)
-            assert "one pixel at a time" in page.inner_text("body")
+    with browser_page(chromium, app.url) as page:
+        page.wait_for_selector("#examples img", timeout=60_000)
+        page.wait_for_function("() => document.querySelector('#view img')", timeout=60_000)
+        assert "one pixel at a time" in page.inner_text("body")
 
-            # choose an example, keep 3 rows, 8 samples
-            for selector in ("#view", "#picture"):  # the first example, loaded with the page, is shown
-                page.wait_for_function(IDLE, arg=selector, timeout=60_000)
-            view_before = page.locator("#view img").get_attribute("src")
-            page.locator("#examples img").nth(3).click()
-            page.wait_for_function(f"() => document.querySelector('#view img').src !== {view_before!r}",
-                                   timeout=30_000)
-            for selector in ("#view", "#picture"):  # and now the chosen one, everywhere
-                page.wait_for_function(IDLE, arg=selector, timeout=60_000)
-            set_number(page, "keep-rows", 3)
-            set_number(page, "samples", 8)
+        # choose an example, keep 3 rows, 8 samples
+        for selector in ("#view", "#picture"):  # the first example, loaded with the page, is shown
+            page.wait_for_function(IDLE, arg=selector, timeout=60_000)
+        view_before = page.locator("#view img").get_attribute("src")
+        page.locator("#examples img").nth(3).click()
+        page.wait_for_function(f"() => document.querySelector('#view img').src !== {view_before!r}",
+                               timeout=30_000)
+        for selector in ("#view", "#picture"):  # and now the chosen one, everywhere
+            page.wait_for_function(IDLE, arg=selector, timeout=60_000)
+        set_number(page, "keep-rows", 3)
+        set_number(page, "samples", 8)
 
-            # Complete: the grid changes many times before it is done
-            page.evaluate(WATCH_GRID, "#grid")
-            page.locator("#complete-btn").click()
-            page.wait_for_function("() => document.querySelector('#progress').innerText.includes('Done')",
-                                   timeout=90_000)
-            page.wait_for_timeout(300)
-            grids = page.evaluate("window.__grids['#grid']")
-            assert len(grids) >= 4, f"expected at least 3 intermediate grids and the final one, saw {len(grids)}"
-            (tmp_path / "final.png").write_bytes(page.request.get(grids[-1]).body())
-            cells = grid_cells(tmp_path / "final.png", 8)
-            (tmp_path / "view.png").write_bytes(page.request.get(page.locator("#view img").get_attribute("src")).body())
-            view = shrink(read_png(tmp_path / "view.png"))
-            assert np.array_equal(cells[1], view), "the page's model view and the grid show the chosen example"
-            assert np.array_equal(view, expected_view("digits-ar", app.runs, 3))
-            for sample in cells[3:]:
-                assert np.array_equal(sample[:3], view[:3])
-            page.screenshot(path=str(tmp_path / "completed.png"), full_page=True)
-            keep_screenshot(tmp_path / "completed.png")
+        # Complete: the grid changes many times before it is done
+        page.evaluate(WATCH_GRID, "#grid")
+        page.locator("#complete-btn").click()
+        page.wait_for_function("() => document.querySelector('#progress').innerText.includes('Done')",
+                               timeout=90_000)
+        page.wait_for_timeout(300)
+        grids = page.evaluate("window.__grids['#grid']")
+        assert len(grids) >= 4, f"expected at least 3 intermediate grids and the final one, saw {len(grids)}"
+        (tmp_path / "final.png").write_bytes(page.request.get(grids[-1]).body())
+        cells = grid_cells(tmp_path / "final.png", 8)
+        (tmp_path / "view.png").write_bytes(page.request.get(page.locator("#view img").get_attribute("src")).body())
+        view = shrink(read_png(tmp_path / "view.png"))
+        assert np.array_equal(cells[1], view), "the page's model view and the grid show the chosen example"
+        assert np.array_equal(view, expected_view("digits-ar", app.runs, 3))
+        for sample in cells[3:]:
+            assert np.array_equal(sample[:3], view[:3])
+        page.screenshot(path=str(tmp_path / "completed.png"), full_page=True)
+        keep_screenshot(tmp_path / "completed.png")
 
-            # Stop: a longer stream (all 8 rows, updated after every pixel) ends early and the page says so
-            set_number(page, "keep-rows", 0)
-            set_number(page, "seed", 1)
-            page.get_by_label("every pixel").check()
-            page.evaluate(WATCH_GRID, "#grid")
-            page.evaluate(WATCH_EVENTS)
-            page.locator("#complete-btn").click()
-            page.wait_for_function("() => window.__grids['#grid'].length >= 2", timeout=60_000)
-            page.locator("#stop-btn").click()
-            page.wait_for_function("() => document.querySelector('#progress').innerText.includes('Stopped at row')",
-                                   timeout=30_000)
-            page.wait_for_function(IDLE, arg="#grid", timeout=30_000)  # the cancelled stream has settled
-            events = page.evaluate("window.__events")
-            stopped = next(i for i, (kind, text) in enumerate(events) if kind == "progress" and "Stopped at row" in text)
-            assert not any(kind == "progress" and "Done" in text for kind, text in events), "Stop ends the stream early"
-            assert [kind for kind, _ in events[stopped:]].count("grid") == 0, "nothing streams after Stop"
-            assert "grid" in [kind for kind, _ in events[:stopped]]  # it did stream before Stop
+        # Stop: a longer stream (all 8 rows, updated after every pixel) ends early and the page says so
+        set_number(page, "keep-rows", 0)
+        set_number(page, "seed", 1)
+        page.get_by_label("every pixel").check()
+        page.evaluate(WATCH_GRID, "#grid")
+        page.evaluate(WATCH_EVENTS)
+        page.locator("#complete-btn").click()
+        page.wait_for_function("() => window.__grids['#grid'].length >= 2", timeout=60_000)
+        page.locator("#stop-btn").click()
+        page.wait_for_function("() => document.querySelector('#progress').innerText.includes('Stopped at row')",
+                               timeout=30_000)
+        page.wait_for_function(IDLE, arg="#grid", timeout=30_000)  # the cancelled stream has settled
+        events = page.evaluate("window.__events")
+        stopped = next(i for i, (kind, text) in enumerate(events) if kind == "progress" and "Stopped at row" in text)
+        assert not any(kind == "progress" and "Done" in text for kind, text in events), "Stop ends the stream early"
+        assert [kind for kind, _ in events[stopped:]].count("grid") == 0, "nothing streams after Stop"
+        assert "grid" in [kind for kind, _ in events[:stopped]]  # it did stream before Stop
 
-            # Inpaint with the brush on a BERT run
-            page.locator("#run input").click()
-            page.get_by_role("option", name=re.compile("^digits-bert")).click()
-            page.wait_for_function("() => document.querySelector('#facts').innerText.includes('digits-bert')",
-                                   timeout=30_000)
-            for selector in ("#view", "#picture"):  # let the view follow the new run before picking the example
-                page.wait_for_function(IDLE, arg=selector, timeout=60_000)
-            view_before = page.locator("#view img").get_attribute("src")
-            page.locator("#examples img").nth(1).click()
-            page.wait_for_function(f"() => document.querySelector('#view img').src !== {view_before!r}",
-                                   timeout=30_000)
-            page.wait_for_timeout(500)
-            view_before = page.locator("#view img").get_attribute("src")
-            page.get_by_role("tab", name="Inpaint").click()
-            changed = f"() => document.querySelector('#view img').src !== {view_before!r}"
-            paint_stroke(page, page.locator("#paint"))
-            try:  # the model's view tints the painted pixels
-                page.wait_for_function(changed, timeout=45_000)
-            except PlaywrightTimeout:  # seen once under heavy load: the stroke never reached the server; paint again
-                paint_stroke(page, page.locator("#paint"), lower=30)
-                page.wait_for_function(changed, timeout=90_000)
-            page.evaluate(WATCH_GRID, "#inpaint-grid")
-            page.locator("#inpaint-btn").click()
-            page.wait_for_function("() => document.querySelector('#inpaint-progress').innerText.includes('Done')",
-                                   timeout=60_000)
-            assert len(page.evaluate("window.__grids['#inpaint-grid']")) >= 2
-            page.screenshot(path=str(tmp_path / "inpainted.png"), full_page=True)
-            keep_screenshot(tmp_path / "inpainted.png")
-        finally:
-            browser.close()
+        # Inpaint with the brush on a BERT run
+        page.locator("#run input").click()
+        page.get_by_role("option", name=re.compile("^digits-bert")).click()
+        page.wait_for_function("() => document.querySelector('#facts').innerText.includes('digits-bert')",
+                               timeout=30_000)
+        for selector in ("#view", "#picture"):  # let the view follow the new run before picking the example
+            page.wait_for_function(IDLE, arg=selector, timeout=60_000)
+        view_before = page.locator("#view img").get_attribute("src")
+        page.locator("#examples img").nth(1).click()
+        page.wait_for_function(f"() => document.querySelector('#view img').src !== {view_before!r}",
+                               timeout=30_000)
+        page.wait_for_timeout(500)
+        view_before = page.locator("#view img").get_attribute("src")
+        page.get_by_role("tab", name="Inpaint").click()
+        changed = f"() => document.querySelector('#view img').src !== {view_before!r}"
+        paint_stroke(page, page.locator("#paint"))
+        try:  # the model's view tints the painted pixels
+            page.wait_for_function(changed, timeout=45_000)
+        except PlaywrightTimeout:  # seen once under heavy load: the stroke never reached the server; paint again
+            paint_stroke(page, page.locator("#paint"), lower=30)
+            page.wait_for_function(changed, timeout=90_000)
+        page.evaluate(WATCH_GRID, "#inpaint-grid")
+        page.locator("#inpaint-btn").click()
+        page.wait_for_function("() => document.querySelector('#inpaint-progress').innerText.includes('Done')",
+                               timeout=60_000)
+        assert len(page.evaluate("window.__grids['#inpaint-grid']")) >= 2
+        page.screenshot(path=str(tmp_path / "inpainted.png"), full_page=True)
+        keep_screenshot(tmp_path / "inpainted.png")
 
 
 def test_browser_drag_a_square_on_an_upload(app, tmp_path, chromium):
@@ -608,47 +601,41 @@ def test_browser_drag_a_square_on_an_upload(app, tmp_path, chromium):
     Image.fromarray(picture).save(tmp_path / "blocks.png")
     h, w = picture.shape[:2]
     palette = open_run("digits-ar", app.runs).palette
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1300})
-            page.goto(app.url)
-            page.wait_for_selector("#picture img", timeout=60_000)
-            for selector in ("#view", "#picture"):
-                page.wait_for_function(IDLE, arg=selector, timeout=60_000)
-            page.set_input_files("#upload input[type=file]", str(tmp_path / "blocks.png"))
-            page.wait_for_function(f"() => document.querySelector('#picture img').naturalWidth === {w}",
+    with browser_page(chromium, app.url) as page:
+        page.wait_for_selector("#picture img", timeout=60_000)
+        for selector in ("#view", "#picture"):
+            page.wait_for_function(IDLE, arg=selector, timeout=60_000)
+        page.set_input_files("#upload input[type=file]", str(tmp_path / "blocks.png"))
+        page.wait_for_function(f"() => document.querySelector('#picture img').naturalWidth === {w}",
+                               timeout=60_000)
+        page.wait_for_function(IDLE, arg="#view", timeout=60_000)
+        # the picture's box on screen (the page shows it centred, shrunk only if it does not fit)
+        box = page.evaluate("""() => { const i = document.querySelector('#picture img'), r = i.getBoundingClientRect();
+            const s = Math.min(1, r.width / i.naturalWidth, r.height / i.naturalHeight);
+            return {x: r.left + (r.width - i.naturalWidth * s) / 2, y: r.top + (r.height - i.naturalHeight * s) / 2,
+                    s: s}; }""")
+        drags = [((40, 30), (150, 95)), ((280, 150), (120, 250))]  # down-right; down-left, past the bottom edge
+        for n, (start, end) in enumerate(drags):
+            at = [(box["x"] + x * box["s"], box["y"] + y * box["s"]) for x, y in (start, end)]
+            page.mouse.move(*at[0])
+            page.mouse.down()
+            page.mouse.move((at[0][0] + at[1][0]) / 2, (at[0][1] + at[1][1]) / 2 + 17, steps=3)
+            outline = page.locator("#drag-square").bounding_box()
+            assert outline and abs(outline["width"] - outline["height"]) < 1.5, "the square stays square"
+            page.mouse.move(*at[1], steps=3)
+            page.screenshot(path=str(tmp_path / f"dragging-{n}.png"))
+            page.mouse.up()
+            fractions = [((x - box["x"]) / box["s"] / w, (y - box["y"]) / box["s"] / h) for x, y in at]
+            end_point = [min(max(f, 0.0), 1.0) for f in fractions[1]]
+            expected = square_from_drag(h, w, (fractions[0][0] * w, fractions[0][1] * h),
+                                        (end_point[0] * w, end_point[1] * h))
+            text = ", ".join(map(str, expected))
+            page.wait_for_function(f"() => document.querySelector('#square input').value === {text!r}",
                                    timeout=60_000)
             page.wait_for_function(IDLE, arg="#view", timeout=60_000)
-            # the picture's box on screen (the page shows it centred, shrunk only if it does not fit)
-            box = page.evaluate("""() => { const i = document.querySelector('#picture img'), r = i.getBoundingClientRect();
-                const s = Math.min(1, r.width / i.naturalWidth, r.height / i.naturalHeight);
-                return {x: r.left + (r.width - i.naturalWidth * s) / 2, y: r.top + (r.height - i.naturalHeight * s) / 2,
-                        s: s}; }""")
-            drags = [((40, 30), (150, 95)), ((280, 150), (120, 250))]  # down-right; down-left, past the bottom edge
-            for n, (start, end) in enumerate(drags):
-                at = [(box["x"] + x * box["s"], box["y"] + y * box["s"]) for x, y in (start, end)]
-                page.mouse.move(*at[0])
-                page.mouse.down()
-                page.mouse.move((at[0][0] + at[1][0]) / 2, (at[0][1] + at[1][1]) / 2 + 17, steps=3)
-                outline = page.locator("#drag-square").bounding_box()
-                assert outline and abs(outline["width"] - outline["height"]) < 1.5, "the square stays square"
-                page.mouse.move(*at[1], steps=3)
-                page.screenshot(path=str(tmp_path / f"dragging-{n}.png"))
-                page.mouse.up()
-                fractions = [((x - box["x"]) / box["s"] / w, (y - box["y"]) / box["s"] / h) for x, y in at]
-                end_point = [min(max(f, 0.0), 1.0) for f in fractions[1]]
-                expected = square_from_drag(h, w, (fractions[0][0] * w, fractions[0][1] * h),
-                                            (end_point[0] * w, end_point[1] * h))
-                text = ", ".join(map(str, expected))
-                page.wait_for_function(f"() => document.querySelector('#square input').value === {text!r}",
-                                       timeout=60_000)
-                page.wait_for_function(IDLE, arg="#view", timeout=60_000)
-                page.wait_for_timeout(300)
-                (tmp_path / "view.png").write_bytes(page.request.get(page.locator("#view img").get_attribute("src")).body())
-                view = shrink(read_png(tmp_path / "view.png"))
-                assert np.array_equal(view, palette.view(crop(picture, expected), SIZE)[2]), f"drag {n}: {expected}"
-                page.screenshot(path=str(tmp_path / f"dragged-{n}.png"), full_page=True)
-            assert expected[1] + expected[2] == h, "the second square stops at the picture's bottom edge"
-        finally:
-            browser.close()
+            page.wait_for_timeout(300)
+            (tmp_path / "view.png").write_bytes(page.request.get(page.locator("#view img").get_attribute("src")).body())
+            view = shrink(read_png(tmp_path / "view.png"))
+            assert np.array_equal(view, palette.view(crop(picture, expected), SIZE)[2]), f"drag {n}: {expected}"
+            page.screenshot(path=str(tmp_path / f"dragged-{n}.png"), full_page=True)
+        assert expected[1] + expected[2] == h, "the second square stops at the picture's bottom edge"

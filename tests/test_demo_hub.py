@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from playwright.sync_api import sync_playwright
 
 from igpt_core import open_run
 from igpt_core.data import builtin_photos
 from igpt_core.images import crop
-from conftest import CHROMIUM_ARGS, serve_process, stop_process
+from conftest import browser_page, serve_process, stop_process
 from test_demo import GREY, IDLE, free_port, grid_cells, read_png, shrink
 from test_hf import hf_model, save_hf_folder
 
@@ -87,10 +86,7 @@ def test_pick_openai_small_in_the_demo_offline_and_complete_a_photo(hub_home, tm
     runs.mkdir()
     server, url = serve_demo(runs, offline_env(hub_home, tmp_path))
     try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1300})
-            page.goto(url)
+        with browser_page(chromium, url) as page:
             page.wait_for_selector("#run input", timeout=60_000)
             assert "No trained models yet" in page.inner_text("#no-runs")
             page.locator("#run input").click()
@@ -130,7 +126,6 @@ def test_pick_openai_small_in_the_demo_offline_and_complete_a_photo(hub_home, tm
             page.screenshot(path=str(tmp_path / "openai-completed.png"), full_page=True)
             (tmp_path / "grid.png").write_bytes(page.request.get(page.locator("#grid img").get_attribute("src")).body())
             (tmp_path / "view.png").write_bytes(page.request.get(page.locator("#view img").get_attribute("src")).body())
-            browser.close()
     finally:
         stop_process(server)
     palette = open_run("openai-imagegpt-small", runs).palette

@@ -10,8 +10,7 @@ import pytest
 from gradio_client.exceptions import AppError
 
 from igpt_core import explain, load_dataset, open_run
-from conftest import CHROMIUM_ARGS, keep_screenshot
-from playwright.sync_api import sync_playwright
+from conftest import browser_page, keep_screenshot
 
 from igpt_core.render import save_png
 from tests.test_demo import IDLE, SIZE, app, as_input, client, grid_cells, read_png, runs  # noqa: F401
@@ -87,41 +86,35 @@ def test_a_streaming_completion_shows_what_each_next_pixel_is_drawn_from(app, tm
 
 
 def test_browser_click_on_a_pixel_shows_the_panels(app, tmp_path, chromium):
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1600})
-            page.goto(app.url)
-            page.wait_for_function("() => document.querySelector('#view img')", timeout=60_000)
-            page.get_by_role("tab", name="Inside the model").click()
-            page.wait_for_function("() => document.querySelector('#inside-view img')", timeout=60_000)
-            page.wait_for_function(IDLE, arg="#inside-view", timeout=60_000)
-            box = page.locator("#inside-view img").bounding_box()
-            # the view is 8 pixels a side: click the middle of row 3, column 6 (from 1)
-            page.mouse.click(box["x"] + box["width"] * 5.5 / SIZE, box["y"] + box["height"] * 2.5 / SIZE)
-            page.wait_for_function("() => document.querySelector('#inside-pixel textarea, #inside-pixel input')"
-                                   ".value === '3, 6'", timeout=30_000)
-            for panel in ("#inside-distribution", "#inside-attention", "#inside-heads", "#inside-strip"):
-                page.wait_for_function(f"() => document.querySelector('{panel} img')", timeout=60_000)
-            page.wait_for_function("() => document.querySelector('#inside-numbers').innerText.includes('row 3, column 6')",
-                                   timeout=30_000)
-            assert "entropy" in page.inner_text("#inside-numbers")
-            assert "embeddings" in page.inner_text("#inside-strip-text")
-            page.locator("#inside-uncertainty-btn").click()
-            page.wait_for_function("() => document.querySelector('#inside-uncertainty img')", timeout=60_000)
-            assert "Mean uncertainty" in page.inner_text("#inside-uncertainty-text")
+    with browser_page(chromium, app.url, height=1600) as page:
+        page.wait_for_function("() => document.querySelector('#view img')", timeout=60_000)
+        page.get_by_role("tab", name="Inside the model").click()
+        page.wait_for_function("() => document.querySelector('#inside-view img')", timeout=60_000)
+        page.wait_for_function(IDLE, arg="#inside-view", timeout=60_000)
+        box = page.locator("#inside-view img").bounding_box()
+        # the view is 8 pixels a side: click the middle of row 3, column 6 (from 1)
+        page.mouse.click(box["x"] + box["width"] * 5.5 / SIZE, box["y"] + box["height"] * 2.5 / SIZE)
+        page.wait_for_function("() => document.querySelector('#inside-pixel textarea, #inside-pixel input')"
+                               ".value === '3, 6'", timeout=30_000)
+        for panel in ("#inside-distribution", "#inside-attention", "#inside-heads", "#inside-strip"):
+            page.wait_for_function(f"() => document.querySelector('{panel} img')", timeout=60_000)
+        page.wait_for_function("() => document.querySelector('#inside-numbers').innerText.includes('row 3, column 6')",
+                               timeout=30_000)
+        assert "entropy" in page.inner_text("#inside-numbers")
+        assert "embeddings" in page.inner_text("#inside-strip-text")
+        page.locator("#inside-uncertainty-btn").click()
+        page.wait_for_function("() => document.querySelector('#inside-uncertainty img')", timeout=60_000)
+        assert "Mean uncertainty" in page.inner_text("#inside-uncertainty-text")
 
-            page.get_by_role("tab", name="Complete").click()  # the option while a completion streams
-            page.locator("#watch input").check()
-            page.locator("#complete-btn").click()
-            page.wait_for_function("() => document.querySelector('#progress').innerText.includes('Done')",
-                                   timeout=90_000)
-            page.wait_for_function("() => document.querySelector('#drawing img')", timeout=30_000)
-            assert "Sample 1 draws row 8" in page.inner_text("#drawing-text")
-            page.screenshot(path=str(tmp_path / "watching.png"), full_page=True)
-            keep_screenshot(tmp_path / "watching.png")
+        page.get_by_role("tab", name="Complete").click()  # the option while a completion streams
+        page.locator("#watch input").check()
+        page.locator("#complete-btn").click()
+        page.wait_for_function("() => document.querySelector('#progress').innerText.includes('Done')",
+                               timeout=90_000)
+        page.wait_for_function("() => document.querySelector('#drawing img')", timeout=30_000)
+        assert "Sample 1 draws row 8" in page.inner_text("#drawing-text")
+        page.screenshot(path=str(tmp_path / "watching.png"), full_page=True)
+        keep_screenshot(tmp_path / "watching.png")
 
-            page.screenshot(path=str(tmp_path / "inside.png"), full_page=True)
-            keep_screenshot(tmp_path / "inside.png")
-        finally:
-            browser.close()
+        page.screenshot(path=str(tmp_path / "inside.png"), full_page=True)
+        keep_screenshot(tmp_path / "inside.png")
