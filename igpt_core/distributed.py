@@ -113,7 +113,7 @@ class StopSignals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 try:
                     self._previous[sig] = signal.signal(sig, self._handle)
-                except (ValueError, OSError):
+                except (ValueError, OSError):  # no handlers here (e.g. an embedded interpreter): keep the defaults
                     pass
         return self
 

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .data import SPLITS, load_dataset
+from .data import SPLITS, open_dataset
 from .distributed import init_from_env, patient_group
 from .errors import IgptError
 from .files import atomic_write, atomic_write_json
@@ -446,28 +446,26 @@ def _load_probe_data(run: Run, dataset: str, size: int, data_dir, max_train: int
     data_seed = int((info.get("train_config") or {}).get("seed", 0))
     if data_dir is None and dataset == info.get("dataset"):
         data_dir = info.get("data_dir")
-    # The val split first: it is the smallest, and tells us about labels and native resolution.
-    val = load_dataset(dataset, "val", data_dir=data_dir, seed=data_seed)
+    # Splits are opened, not read: with max_train only the sampled training images are read, so a
+    # large dataset is never loaded whole. The val split, opened at its own size, tells about labels
+    # and the native resolution.
+    val = open_dataset(dataset, "val", data_dir=data_dir, seed=data_seed)
     if val.labels is None:
         raise IgptError(f"dataset {dataset!r} has no labels; probes need a labelled dataset such as digits")
+    native = val.resolution
+    streams = {split: open_dataset(dataset, split, data_dir=data_dir, seed=data_seed, resolution=size)
+               for split in SPLITS}
     note = None
-    if val.resolution != size:
-        note = (f"{dataset} images are {val.resolution}×{val.resolution} but the model reads {size}×{size}: "
+    if native != size:
+        note = (f"{dataset} images are {native}×{native} but the model reads {size}×{size}: "
                 f"resized them (bilinear) for the probe")
-        val = load_dataset(dataset, "val", data_dir=data_dir, seed=data_seed, resolution=size)
-    splits = {"val": val}
-    for split in ("train", "test"):
-        splits[split] = load_dataset(dataset, split, data_dir=data_dir, seed=data_seed, resolution=size)
     out = {}
-    for split in SPLITS:
-        d = splits[split]
-        images, labels = d.images, d.labels
-        if split == "train" and max_train is not None and len(images) > max_train:
-            if max_train < 2:
-                raise IgptError(f"max_train must be at least 2, got {max_train}")
-            index = np.sort(np.random.default_rng(seed).choice(len(images), max_train, replace=False))
-            images, labels = images[index], labels[index]
-        out[split] = (images, labels)
+    for split, stream in streams.items():
+        if split == "train" and max_train is not None and len(stream) > max_train:
+            index = np.sort(np.random.default_rng(seed).choice(len(stream), max_train, replace=False))
+            out[split] = (stream.take(index), stream.labels[index])
+        else:
+            out[split] = (stream.read(), stream.labels)
     return out, val.classes, note
 
 
