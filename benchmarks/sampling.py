@@ -1,6 +1,6 @@
 """Completion throughput: igpt_core's KV-cache sampler against Hugging Face generate(), same weights.
 
-    python benchmarks/sampling.py [--quick] [--threads 1 2]
+    python benchmarks/sampling.py [--quick] [--threads 1 2] [--cases igpt-s] [--batches 1]
 
 Prints JSON. For each case (the `tiny` preset at 16×16 with 16 colours, and iGPT-S shapes at 32×32
 with 512 colours, random weights) and batch size (1 and 8), the bottom half of one image is
@@ -118,7 +118,7 @@ def greedy_agreement(ours, prompt: torch.Tensor, keep: int, n: int) -> dict:
             "matching_prefix": n if bool(same.all()) else int((~same).nonzero()[0])}
 
 
-def run_case(name: str, quick: bool) -> dict:
+def run_case(name: str, quick: bool, batches=BATCHES) -> dict:
     shape, repeats, quick_repeats, n_check = CASES[name]
     repeats = quick_repeats if quick else repeats
     ours, hf = models(shape)
@@ -129,7 +129,7 @@ def run_case(name: str, quick: bool) -> dict:
     result = {"shape": shape, "image": f"{side}x{side}", "kept_pixels": keep, "generated_per_image": T - keep,
               "greedy_check": greedy_check(ours, hf, prompt, keep, n_check),
               "int8_greedy_agreement": greedy_agreement(ours, prompt, keep, n_check), "batches": {}}
-    for batch in BATCHES:
+    for batch in batches:
         pixels = batch * (T - keep)
         runs = {  # name: one completion of the bottom half, for seed r
             "ours": lambda r: complete(ours, prompt, side // 2, batch, seed=r),
@@ -212,6 +212,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}),
                         help="torch thread counts to measure, each in turn (default: 1 and every core)")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES),
+                        help="batch sizes to time (default: 1 8)")
     parser.add_argument("--run", help="trained run to score with int8 and fp32 (default: train a digits run here)")
     parser.add_argument("--runs-dir", help="folder holding --run")
     parser.add_argument("--large", action="store_true", help="also complete with iGPT-L shapes in int8 (minutes)")
@@ -220,12 +222,13 @@ def main(argv=None) -> None:
     report = {"benchmark": "completion throughput, bottom half of one image, generated pixels per second",
               "command": "python benchmarks/sampling.py" + (" --quick" if args.quick else "")
               + " --threads " + " ".join(map(str, args.threads)) + " --cases " + " ".join(args.cases)
+              + " --batches " + " ".join(map(str, args.batches))
               + (f" --run {args.run}" if args.run else "") + (" --large" if args.large else ""),
               "quick": args.quick, "machine": {**machine_facts(), "transformers": transformers.__version__},
               "threads": {}}
     for threads in args.threads:
         torch.set_num_threads(threads)
-        report["threads"][str(threads)] = {name: run_case(name, args.quick) for name in args.cases}
+        report["threads"][str(threads)] = {name: run_case(name, args.quick, args.batches) for name in args.cases}
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
         report["int8_trained_run"] = trained_run(args.run, args.runs_dir, args.quick, folder)

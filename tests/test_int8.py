@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from igpt_core.data import load_dataset
-from igpt_core.decoder import Decoder
+from igpt_core.decoder import Decoder, _native_bf16
 from igpt_core.errors import IgptError
 from igpt_core.likelihood import pixel_nll, score
 from igpt_core.sample import complete, inpaint, unconditional
@@ -15,7 +15,8 @@ def test_int8_decoder_holds_per_channel_int8_weights_and_gives_float32_logits():
     model = randomized(SHAPES[1])
     d, config = model.config.n_embd, model.config
     decoder, exact = Decoder(model, 2, "int8"), Decoder(model, 2)
-    assert decoder.precision == "int8" and decoder.kv.dtype == torch.float32
+    assert decoder.precision == "int8" and exact.kv.dtype == torch.float32
+    assert decoder.kv.dtype == (torch.bfloat16 if _native_bf16() else torch.float32)  # half the bytes where native
     shapes = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]
     for packed, matrix, (n_out, n_in) in zip(decoder.layers[0][::2], exact.layers[0][::2], shapes):
         weight, bias = torch.ops.quantized.linear_unpack(packed)
