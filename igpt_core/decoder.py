@@ -63,13 +63,16 @@ PRECISIONS = ("fp32", "int8")
 
 
 def _native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX): then int8 decoding keeps its
-    keys and values in bfloat16. With int8 weights, reading the cache is the other half of a pixel's
-    cost: at iGPT-S sizes, late in an image, it holds as many bytes as the weights (24 layers × 2 ×
-    1024 × 512 floats = 100 MB). On this project's Intel Xeon (AMX), bfloat16 attention for one query
-    over 513-1023 cached positions took 0.4-0.6× the float32 time, and an iGPT-S completion of half an
-    image 10-15% less. bits/dim of a trained run moved by 0.01%. Without native bfloat16 the
-    conversions would cost more than they save, so the cache stays float32 there."""
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16: Intel Xeons since Cooper Lake, AMD
+    Zen 4); then int8 decoding keeps its keys and values in bfloat16.
+
+    With int8 weights, reading the cache is the other half of a pixel's cost: at iGPT-S sizes, late
+    in an image, it holds as many bytes as the weights (24 layers × 2 × 1024 × 512 floats = 100 MB).
+    On this project's Intel Xeon, bfloat16 attention for one query over 513-1023 cached positions
+    took 0.4-0.6× the float32 time, and an iGPT-S completion of half an image 10-15% less; bits/dim
+    of a trained run moved by 0.01%. Without native support bfloat16 is emulated through
+    conversions, which was not measured here, so the cache stays float32 there.
+    """
     supported = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # private, so looked up with care
     return bool(supported and supported())
 
