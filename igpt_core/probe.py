@@ -453,7 +453,8 @@ def _load_probe_data(run: Run, dataset: str, size: int, data_dir, max_train: int
     if val.labels is None:
         raise IgptError(f"dataset {dataset!r} has no labels; probes need a labelled dataset such as digits")
     native = val.resolution
-    streams = {split: open_dataset(dataset, split, data_dir=data_dir, seed=data_seed, resolution=size)
+    streams = {split: val if split == "val" and native == size  # already open at the model's size
+               else open_dataset(dataset, split, data_dir=data_dir, seed=data_seed, resolution=size)
                for split in SPLITS}
     note = None
     if native != size:
