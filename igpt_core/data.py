@@ -830,9 +830,9 @@ def _load_folder(request: _Request):
             f"no images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)}): add images, "
             "one sub-folder per class for a labelled dataset"
         )
-    images = np.stack([_read_folder_image(f, size) for f in files])
-    images, labels = _take_split(images, labels, request, test_percent=TEST_PERCENT)
-    return images, labels, classes
+    # The split is cut from the file list, so that only its own images are read and resized.
+    files, labels = _take_split(np.array(files, dtype=object), labels, request, test_percent=TEST_PERCENT)
+    return np.stack([_read_folder_image(f, size) for f in files]), labels, classes
 
 
 def _read_folder_image(path: Path, size: int) -> np.ndarray:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -86,8 +87,9 @@ def check_precision(config, precision: str) -> None:
                         "of the float model (use the default precision)")
 
 
-def _int8_matrix(weight: torch.Tensor) -> torch.ScriptObject:
-    """A weight (in, out) as int8, one symmetric scale per output channel, packed for fbgemm.
+def _int8_matrix(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.ScriptObject:
+    """A weight (in, out) as int8, one symmetric scale per output channel, packed for fbgemm with
+    its float32 bias, if any (the kernel adds it while writing the output: one operation fewer).
 
     Kernels compared on this project's machine (1 thread, iGPT-S's 96 block products for one
     pixel at batch 1, cold weights, 288 MB fp32 / 72 MB int8):
@@ -113,9 +115,23 @@ def _int8_matrix(weight: torch.Tensor) -> torch.ScriptObject:
         torch.backends.quantized.engine = "fbgemm"  # the default "x86" engine may pick oneDNN's packing
         try:
             return torch.ops.quantized.linear_prepack(
-                torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0), None)
+                torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0),
+                None if bias is None else bias.to(torch.float32).contiguous())
         finally:
             torch.backends.quantized.engine = engine
+
+
+# Quantising is a pass over every weight (about a second at iGPT-S sizes, as long as decoding 40
+# pixels), so a model's int8 blocks are kept while the model lives and its weights are unchanged:
+# a demo's second completion, or `score` over many batches, quantises nothing. "Unchanged" is told
+# by each parameter's storage and version counter, which every in-place update (an optimiser step,
+# `load_state_dict`, `copy_` under no_grad) advances; like autograd's own check of saved tensors,
+# it cannot see writes made through `.data`.
+_int8_blocks: weakref.WeakKeyDictionary[IGPT, tuple[tuple, list]] = weakref.WeakKeyDictionary()
+
+
+def _weights_key(model: IGPT) -> tuple:
+    return tuple((name, t.data_ptr(), t._version, t.dtype, t.device) for name, t in model.named_parameters())
 
 
 class Decoder:
@@ -131,7 +147,8 @@ class Decoder:
 
     def __init__(self, model: IGPT, batch_size: int, precision: str = "fp32"):
         first = next(model.parameters())
-        self._build(model.config, model.state_dict().__getitem__, first.device, first.dtype, batch_size, precision)
+        self._build(model.config, model.state_dict().__getitem__, first.device, first.dtype, batch_size, precision,
+                    model)
 
     @classmethod
     def from_weights(cls, config: ModelConfig, weight: Callable[[str], torch.Tensor], batch_size: int,
@@ -143,11 +160,11 @@ class Decoder:
         `safetensors.safe_open` file or weights made on the fly.
         """
         decoder = cls.__new__(cls)
-        decoder._build(config, weight, torch.device("cpu"), torch.float32, batch_size, precision)
+        decoder._build(config, weight, torch.device("cpu"), torch.float32, batch_size, precision, None)
         return decoder
 
     def _build(self, config: ModelConfig, weight, device: torch.device, dtype: torch.dtype, batch_size: int,
-               precision: str) -> None:
+               precision: str, model: IGPT | None) -> None:
         if config.objective != "ar":
             raise IgptError("one-token-at-a-time decoding is for autoregressive models; BERT models fill masks "
                             "by iterative decoding (igpt_core.sample.inpaint)")
@@ -168,32 +185,47 @@ class Decoder:
 
         # Folded in float64 (where the device has it), so that each stored weight is the float32 (or
         # model dtype) rounding of the exact product: the decoder is then as exact as the model itself.
-        fold = torch.float64 if self.device.type in ("cpu", "cuda") else torch.float32
+        # int8 rounds far more coarsely than float32, so its weights are folded in float32.
+        fold = torch.float32 if precision == "int8" else torch.float64 if self.device.type in ("cpu", "cuda") else torch.float32
         p = lambda name: weight(name).detach().to(fold)  # noqa: E731
-        block_matrix = _int8_matrix if precision == "int8" else lambda t: self._matrix(t, batch_size)
         self.wte, self.wpe = self._keep(p("wte.weight")), self._keep(p("wpe.weight"))
-        self.layers = []
-        query = slice(0, d)  # c_attn's outputs are Q | K | V
-        for i in range(config.n_layer):
-            w = lambda name: p(f"h.{i}.{name}")  # noqa: E731
-            attn_w = w("attn.c_attn.weight") * w("ln_1.weight")  # (3d, d): the norm's gain scales the inputs
-            attn_b = w("attn.c_attn.bias").clone()
-            attn_w[query] /= math.sqrt(self.head_dim)  # attention's scale, applied to the queries once
-            attn_b[query] /= math.sqrt(self.head_dim)
-            fc_w = w("mlp.c_fc.weight") * w("ln_2.weight") * QUICK_GELU
-            self.layers.append((  # matrices for x @ W, (in, out)
-                block_matrix(attn_w.T * root_d), self._keep(attn_b),
-                block_matrix(w("attn.c_proj.weight").T), self._keep(w("attn.c_proj.bias")),
-                block_matrix(fc_w.T * root_d), self._keep(w("mlp.c_fc.bias") * QUICK_GELU),
-                block_matrix(w("mlp.c_proj.weight").T / QUICK_GELU), self._keep(w("mlp.c_proj.bias")),
-            ))
+        cached = _int8_blocks.get(model) if model is not None and precision == "int8" else None
+        if cached is not None and cached[0] == _weights_key(model):
+            self.layers = cached[1]
+        else:
+            self.layers = [self._block(p, i, batch_size) for i in range(config.n_layer)]
+            if model is not None and precision == "int8":
+                _int8_blocks[model] = (_weights_key(model), self.layers)
         self.head = self._matrix((p("lm_head.weight") * p("ln_f.weight")).T * root_d, batch_size)  # no bias
         # (n_layer, B, 2, nh, n_positions, hs): keys then values, so that one copy stores both
         shape = (config.n_layer, batch_size, 2, self.n_head, config.n_positions, self.head_dim)
         self.kv_dtype = torch.bfloat16 if precision == "int8" and _native_bf16() else self.dtype
         self.kv = torch.empty(shape, device=self.device, dtype=self.kv_dtype)
+        # each layer's cache, and its keys and values, as views made once (a step then only narrows them)
+        self._cache = [(kv, kv[:, 0], kv[:, 1]) for kv in self.kv]
         self.length = 0  # positions filled; the next token sits at this position
         self.diverged = False  # whether the sequences have been fed different tokens yet
+
+    def _block(self, p: Callable[[str], torch.Tensor], i: int, batch_size: int) -> tuple:
+        """Block i's four products and their biases, as `feed` reads them: matrices for x @ W, (in, out)."""
+        d, root_d = self.config.n_embd, math.sqrt(self.config.n_embd)
+        w = lambda name: p(f"h.{i}.{name}")  # noqa: E731
+        query = slice(0, d)  # c_attn's outputs are Q | K | V
+        attn_w = w("attn.c_attn.weight") * w("ln_1.weight")  # (3d, d): the norm's gain scales the inputs
+        attn_b = w("attn.c_attn.bias").clone()
+        attn_w[query] /= math.sqrt(self.head_dim)  # attention's scale, applied to the queries once
+        attn_b[query] /= math.sqrt(self.head_dim)
+        fc_w = w("mlp.c_fc.weight") * w("ln_2.weight") * QUICK_GELU
+        normed = [(attn_w.T * root_d, attn_b), (fc_w.T * root_d, w("mlp.c_fc.bias") * QUICK_GELU)]
+        plain = [(w("attn.c_proj.weight").T, w("attn.c_proj.bias")),
+                 (w("mlp.c_proj.weight").T / QUICK_GELU, w("mlp.c_proj.bias"))]
+        if self.precision == "int8":  # a normed product's bias is added after its division, so it stays out
+            (attn, attn_b), (fc, fc_b) = ((_int8_matrix(m), self._keep(b)) for m, b in normed)
+            (proj, proj_b), (out, out_b) = ((_int8_matrix(m, b), None) for m, b in plain)
+        else:
+            (attn, attn_b), (fc, fc_b), (proj, proj_b), (out, out_b) = (
+                (self._matrix(m, batch_size), self._keep(b)) for m, b in normed + plain)
+        return attn, attn_b, proj, proj_b, fc, fc_b, out, out_b
 
     def _keep(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(device=self.device, dtype=self.dtype).contiguous()
@@ -247,16 +279,20 @@ class Decoder:
         x = (F.embedding(tokens, self.wte) + self.wpe[start:end]).view(B * T, d)  # the residual stream
         # new queries see every cached position and, among themselves, only earlier ones
         mask = None if T == 1 else torch.ones(T, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
-        for kv, (attn_w, attn_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b) in zip(self.kv, self.layers):
+        reduced = self.kv_dtype != self.dtype  # int8's bfloat16 cache
+        for (kv, k, v), (attn_w, attn_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b) in zip(self._cache, self.layers):
+            if shared:  # computed for the first sequence only
+                kv, k, v = kv[:1], k[:1], v[:1]
             qkv = self._normed_product(x, attn_w, attn_b).view(B, T, 3, nh, hs).permute(0, 2, 3, 1, 4)  # (B, 3, nh, T, hs)
-            rows = kv[:1] if shared else kv  # (B, 2, nh, n_positions, hs): the sequences computed here
-            rows.narrow(3, start, T).copy_(qkv.narrow(1, 1, 2))  # this step's keys and values
-            keys, values = rows.narrow(3, 0, end).unbind(1)  # (B, nh, end, hs) each, views of the cache
-            queries = qkv.select(1, 0).to(self.kv_dtype)
-            y = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=1.0).to(self.dtype)
-            x = x + self._product(y.transpose(1, 2).reshape(B * T, d), proj_w, proj_b)
+            kv.narrow(3, start, T).copy_(qkv.narrow(1, 1, 2))  # this step's keys and values, in one copy
+            keys, values = k.narrow(2, 0, end), v.narrow(2, 0, end)  # (B, nh, end, hs) each, views of the cache
+            queries = qkv.select(1, 0)
+            y = F.scaled_dot_product_attention(queries.to(self.kv_dtype) if reduced else queries, keys, values,
+                                               attn_mask=mask, scale=1.0)
+            y = (y.to(self.dtype) if reduced else y).transpose(1, 2).reshape(B * T, d)
+            x.add_(self._product(y, proj_w, proj_b))  # x is this step's own tensor: added to in place
             h = F.silu(self._normed_product(x, fc_w, fc_b), inplace=True)  # quick-GELU, its 1.702 folded in
-            x = x + self._product(h, out_w, out_b)
+            x.add_(self._product(h, out_w, out_b))
         if shared:  # every sequence gets the shared tokens' keys and values
             self.kv[:, 1:, :, :, start:end] = self.kv[:, :1, :, :, start:end]
         self.length = end

@@ -383,6 +383,21 @@ def test_folder_corrupt_image_is_named(tmp_path):
     assert str(bad) in str(err.value) and "remove or fix" in str(err.value).lower()
 
 
+def test_a_folder_split_reads_only_its_own_images(tmp_path):
+    for k in range(9):
+        save(tmp_path / f"img{k}.png", np.full((10, 10, 3), 20 * k, dtype=np.uint8))
+    (tmp_path / "img9.png").write_bytes(b"not a png")  # lands in exactly one split
+    loaded, refused = {}, []
+    for split in ("train", "val", "test"):
+        try:
+            loaded[split] = len(load_dataset(f"folder:{tmp_path}", split))
+        except DatasetError as err:
+            assert "img9.png" in str(err)
+            refused.append(split)
+    sizes = {"train": 7, "val": 1, "test": 2}  # of 10 images: 20% test, 10% of the rest val
+    assert len(refused) == 1 and loaded == {split: n for split, n in sizes.items() if split not in refused}
+
+
 def test_folder_empty_or_missing(tmp_path):
     with pytest.raises(DatasetError, match="no images"):
         load_dataset(f"folder:{tmp_path}")

@@ -1,5 +1,8 @@
 """int8 decoding: what the decoder holds, how close it stays to float32 on a trained run, what it refuses."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -18,13 +21,17 @@ def test_int8_decoder_holds_per_channel_int8_weights_and_gives_float32_logits():
     assert decoder.precision == "int8" and exact.kv.dtype == torch.float32
     assert decoder.kv.dtype == (torch.bfloat16 if _native_bf16() else torch.float32)  # half the bytes where native
     shapes = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]
-    for packed, matrix, (n_out, n_in) in zip(decoder.layers[0][::2], exact.layers[0][::2], shapes):
+    layer, exact_layer = decoder.layers[0], exact.layers[0]
+    for packed, matrix, exact_bias, (n_out, n_in) in zip(layer[::2], exact_layer[::2], exact_layer[1::2], shapes):
         weight, bias = torch.ops.quantized.linear_unpack(packed)
-        assert weight.dtype == torch.qint8 and weight.shape == (n_out, n_in) and bias is None
+        assert weight.dtype == torch.qint8 and weight.shape == (n_out, n_in)
+        if bias is not None:  # the two products without a norm before them carry their bias inside the kernel
+            assert torch.allclose(bias, exact_bias, atol=1e-6)
         assert weight.q_per_channel_axis() == 0 and not weight.q_per_channel_zero_points().any()  # symmetric
         scales = weight.q_per_channel_scales().float()  # one per output channel
         assert scales.shape == (n_out,)
         assert ((weight.dequantize().T - matrix).abs() <= scales / 2 + 1e-6).all()  # the folded fp32 weights, rounded
+    assert [b is None for b in layer[1::2]] == [False, True, False, True]  # attn, proj, fc, out
     assert isinstance(decoder.head, torch.Tensor) and decoder.head.dtype == torch.float32  # the head stays fp32
     sos = torch.full((1, 1), config.sos_id)
     logits = decoder.feed(torch.cat([sos, torch.zeros(1, 4, dtype=torch.long)], 1))  # a shared prompt
@@ -44,6 +51,35 @@ def test_a_decoder_from_weights_read_one_at_a_time_equals_one_from_the_model():
         expected = Decoder(model, 2, precision).feed(ids, every_position=True)
         assert torch.equal(lazy.feed(ids, every_position=True), expected)
     assert set(asked) == set(state)  # every weight was read, through the callable alone
+
+
+def test_a_model_is_quantised_once_until_its_weights_change():
+    model = randomized(SHAPES[0])
+    ids = torch.randint(0, model.config.n_colors, (2, 6))
+    ids[:, 0] = model.config.sos_id
+
+    def fresh(m):  # quantised from scratch: nothing is cached for a decoder made from weights
+        return Decoder.from_weights(m.config, m.state_dict().__getitem__, 2, "int8").feed(ids, every_position=True)
+
+    first, second = Decoder(model, 2, "int8"), Decoder(model, 1, "int8")
+    assert second.layers is first.layers  # the same packed blocks, at any batch size
+    before = first.feed(ids, every_position=True)
+    assert torch.equal(before, fresh(model))
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)  # one training step changes every weight
+    model(ids)[0].logsumexp(-1).mean().backward()
+    optimizer.step()
+    after = Decoder(model, 2, "int8")
+    assert after.layers is not first.layers and torch.equal(after.feed(ids, every_position=True), fresh(model))
+    assert not torch.equal(after.layers[0][0].unpack()[0].int_repr(), first.layers[0][0].unpack()[0].int_repr())
+
+    model.load_state_dict(randomized(SHAPES[0]).state_dict())  # weights loaded in place
+    assert torch.equal(Decoder(model, 2, "int8").feed(ids, every_position=True), fresh(model))
+
+    kept = weakref.ref(model)  # the cache holds no reference to the model: it goes when the model goes
+    del model, first, second, after
+    gc.collect()
+    assert kept() is None
 
 
 @pytest.fixture(scope="module")
