@@ -26,7 +26,9 @@ is the cost: the blocks' four products per layer hold int8 weights, one scale pe
 and quantise their input on the fly (dynamic quantisation), so a pixel reads a quarter of the
 bytes. On CPUs with native bfloat16 the KV cache and the attention over it are bfloat16 (half the
 bytes; see `_native_bf16`). Embeddings, norms and the head (about 1% of the weights at iGPT-S
-sizes, and where the logits are made) stay float32. See `_int8_matrix` for the kernel.
+sizes, and where the logits are made) stay float32. See `_int8_matrix` for the kernel. A model is
+quantised once, by its first int8 decoder; later ones re-use that while its weights are unchanged
+(`_int8_blocks`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import math
 import warnings
 import weakref
 from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -43,20 +47,38 @@ from .errors import IgptError
 from .model import IGPT, QUICK_GELU, ModelConfig
 
 
-def _use_onednn(device: torch.device, batch_size: int, width: int) -> bool:
+@lru_cache(maxsize=1)
+def _cpu_vendor() -> str:
+    """The CPU's maker as Linux names it ("GenuineIntel", "AuthenticAMD"), or "" where it is not told."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _use_onednn(device: torch.device, batch_size: int, width: int, vendor: str | None = None) -> bool:
     """Whether oneDNN's pre-packed matrix products beat MKL's addmm for these decoding steps.
 
-    Measured on this project's 2-core AMD EPYC with cold (DRAM-resident) weights: for batches of 8
-    at widths 256-1024, oneDNN is 1.7-2.3x faster on one thread and 2.6-4x on two; at batch 1 it
-    wins only with 2 threads at width >= 512 (1.2-1.65x) and loses otherwise (0.6x on one thread).
-    Small matrices lose to its call cost (~15 us against ~4 us). Decided from these facts rather
-    than timed at run time, so that on a given machine and thread count the same seed always gives
-    the same pixels.
+    Measured on this project's machines, iGPT-S-sized steps (cold, DRAM-resident weights):
+    - 2-core AMD EPYC: for batches of 8 at widths 256-1024, oneDNN is 1.7-2.3x faster on one
+      thread and 2.6-4x on two; at batch 1 it wins only with 2 threads at width >= 512
+      (1.2-1.65x) and loses otherwise (0.6x on one thread). Small matrices lose to its call cost
+      (~15 us against ~4 us).
+    - 2-core Intel Xeon (AVX-512): MKL, on the CPUs it is tuned for, is faster at batch 1 (a whole
+      step at position 700 took 0.8x the time on 1 and on 2 threads), as fast or faster at batches
+      2-4, and within 5% at batch 8; so on Intel CPUs the weights stay plain.
+    Decided from these facts rather than timed at run time, so that on a given machine and thread
+    count the same seed always gives the same pixels. `vendor` defaults to this CPU's.
     """
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     if not all(hasattr(torch.ops.mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise")):
         return False  # a PyTorch build without these (they serve torch.compile's CPU backend)
+    if (_cpu_vendor() if vendor is None else vendor) == "GenuineIntel":
+        return False
     return (batch_size >= 2 and width >= 256) or (torch.get_num_threads() >= 2 and width >= 512)
 
 

@@ -106,10 +106,13 @@ def test_both_matrix_layouts_are_as_exact_as_the_forward_pass(monkeypatch, onedn
 
 
 def test_onednn_is_chosen_where_it_was_measured_faster(monkeypatch):
-    cpu = torch.device("cpu")
-    assert decoder_module._use_onednn(cpu, 8, 512) and decoder_module._use_onednn(cpu, 2, 256)
-    assert not decoder_module._use_onednn(cpu, 8, 128)  # small matrices: its call cost dominates
+    cpu, amd = torch.device("cpu"), "AuthenticAMD"
+    use = decoder_module._use_onednn
+    assert use(cpu, 8, 512, amd) and use(cpu, 2, 256, amd)
+    assert not use(cpu, 8, 128, amd)  # small matrices: its call cost dominates
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert not decoder_module._use_onednn(cpu, 1, 512)  # one thread, one sequence: MKL streams faster
+    assert not use(cpu, 1, 512, amd)  # one thread, one sequence: MKL streams faster
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert decoder_module._use_onednn(cpu, 1, 512)
+    assert use(cpu, 1, 512, amd)
+    assert not any(use(cpu, batch, 512, "GenuineIntel") for batch in (1, 2, 8))  # MKL on its own maker's CPUs
+    assert decoder_module._cpu_vendor() in ("GenuineIntel", "AuthenticAMD", "")  # read from /proc/cpuinfo
