@@ -25,10 +25,11 @@ in the same interleaved rounds. A model is quantised once, on its first int8 dec
 (`int8_quantise_seconds`), and later completions re-use it while its weights are unchanged, as in a
 demo session; `int8_first_call_ratio` adds that one-off cost to every round.
 `int8_greedy_agreement` compares int8 and fp32 top_k=1 completions of the same pixels (random
-weights give nearly flat logits: a hard case for agreement). The section `int8_trained_run` scores a trained digits run (trained here, or --run) with both: bits/dim,
-the share of positions where the most likely colour agrees given the same prefix, and greedy
-completions of test images. --large adds iGPT-L shapes with int8 (benchmarks/int8_large.py, in its
-own process so that its peak memory is its own).
+weights give nearly flat logits: a hard case for agreement). The section `int8_trained_run`
+scores a trained digits run (trained here, or --run) with both: bits/dim, the share of positions
+where the most likely colour agrees given the same prefix, and greedy completions of test images.
+--large adds iGPT-L shapes with int8 (benchmarks/int8_large.py, in its own process so that its
+peak memory is its own).
 """
 
 from __future__ import annotations

@@ -208,7 +208,8 @@ class Decoder:
         # Folded in float64 (where the device has it), so that each stored weight is the float32 (or
         # model dtype) rounding of the exact product: the decoder is then as exact as the model itself.
         # int8 rounds far more coarsely than float32, so its weights are folded in float32.
-        fold = torch.float32 if precision == "int8" else torch.float64 if self.device.type in ("cpu", "cuda") else torch.float32
+        exact = precision == "fp32" and self.device.type in ("cpu", "cuda")
+        fold = torch.float64 if exact else torch.float32
         p = lambda name: weight(name).detach().to(fold)  # noqa: E731
         self.wte, self.wpe = self._keep(p("wte.weight")), self._keep(p("wpe.weight"))
         cached = _int8_blocks.get(model) if model is not None and precision == "int8" else None
