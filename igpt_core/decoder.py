@@ -51,12 +51,10 @@ from .model import IGPT, QUICK_GELU, ModelConfig
 def _cpu_vendor() -> str:
     """The CPU's maker as Linux names it ("GenuineIntel", "AuthenticAMD"), or "" where it is not told."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("vendor_id")), "")
 
 
 def _use_onednn(device: torch.device, batch_size: int, width: int, vendor: str | None = None) -> bool:
@@ -212,13 +210,14 @@ class Decoder:
         fold = torch.float64 if exact else torch.float32
         p = lambda name: weight(name).detach().to(fold)  # noqa: E731
         self.wte, self.wpe = self._keep(p("wte.weight")), self._keep(p("wpe.weight"))
-        cached = _int8_blocks.get(model) if model is not None and precision == "int8" else None
-        if cached is not None and cached[0] == _weights_key(model):
-            self.layers = cached[1]
+        key = _weights_key(model) if model is not None and precision == "int8" else None
+        key_and_layers = _int8_blocks.get(model) if key is not None else None
+        if key_and_layers is not None and key_and_layers[0] == key:
+            self.layers = key_and_layers[1]
         else:
             self.layers = [self._block(p, i, batch_size) for i in range(config.n_layer)]
-            if model is not None and precision == "int8":
-                _int8_blocks[model] = (_weights_key(model), self.layers)
+            if key is not None:
+                _int8_blocks[model] = (key, self.layers)
         self.head = self._matrix((p("lm_head.weight") * p("ln_f.weight")).T * root_d, batch_size)  # no bias
         # (n_layer, B, 2, nh, n_positions, hs): keys then values, so that one copy stores both
         shape = (config.n_layer, batch_size, 2, self.n_head, config.n_positions, self.head_dim)
@@ -263,8 +262,8 @@ class Decoder:
         if isinstance(weight, torch.ScriptObject):  # int8, packed by `_int8_matrix`
             # reduce_range: 7-bit activations, so that CPUs without VNNI (whose int8 products add
             # pairs in saturating int16) give the same results as those with it
-            product = torch.ops.quantized.linear_dynamic(x, weight, True)
-            return product if bias is None else product.add_(bias)
+            assert bias is None, "an int8 product's bias is packed with its weight (_int8_matrix)"
+            return torch.ops.quantized.linear_dynamic(x, weight, True)
         if self.onednn:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return x @ weight if bias is None else torch.addmm(bias, x, weight)
