@@ -39,6 +39,7 @@ import weakref
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -107,38 +108,71 @@ def check_precision(config, precision: str) -> None:
                         "of the float model (use the default precision)")
 
 
-def _int8_matrix(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.ScriptObject:
-    """A weight (in, out) as int8, one symmetric scale per output channel, packed for fbgemm with
-    its float32 bias, if any (the kernel adds it while writing the output: one operation fewer).
+LEVELS = 63  # int8 weights hold -63..63: see Int8Matrix
 
-    Kernels compared on this project's machine (1 thread, iGPT-S's 96 block products for one
-    pixel at batch 1, cold weights, 288 MB fp32 / 72 MB int8):
-      fp32 `x @ W` (MKL)                                           22-28 ms
-      fbgemm `torch.ops.quantized.linear_dynamic` (chosen)          5-8 ms
-      oneDNN `torch.ops.onednn.qlinear_pointwise`, kernel alone     35 ms (plus ~5 ms quantising x)
-      torchao 0.18 `Int8DynamicActivationInt8WeightConfig`, eager  55 ms (int32 matmul fallback on CPU)
-      torchao 0.18 `Int8WeightOnlyConfig`, eager                   39 ms (converts the weight per call)
-      `torch._weight_int8pack_mm`                                  63 ms
-    torchao's fast CPU path is torch.compile lowering to the same oneDNN kernel (slower here, and
-    a compile per model). fbgemm is 3-5x faster than fp32, ships inside every x86 PyTorch wheel
-    and serves torch's own dynamic quantisation; only the quantised-tensor type it takes the
-    weight in is deprecated, and that is confined to this function (its warning silenced here).
-    If a future PyTorch drops it, this function is the one place to change.
+
+class Int8Matrix(NamedTuple):
+    """A weight (in, out) as int8, one symmetric scale per output channel, packed for fbgemm.
+
+    fbgemm multiplies the row's uint8 codes (quantised on the fly from its min and max) by these
+    levels in int32. Levels stop at ±63 so that CPUs without VNNI, which add pairs of uint8 × int8
+    products in saturating int16, never saturate (255 · 63 · 2 < 32767) and give the results
+    those with VNNI give. (The other way to that, 127 levels and 7-bit inputs, erred as much on a
+    random iGPT-S-shaped product: RMS error 0.0229 both ways.)
     """
-    w = weight.T.to(torch.float32)  # (out, in): a row per output channel
-    scale = w.abs().amax(dim=1).clamp(min=1e-30) / 127
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    zero = torch.zeros(len(scale), dtype=torch.long)
-    engine = torch.backends.quantized.engine
+
+    packed: torch.Tensor  # fbgemm's packed levels, owned by this (opaque, byte) tensor
+    shape: torch.Tensor  # a zero-strided (out, in) stand-in: the kernel reads only the weight's shape
+    level_sums: torch.Tensor  # (out,) int32: each channel's sum of levels, to remove the input's zero point
+    scale: torch.Tensor  # (out,) float32: one level's value in each output channel
+    bias: torch.Tensor  # (out,) the bias in units of `scale` (the kernel adds it before the scaling); or zeros
+
+
+def _int8_matrix(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Matrix:
+    """`weight` (in, out) quantised per output channel, with its float32 bias, if any, for `_int8_product`.
+
+    Kernels compared on this project's machines (iGPT-S's 96 block products for one pixel at
+    batch 1, cold weights, 288 MB fp32 / 72 MB int8; Intel Xeon, 2 threads unless said):
+      fp32 `x @ W` (MKL)                                                12-15 ms (27-29 ms on 1 thread)
+      fbgemm, `torch.fbgemm_linear_int8_weight_fp32_activation` (chosen)  3.1-3.2 ms (8 ms on 1 thread)
+      fbgemm, `torch.ops.quantized.linear_dynamic`                      5.4-6.1 ms (10-12 ms on 1 thread)
+      oneDNN `torch.ops.onednn.qlinear_pointwise` (AMX), kernel alone     9 ms, plus ~90 us a call to quantise x
+      fbgemm with fp16 weights, `quantized.linear_dynamic_fp16`          14 ms
+      torchao 0.18 `Int8DynamicActivationInt8WeightConfig`, eager        55 ms (1 thread; an int32 matmul fallback)
+      `torch._weight_int8pack_mm`                                        63 ms (1 thread)
+    The two fbgemm rows run the same kernel. `quantized.linear_dynamic` takes its weight as a
+    TorchScript object, and handing one over from Python costs ~15 us a call (a failed attribute
+    lookup on it, raised and caught as a C++ exception): as much as a small product itself (64 x 64:
+    21 us against 7 us), 96 times a pixel. The tensor-argument functions chosen here are old ones
+    (deprecated since PyTorch 1.x yet still in 2.13; they warn once per process, silenced here).
+    torchao's fast CPU path is torch.compile lowering to the oneDNN kernel above. If a PyTorch
+    drops these functions, `_build` says so, and this function and `_int8_product` are the one
+    place to change.
+    """
+    w = weight.to(torch.float32)
+    scale = w.abs().amax(dim=0).clamp(min=1e-30) / LEVELS
+    levels = torch.round(w / scale).clamp_(-LEVELS, LEVELS).to(torch.int8).T.contiguous()  # (out, in)
+    n_out, n_in = levels.shape
+    bias = torch.zeros(n_out) if bias is None else bias.to(torch.float32) / scale
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-        torch.backends.quantized.engine = "fbgemm"  # the default "x86" engine may pick oneDNN's packing
-        try:
-            return torch.ops.quantized.linear_prepack(
-                torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0),
-                None if bias is None else bias.to(torch.float32).contiguous())
-        finally:
-            torch.backends.quantized.engine = engine
+        warnings.filterwarnings("ignore", message=".*fbgemm.* is deprecated")
+        matrix = Int8Matrix(torch.fbgemm_pack_quantized_matrix(levels),
+                            torch.zeros((), dtype=torch.int8).expand(n_out, n_in),
+                            levels.sum(dim=1, dtype=torch.int32), scale, bias.contiguous())
+        _int8_product(torch.zeros(1, n_in), matrix)  # its one deprecation warning, while silenced
+    return matrix
+
+
+def _int8_product(x: torch.Tensor, matrix: Int8Matrix) -> torch.Tensor:
+    """x @ weight (+ bias) in units of `matrix.scale` (the caller scales it, often within another operation);
+    x float32 (rows, in), quantised to uint8 over the whole tensor."""
+    return torch.fbgemm_linear_int8_weight_fp32_activation(
+        x, matrix.shape, matrix.packed, matrix.level_sums, 1.0, 0, matrix.bias)
+
+
+def _has_int8_kernels() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines and all(
+        hasattr(torch, f) for f in ("fbgemm_pack_quantized_matrix", "fbgemm_linear_int8_weight_fp32_activation"))
 
 
 # Quantising is a pass over every weight (about a second at iGPT-S sizes, as long as decoding 40
@@ -191,9 +225,10 @@ class Decoder:
         check_precision(config, precision)
         if precision == "int8" and (device.type != "cpu" or dtype != torch.float32):
             raise IgptError(f"int8 decoding runs float32 models on the CPU; this model is {dtype} on {device}")
-        if precision == "int8" and "fbgemm" not in torch.backends.quantized.supported_engines:
-            raise IgptError("int8 decoding needs PyTorch's fbgemm kernels (x86 CPUs); this build has "
-                            f"{', '.join(torch.backends.quantized.supported_engines)}")
+        if precision == "int8" and not _has_int8_kernels():
+            raise IgptError("int8 decoding needs PyTorch's fbgemm kernels (x86 CPUs); "
+                            f"this build has {', '.join(torch.backends.quantized.supported_engines)} and "
+                            "not the fbgemm functions it calls (use the default precision)")
         self.config, self.precision = config, precision
         self.device, self.dtype = device, dtype
         self.onednn = self.dtype == torch.float32 and _use_onednn(self.device, batch_size, config.n_embd)
@@ -257,22 +292,31 @@ class Decoder:
         t = self._keep(t)
         return torch.ops.mkldnn._reorder_linear_weight(t.T.contiguous(), batch_size) if self.onednn else t
 
-    def _product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def _product(self, x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x @ weight (+ bias)."""
-        if isinstance(weight, torch.ScriptObject):  # int8, packed by `_int8_matrix`
-            # reduce_range: 7-bit activations, so that CPUs without VNNI (whose int8 products add
-            # pairs in saturating int16) give the same results as those with it
-            assert bias is None, "an int8 product's bias is packed with its weight (_int8_matrix)"
-            return torch.ops.quantized.linear_dynamic(x, weight, True)
+        if isinstance(weight, Int8Matrix):
+            assert bias is None, "an int8 product's bias is held with its weight (_int8_matrix)"
+            return _int8_product(x, weight).mul_(weight.scale)
         if self.onednn:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return x @ weight if bias is None else torch.addmm(bias, x, weight)
 
-    def _normed_product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """rms_norm(x) @ weight (+ bias), the norm's gain and √d already in `weight`."""
+    def _add_product(self, out: torch.Tensor, x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> None:
+        """out += x @ weight (+ bias), in place (int8: the scaling and the addition in one operation)."""
+        if isinstance(weight, Int8Matrix):
+            out.addcmul_(_int8_product(x, weight), weight.scale)
+        else:
+            out.add_(self._product(x, weight, bias))
+
+    def _normed_product(self, x: torch.Tensor, weight, bias: torch.Tensor | None = None,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+        """rms_norm(x) @ weight (+ bias), the norm's gain and √d already in `weight`; into `out` if given
+        (which may be of a narrower dtype: the result is rounded once, when written)."""
         norm = torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), self.root_d_eps)  # √(‖x‖² + d·eps)
         product = self._product(x, weight)
-        return product.div_(norm) if bias is None else torch.addcdiv(bias, product, norm)
+        if bias is None:
+            return product.div_(norm) if out is None else torch.div(product, norm, out=out)
+        return torch.addcdiv(bias, product, norm, out=out)
 
     @property
     def batch_size(self) -> int:
@@ -301,20 +345,21 @@ class Decoder:
         x = (F.embedding(tokens, self.wte) + self.wpe[start:end]).view(B * T, d)  # the residual stream
         # new queries see every cached position and, among themselves, only earlier ones
         mask = None if T == 1 else torch.ones(T, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
+        # each layer's queries, keys and values, written straight in the cache's dtype
+        qkv_rows = torch.empty(B * T, 3 * d, device=self.device, dtype=self.kv_dtype)
         reduced = self.kv_dtype != self.dtype  # int8's bfloat16 cache
         for (kv, k, v), (attn_w, attn_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b) in zip(self._cache, self.layers):
             if shared:  # computed for the first sequence only
                 kv, k, v = kv[:1], k[:1], v[:1]
-            qkv = self._normed_product(x, attn_w, attn_b).view(B, T, 3, nh, hs).permute(0, 2, 3, 1, 4)  # (B, 3, nh, T, hs)
+            qkv = self._normed_product(x, attn_w, attn_b, out=qkv_rows).view(B, T, 3, nh, hs).permute(0, 2, 3, 1, 4)
             kv.narrow(3, start, T).copy_(qkv.narrow(1, 1, 2))  # this step's keys and values, in one copy
             keys, values = k.narrow(2, 0, end), v.narrow(2, 0, end)  # (B, nh, end, hs) each, views of the cache
             queries = qkv.select(1, 0)
-            y = F.scaled_dot_product_attention(queries.to(self.kv_dtype) if reduced else queries, keys, values,
-                                               attn_mask=mask, scale=1.0)
+            y = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=1.0)
             y = (y.to(self.dtype) if reduced else y).transpose(1, 2).reshape(B * T, d)
-            x.add_(self._product(y, proj_w, proj_b))  # x is this step's own tensor: added to in place
+            self._add_product(x, y, proj_w, proj_b)  # x is this step's own tensor: added to in place
             h = F.silu(self._normed_product(x, fc_w, fc_b), inplace=True)  # quick-GELU, its 1.702 folded in
-            x.add_(self._product(h, out_w, out_b))
+            self._add_product(x, h, out_w, out_b)
         if shared:  # every sequence gets the shared tokens' keys and values
             self.kv[:, 1:, :, :, start:end] = self.kv[:, :1, :, :, start:end]
         self.length = end

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from igpt_core.data import load_dataset
-from igpt_core.decoder import Decoder, _native_bf16
+from igpt_core.decoder import LEVELS, Decoder, Int8Matrix, _int8_product, _native_bf16
 from igpt_core.errors import IgptError
 from igpt_core.likelihood import pixel_nll, score
 from igpt_core.sample import complete, inpaint, unconditional
@@ -22,15 +22,21 @@ def test_int8_decoder_holds_per_channel_int8_weights_and_gives_float32_logits():
     assert decoder.kv.dtype == (torch.bfloat16 if _native_bf16() else torch.float32)  # half the bytes where native
     shapes = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]
     layer, exact_layer = decoder.layers[0], exact.layers[0]
-    for packed, matrix, exact_bias, (n_out, n_in) in zip(layer[::2], exact_layer[::2], exact_layer[1::2], shapes):
-        weight, bias = torch.ops.quantized.linear_unpack(packed)
-        assert weight.dtype == torch.qint8 and weight.shape == (n_out, n_in)
-        if bias is not None:  # the two products without a norm before them carry their bias inside the kernel
-            assert torch.allclose(bias, exact_bias, atol=1e-6)
-        assert weight.q_per_channel_axis() == 0 and not weight.q_per_channel_zero_points().any()  # symmetric
-        scales = weight.q_per_channel_scales().float()  # one per output channel
-        assert scales.shape == (n_out,)
-        assert ((weight.dequantize().T - matrix).abs() <= scales / 2 + 1e-6).all()  # the folded fp32 weights, rounded
+    for matrix, bias, exact_matrix, exact_bias, (n_out, n_in) in zip(layer[::2], layer[1::2], exact_layer[::2],
+                                                                    exact_layer[1::2], shapes):
+        assert isinstance(matrix, Int8Matrix) and matrix.shape.shape == (n_out, n_in)
+        scale = matrix.scale  # one per output channel
+        assert scale.shape == (n_out,) and scale.dtype == torch.float32
+        # the kernel itself, fed each unit vector, returns its weights: whole levels within ±63
+        rows = _int8_product(torch.eye(n_in), matrix) - matrix.bias
+        levels = rows.round()
+        assert (rows - levels).abs().max() < 1e-3 and levels.abs().max() <= LEVELS
+        assert (levels.abs().amax(dim=0) == LEVELS).all()  # symmetric: each channel's largest weight uses every level
+        assert ((levels * scale - exact_matrix).abs() <= scale / 2 + 1e-6).all()  # the folded fp32 weights, rounded
+        if bias is None:  # the two products without a norm before them hold their bias with the weight
+            assert torch.allclose(matrix.bias * scale, exact_bias, atol=1e-6)
+        else:  # the others add it after the norm's division
+            assert not matrix.bias.any() and torch.allclose(bias, exact_bias, atol=1e-6)
     assert [b is None for b in layer[1::2]] == [False, True, False, True]  # attn, proj, fc, out
     assert isinstance(decoder.head, torch.Tensor) and decoder.head.dtype == torch.float32  # the head stays fp32
     sos = torch.full((1, 1), config.sos_id)
@@ -71,7 +77,7 @@ def test_a_model_is_quantised_once_until_its_weights_change():
     optimizer.step()
     after = Decoder(model, 2, "int8")
     assert after.layers is not first.layers and torch.equal(after.feed(ids, every_position=True), fresh(model))
-    assert not torch.equal(after.layers[0][0].unpack()[0].int_repr(), first.layers[0][0].unpack()[0].int_repr())
+    assert not torch.equal(after.layers[0][0].scale, first.layers[0][0].scale)
 
     model.load_state_dict(randomized(SHAPES[0]).state_dict())  # weights loaded in place
     assert torch.equal(Decoder(model, 2, "int8").feed(ids, every_position=True), fresh(model))
