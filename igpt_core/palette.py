@@ -135,25 +135,42 @@ class Palette:
     def _candidates(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Candidate centre ids for cells (n, 3) of the finest level: (n, widest) ids, ascending and
         first in each row (then -1), and how many each (n,). Each cell's list is computed once per
-        palette from its parent cell's, which holds every candidate of its children."""
-        ids, counts = np.arange(len(self.clusters), dtype=np.int16)[None], np.array([len(self.clusters)])
-        parent_of = np.zeros(len(cells), dtype=np.intp)  # row of each cell's parent in (ids, counts)
+        palette from its parent cell's, which holds every candidate of its children; only cells
+        met for the first time go through the coarser levels."""
+        counts, ids = self._cells[-1]
+        index = self._cell_index(cells, CELLS[-1])
+        new = np.unique(index[counts[index] < 0])
+        if len(new):
+            side = 1 << (8 - CELLS[-1])  # the finest cells of one channel
+            self._add_cells(np.stack([new // (side * side), new // side % side, new % side], axis=1))
+            counts, ids = self._cells[-1]
+        return ids[index], counts[index]
+
+    @staticmethod
+    def _cell_index(cells: np.ndarray, bits: int) -> np.ndarray:
+        """Finest-level cells (n, 3) -> the flat index of the level-`bits` cell holding each."""
+        cell = cells >> (bits - CELLS[-1])
+        return (cell[:, 0] << 2 * (8 - bits)) | (cell[:, 1] << (8 - bits)) | cell[:, 2]
+
+    def _add_cells(self, cells: np.ndarray) -> None:
+        """Compute the candidates of distinct finest-level cells (n, 3) not computed yet, level by level."""
+        ids = np.arange(len(self.clusters), dtype=np.int16)[None]
+        parent_of = np.zeros(len(cells), dtype=np.intp)  # row of each cell's parent in ids
         for level, bits in enumerate(CELLS):
-            cell = cells >> (bits - CELLS[-1])  # (n, 3): the cell of this level holding each colour
-            index = (cell[:, 0] << 2 * (8 - bits)) | (cell[:, 1] << (8 - bits)) | cell[:, 2]
+            index = self._cell_index(cells, bits)
             known_counts, known_ids = self._cells[level]
             unseen = np.flatnonzero(known_counts[index] < 0)
             if len(unseen):  # cells met for the first time: their candidates, from their parents'
                 todo, first = np.unique(index[unseen], return_index=True)
-                first = unseen[first]  # one colour in each new cell
-                found, found_counts = self._box_candidates(cell[first] << bits, bits, ids[parent_of[first]])
+                first = unseen[first]  # one finest cell in each new cell
+                corner = (cells[first] >> (bits - CELLS[-1])) << bits
+                found, found_counts = self._box_candidates(corner, bits, ids[parent_of[first]])
                 if found.shape[1] > known_ids.shape[1]:
                     known_ids = np.pad(known_ids, ((0, 0), (0, found.shape[1] - known_ids.shape[1])), constant_values=-1)
                 known_ids[todo, : found.shape[1]] = found
                 known_counts[todo] = found_counts
                 self._cells[level] = (known_counts, known_ids)
-            ids, counts, parent_of = known_ids, known_counts, index
-        return ids[parent_of], counts[parent_of]
+            ids, parent_of = known_ids, index
 
     def _box_candidates(self, first: np.ndarray, bits: int, pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Of centre ids `pool` (m, w) (-1: none), those that can be nearest to a colour of the box of
