@@ -310,13 +310,11 @@ class Decoder:
 
     def _normed_product(self, x: torch.Tensor, weight, bias: torch.Tensor | None = None,
                         out: torch.Tensor | None = None) -> torch.Tensor:
-        """rms_norm(x) @ weight (+ bias), the norm's gain and √d already in `weight`; into `out` if given
-        (which may be of a narrower dtype: the result is rounded once, when written)."""
+        """rms_norm(x) @ weight (+ bias), the norm's gain and √d already in `weight`; with a bias, into
+        `out` if given (which may be of a narrower dtype: the result is rounded once, when written)."""
         norm = torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), self.root_d_eps)  # √(‖x‖² + d·eps)
         product = self._product(x, weight)
-        if bias is None:
-            return product.div_(norm) if out is None else torch.div(product, norm, out=out)
-        return torch.addcdiv(bias, product, norm, out=out)
+        return product.div_(norm) if bias is None else torch.addcdiv(bias, product, norm, out=out)
 
     @property
     def batch_size(self) -> int:
