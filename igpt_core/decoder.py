@@ -144,7 +144,7 @@ def _int8_matrix(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8
     TorchScript object, and handing one over from Python costs ~15 us a call (a failed attribute
     lookup on it, raised and caught as a C++ exception): as much as a small product itself (64 x 64:
     21 us against 7 us), 96 times a pixel. The tensor-argument functions chosen here are old ones
-    (deprecated since PyTorch 1.x yet still in 2.13; they warn once per process, silenced here).
+    (deprecated since PyTorch 1.x yet still in 2.13; they warn once per process: `_silence_fbgemm_warnings`).
     torchao's fast CPU path is torch.compile lowering to the oneDNN kernel above. If a PyTorch
     drops these functions, `_build` says so, and this function and `_int8_product` are the one
     place to change.
@@ -154,13 +154,9 @@ def _int8_matrix(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8
     levels = torch.round(w / scale).clamp_(-LEVELS, LEVELS).to(torch.int8).T.contiguous()  # (out, in)
     n_out, n_in = levels.shape
     bias = torch.zeros(n_out) if bias is None else bias.to(torch.float32) / scale
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*fbgemm.* is deprecated")
-        matrix = Int8Matrix(torch.fbgemm_pack_quantized_matrix(levels),
-                            torch.zeros((), dtype=torch.int8).expand(n_out, n_in),
-                            levels.sum(dim=1, dtype=torch.int32), scale, bias.contiguous())
-        _int8_product(torch.zeros(1, n_in), matrix)  # its one deprecation warning, while silenced
-    return matrix
+    _silence_fbgemm_warnings()
+    return Int8Matrix(torch.fbgemm_pack_quantized_matrix(levels), torch.zeros((), dtype=torch.int8).expand(n_out, n_in),
+                      levels.sum(dim=1, dtype=torch.int32), scale, bias.contiguous())
 
 
 def _int8_product(x: torch.Tensor, matrix: Int8Matrix) -> torch.Tensor:
@@ -168,6 +164,17 @@ def _int8_product(x: torch.Tensor, matrix: Int8Matrix) -> torch.Tensor:
     x float32 (rows, in), quantised to uint8 over the whole tensor."""
     return torch.fbgemm_linear_int8_weight_fp32_activation(
         x, matrix.shape, matrix.packed, matrix.level_sums, 1.0, 0, matrix.bias)
+
+
+@lru_cache(maxsize=1)
+def _silence_fbgemm_warnings() -> None:
+    """Call the fbgemm functions once, their deprecation warnings silenced: each warns only on its
+    first call in a process, so no later call shows one."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*fbgemm.* is deprecated")
+        levels = torch.zeros(1, 1, dtype=torch.int8)
+        _int8_product(torch.zeros(1, 1), Int8Matrix(torch.fbgemm_pack_quantized_matrix(levels), levels,
+                                                    torch.zeros(1, dtype=torch.int32), torch.ones(1), torch.zeros(1)))
 
 
 def _has_int8_kernels() -> bool:

@@ -139,7 +139,7 @@ class Palette:
         met for the first time go through the coarser levels."""
         counts, ids = self._cells[-1]
         index = self._cell_index(cells, CELLS[-1])
-        new = np.unique(index[counts[index] < 0])
+        new = np.unique(index[counts[index] < 0])  # flat indices, turned back into cells below: faster than return_index
         if len(new):
             side = 1 << (8 - CELLS[-1])  # the finest cells of one channel
             self._add_cells(np.stack([new // (side * side), new // side % side, new % side], axis=1))
