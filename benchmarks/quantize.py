@@ -1,9 +1,10 @@
 """Quantising images to palette ids: igpt_core.palette.Palette.encode against Hugging Face's processor.
 
 - ours: Palette(clusters).encode(images, 32) — a 2^24-entry table (32 MB, int16) of nearest-colour
-        ids, filled on demand: each batch costs exact float64 distances for its colours not seen
-        before, to the few centres that can be nearest in their cell of the RGB cube (the cells'
-        candidate lists are computed once per palette, as cells are met), then one lookup per pixel.
+        ids, filled on demand a cell of 4 × 4 × 4 colours at a time: each batch costs exact float64
+        distances for the cells it meets first, every colour of such a cell to the few centres that
+        can be nearest in it (coarser cells' candidate lists are kept per palette), then one lookup
+        per pixel.
 - hf:   transformers ImageGPTImageProcessorPil(clusters=..., size 32×32)(images)["input_ids"] —
         float32 distances from every pixel to every cluster, per call.
 

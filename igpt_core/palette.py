@@ -19,7 +19,24 @@ from .files import atomic_write_text
 from .images import resize
 
 # The nearest-colour search cuts the RGB cube into cells of 2^bits values per channel, coarse to fine.
+# The table of answers is filled a finest cell at a time: 2^(3 * CELLS[-1]) colours (64), side by side.
 CELLS = (6, 4, 2)
+
+
+def _table_positions() -> np.ndarray:
+    """(3, 256): where each channel value puts a colour in the table, OR-ed over the channels.
+
+    The table is laid out cell by cell so that filling a finest cell is one row of 64 entries: the
+    flat index of the colour's finest cell in the high 18 bits, its place inside the cell in the low 6.
+    """
+    fine, value = CELLS[-1], np.arange(256)
+    cell, inside = value >> fine, value & ((1 << fine) - 1)
+    return np.stack([(cell << (3 * fine + 2 * (8 - fine))) | (inside << 2 * fine),
+                     (cell << (3 * fine + 8 - fine)) | (inside << fine),
+                     (cell << 3 * fine) | inside]).astype(np.int32)
+
+
+_POSITIONS = _table_positions()
 
 
 class Palette:
@@ -32,9 +49,9 @@ class Palette:
         if not np.isfinite(clusters).all():
             raise IgptError("the palette holds non-finite colours; re-fit it")
         self.clusters = clusters
-        self._table = None  # nearest-colour id + 1 per packed 24-bit RGB value, filled as colours are seen
-        # per level of CELLS: (candidates per cell (-1: not computed yet), their ids (cells, widest))
-        self._cells = [(np.full(1 << 3 * (8 - bits), -1), np.zeros((1 << 3 * (8 - bits), 0), np.int16)) for bits in CELLS]
+        self._table = None  # nearest-colour id + 1 per 24-bit colour (laid out by _POSITIONS), filled a cell at a time
+        # per coarse level of CELLS: (candidates per cell (-1: not computed yet), their ids (cells, widest))
+        self._cells = [(np.full(1 << 3 * (8 - bits), -1), np.zeros((1 << 3 * (8 - bits), 0), np.int16)) for bits in CELLS[:-1]]
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -86,77 +103,97 @@ class Palette:
     def quantize(self, images: np.ndarray) -> np.ndarray:
         """uint8 RGB (..., 3) -> int64 palette ids (...): the nearest colour by squared distance.
 
-        A table over the packed 24-bit colour remembers the answer for every colour seen so far, so
-        a batch costs one vectorised lookup plus distances for its new colours only (`_nearest`).
+        A table over all 2^24 colours remembers the answer for every colour seen so far, and for
+        its neighbours: a new colour's whole finest cell of the RGB cube is answered at once
+        (`_fill`), because photos meet their neighbours soon after. A batch then costs one
+        vectorised lookup plus the cells it meets for the first time.
         Ties go to the lower id, as with argmin in Hugging Face's processor.
         """
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.shape[-1:] != (3,):
             raise IgptError(f"quantize takes uint8 RGB arrays (..., 3), got {images.dtype} {images.shape}")
-        packed = (images[..., 0].astype(np.int32) << 16) | (images[..., 1].astype(np.int32) << 8) | images[..., 2]
+        rgb = images.reshape(-1, 3)
+        # mode="clip" only skips take's bounds checks: every index here is in range by construction
+        position = np.take(_POSITIONS[0], rgb[:, 0], mode="clip")
+        position |= np.take(_POSITIONS[1], rgb[:, 1], mode="clip")
+        position |= np.take(_POSITIONS[2], rgb[:, 2], mode="clip")
         with self._lock:  # apps quantise from several threads; the table is filled by one at a time
             if self._table is None:
                 self._table = np.zeros(256**3, dtype=np.int16)  # 32 MB of id + 1 (0: not computed yet), zeroed lazily by the OS
-            ids = self._table[packed]
+            ids = np.take(self._table, position, mode="clip")
             missing = ids == 0
             if missing.any():
-                wanted = packed[missing]
-                new = np.sort(wanted)
-                new = new[np.r_[True, new[1:] != new[:-1]]]  # distinct (faster than np.unique's hashing)
-                self._table[new] = self._nearest(new) + 1
-                ids[missing] = self._table[wanted]
-        return ids.astype(np.int64) - 1
+                wanted = position[missing]
+                cells = np.sort(wanted >> 3 * CELLS[-1])
+                self._fill(cells[np.r_[True, cells[1:] != cells[:-1]]])  # distinct (faster than np.unique's hashing)
+                ids[missing] = np.take(self._table, wanted, mode="clip")
+        return (ids.astype(np.int64) - 1).reshape(images.shape[:-1])
 
-    def _nearest(self, packed: np.ndarray) -> np.ndarray:
-        """Nearest-colour ids of distinct packed 24-bit colours, by exact float64 distances.
+    def _fill(self, flat: np.ndarray) -> None:
+        """Write the nearest-colour ids of every colour of distinct finest cells (flat indices) not
+        filled yet, by exact float64 distances.
 
-        Comparing every colour with all k centres costs k distances each, and a first call on new
-        photos meets ~200 new colours per image. Instead the RGB cube is cut into cells (`CELLS`):
-        a centre can be the nearest to some colour of a cell only if its distance to the cell's box
-        is at most the smallest, over centres, of their farthest distance from the box. Those few
-        candidates are all that is compared, exactly. Pruning never changes the answer, ties
-        included: candidate ids are kept ascending and argmin takes the first of equals.
+        Comparing every colour with all k centres costs k distances each. Instead each cell keeps
+        only the centres that can be nearest to one of its colours (`_cell_candidates`). Many cells
+        have one (half of those the bundled photos meet, with 512 random colours), and their
+        colours need no distance at all; the others compare their few candidates exactly, colour
+        by colour. Pruning never changes the answer, ties included: candidate ids are kept
+        ascending and only a strictly smaller distance wins.
         """
-        rgb = np.stack([(packed >> 16) & 255, (packed >> 8) & 255, packed & 255], axis=1)
-        candidates, counts = self._candidates(rgb >> CELLS[-1])
-        x = rgb / 127.5 - 1.0  # float64, as the centres below
-        centers = self.clusters.T.astype(np.float64)  # (3, k): one channel at a time is faster than (n, w, 3) arrays
-        out = candidates[:, 0].copy()  # right wherever a cell has a single candidate
-        order = np.argsort(counts.astype(np.uint16), kind="stable")  # colours grouped by candidate count
+        fine = CELLS[-1]
+        side = 1 << (8 - fine)  # finest cells along one channel
+        cells = np.stack([flat // (side * side), flat // side % side, flat % side], axis=1)
+        candidates, counts = self._cell_candidates(cells)
+        cell_rows = self._table.reshape(len(self._table) >> 3 * fine, -1)  # a view: one row per finest cell
+        single = counts == 1
+        cell_rows[flat[single]] = candidates[single, :1] + 1
+        order = np.argsort(counts.astype(np.uint16), kind="stable")  # cells grouped by candidate count
         ends = np.searchsorted(counts[order], np.arange(1, counts.max() + 1), side="right")
         for width, (start, end) in enumerate(zip(ends[:-1], ends[1:]), start=2):
-            for begin in range(start, end, (1 << 20) // width):  # ~1M distances at a time
-                rows = order[begin : min(end, begin + (1 << 20) // width)]
-                choice = candidates[rows, :width]  # (n, width) centre ids
-                distance = sum(np.square(x[rows, channel, None] - centers[channel][choice]) for channel in range(3))
-                out[rows] = choice[np.arange(len(rows)), distance.argmin(1)]
-        return out
+            for begin in range(start, end, 4096):  # a few MB of distances at a time
+                group = order[begin : min(end, begin + 4096)]
+                cell_rows[flat[group]] = self._nearest_in_cells(cells[group], candidates[group, :width]).T + 1
 
-    def _candidates(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Candidate centre ids for cells (n, 3) of the finest level: (n, widest) ids, ascending and
-        first in each row (then -1), and how many each (n,). Each cell's list is computed once per
-        palette from its parent cell's, which holds every candidate of its children; only cells
-        met for the first time go through the coarser levels."""
-        counts, ids = self._cells[-1]
-        index = self._cell_index(cells, CELLS[-1])
-        new = np.unique(index[counts[index] < 0])  # flat indices, turned back into cells below: faster than return_index
-        if len(new):
-            side = 1 << (8 - CELLS[-1])  # the finest cells of one channel
-            self._add_cells(np.stack([new // (side * side), new // side % side, new % side], axis=1))
-            counts, ids = self._cells[-1]
-        return ids[index], counts[index]
+    def _nearest_in_cells(self, cells: np.ndarray, choice: np.ndarray) -> np.ndarray:
+        """For finest cells (n, 3) and their candidate ids (n, w), ascending: the nearest of them to
+        each colour of each cell, (cell's colours, n) in table order."""
+        side, n = 1 << CELLS[-1], len(cells)
+        ids = np.ascontiguousarray(choice.T)  # (w, n): cells are the last axis (long inner loops), rows broadcast fast
+        centers = self.clusters.astype(np.float64)
+        # Squared distances are sums over channels, so each channel's (w, values, n) part is computed
+        # once and a cell's colours add them up, red + green first, then blue: the order of a
+        # per-colour sum, so the same float64 numbers.
+        values = (cells.T[:, None, :] * side + np.arange(side)[None, :, None]) / 127.5 - 1.0  # (3, values, n)
+        along = [np.square(values[c][None] - centers[ids, c][:, None, :]) for c in range(3)]
+        red_green = np.empty((side, side, n))
+        best, distance = np.empty((2, side * side, side, n))
+        closer = np.empty((side**3, n), dtype=bool)
+        nearest = np.repeat(ids[:1], side**3, axis=0)
+        change = np.empty_like(nearest)
+        for j in range(len(ids)):
+            np.add(along[0][j][:, None], along[1][j][None], out=red_green)
+            np.add(red_green.reshape(-1, 1, n), along[2][j][None], out=best if j == 0 else distance)
+            if j:
+                np.less(distance.reshape(-1, n), best.reshape(-1, n), out=closer)  # equals keep the earlier, lower id
+                # nearest = where(closer, ids[j], nearest), in arithmetic: several times faster than where
+                np.subtract(ids[j], nearest, out=change)
+                np.multiply(change, closer, out=change)
+                nearest += change
+                if j < len(ids) - 1:
+                    np.minimum(best, distance, out=best)
+        return nearest
 
-    @staticmethod
-    def _cell_index(cells: np.ndarray, bits: int) -> np.ndarray:
-        """Finest-level cells (n, 3) -> the flat index of the level-`bits` cell holding each."""
-        cell = cells >> (bits - CELLS[-1])
-        return (cell[:, 0] << 2 * (8 - bits)) | (cell[:, 1] << (8 - bits)) | cell[:, 2]
+    def _cell_candidates(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Candidate centre ids of distinct finest cells (n, 3): (n, widest) ids, ascending and first
+        in each row (then -1), and how many each (n,).
 
-    def _add_cells(self, cells: np.ndarray) -> None:
-        """Compute the candidates of distinct finest-level cells (n, 3) not computed yet, level by level."""
+        A cell's list comes from its parent cell's, which holds every candidate of its children.
+        The coarser levels' lists are kept (a coarse cell has many children); the finest are used
+        once, when their cell is filled.
+        """
         ids = np.arange(len(self.clusters), dtype=np.int16)[None]
         parent_of = np.zeros(len(cells), dtype=np.intp)  # row of each cell's parent in ids
-        for level, bits in enumerate(CELLS):
+        for level, bits in enumerate(CELLS[:-1]):
             index = self._cell_index(cells, bits)
             known_counts, known_ids = self._cells[level]
             unseen = np.flatnonzero(known_counts[index] < 0)
@@ -171,23 +208,40 @@ class Palette:
                 known_counts[todo] = found_counts
                 self._cells[level] = (known_counts, known_ids)
             ids, parent_of = known_ids, index
+        return self._box_candidates(cells << CELLS[-1], CELLS[-1], ids[parent_of])
+
+    @staticmethod
+    def _cell_index(cells: np.ndarray, bits: int) -> np.ndarray:
+        """Finest-level cells (n, 3) -> the flat index of the level-`bits` cell holding each."""
+        cell = cells >> (bits - CELLS[-1])
+        return (cell[:, 0] << 2 * (8 - bits)) | (cell[:, 1] << (8 - bits)) | cell[:, 2]
 
     def _box_candidates(self, first: np.ndarray, bits: int, pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Of centre ids `pool` (m, w) (-1: none), those that can be nearest to a colour of the box of
-        2^bits values per channel starting at `first` (m, 3). Float32, with a margin for its
-        rounding: an extra candidate only costs a distance."""
+        """Of centre ids `pool` (m, w) (ascending, then -1; at least one per row), those that can be
+        nearest to a colour of the box of 2^bits values per channel starting at `first` (m, 3), in
+        the same layout, and how many each.
+
+        A centre can be the nearest to some colour of a box only if its distance to the box is at
+        most the smallest, over centres, of their distance to the box's farthest corner. The
+        centre with that smallest distance passes, so every box keeps one. Float32, with a margin
+        for its rounding: an extra candidate only costs a distance.
+        """
+        rows, cols = np.nonzero(pool >= 0)  # row by row: the rows are padded to the widest
+        ids = pool[rows, cols]
         half = np.float32(((1 << bits) - 1) / 255.0)  # half the box's side in [-1, 1] units
-        middle = ((first + ((1 << bits) - 1) / 2) / 127.5 - 1.0).astype(np.float32)  # (m, 3)
+        middle = ((first.T + ((1 << bits) - 1) / 2) / 127.5 - 1.0).astype(np.float32)  # (3, m)
         near = far = 0
         for channel, center in enumerate(self.clusters.T):
-            offset = np.abs(center[pool] - middle[:, channel, None])  # (m, w)
+            offset = np.abs(center[ids] - middle[channel][rows])
             near = near + np.square(np.maximum(offset - half, 0))  # to the box's nearest point
             far = far + np.square(offset + half)  # to its farthest corner
-        far[pool < 0] = np.inf
-        rows, cols = np.nonzero((near <= far.min(axis=1, keepdims=True) * (1 + 1e-5) + 1e-6) & (pool >= 0))
+        counts = np.bincount(rows, minlength=len(pool))
+        bound = np.minimum.reduceat(far, np.cumsum(counts) - counts) * (1 + 1e-5) + 1e-6
+        keep = near <= bound[rows]
+        rows, ids = rows[keep], ids[keep]
         counts = np.bincount(rows, minlength=len(pool))
         found = np.full((len(pool), counts.max()), -1, dtype=np.int16)
-        found[rows, np.arange(len(rows)) - (np.cumsum(counts) - counts)[rows]] = pool[rows, cols]
+        found[rows, np.arange(len(rows)) - (np.cumsum(counts) - counts)[rows]] = ids
         return found, counts
 
     def dequantize(self, ids) -> np.ndarray:

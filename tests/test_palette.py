@@ -193,3 +193,18 @@ def test_colours_on_the_search_cells_boundaries_are_exact():
     values = np.unique(np.r_[0, 3, 4, 15, 16, 63, 64, 127, 128, 191, 192, 251, 252, 255, rng.integers(0, 256, 16)])
     grid = np.stack(np.meshgrid(values, values, values, indexing="ij"), -1).reshape(-1, 3).astype(np.uint8)
     assert np.array_equal(Palette(clusters).quantize(grid), exact_nearest(clusters, grid))
+
+
+def test_every_colour_of_a_met_cell_is_exact():
+    # meeting one colour answers its whole cell of 4 x 4 x 4 colours (palette.CELLS[-1] = 2 bits):
+    # those answers, given later from the table, must be exact too
+    rng = np.random.default_rng(7)
+    for clusters in (rng.uniform(-1, 1, (512, 3)), rng.normal(0, 0.3, (256, 3)).clip(-1, 1)):
+        palette = Palette(clusters)
+        met = rng.integers(0, 256, (200, 3), dtype=np.uint8)
+        palette.quantize(met)
+        filled = np.count_nonzero(palette._table)
+        inside = np.stack(np.meshgrid(*[np.arange(4)] * 3, indexing="ij"), -1).reshape(-1, 3)
+        cells = ((met[:, None] >> 2 << 2) + inside[None]).reshape(-1, 3).astype(np.uint8)
+        assert np.array_equal(palette.quantize(cells), exact_nearest(palette.clusters, cells))
+        assert np.count_nonzero(palette._table) == filled  # all from the table: nothing new was computed
