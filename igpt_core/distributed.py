@@ -122,6 +122,13 @@ class StopSignals:
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         return False
 
+    def ignore_sigterm_after(self) -> None:
+        """Leave SIGTERM ignored when the block ends, for a process that is about to fail with an
+        error to report: when one process dies, torchrun sends SIGTERM to the others a moment later,
+        and a survivor killed by it before printing would stop without saying why."""
+        if signal.SIGTERM in self._previous:
+            self._previous[signal.SIGTERM] = signal.SIG_IGN
+
     def _handle(self, signum, frame):
         now = time.monotonic()
         if not self.requested:

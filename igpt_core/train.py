@@ -633,6 +633,7 @@ def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None
         except (RuntimeError, dcp.CheckpointException) as err:  # (the latter: a collective failed while saving)
             if t.world == 1 or not is_peer_failure(err):
                 raise
+            signals.ignore_sigterm_after()  # torchrun's SIGTERM must not cut off the message below
             try:
                 _save_alone(t, log)
             except Exception:  # noqa: BLE001 - the lost process matters more

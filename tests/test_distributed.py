@@ -211,6 +211,8 @@ def test_a_lost_process_stops_the_world_with_a_clear_error_and_resume_continues_
     assert launch.returncode != 0
     assert took < 60, f"the survivors took {took:.0f} s to stop"
     assert "lost contact with the others" in out and "--resume" in out, out[-3000:]
+    # the survivor ends with its own error, not by the SIGTERM torchrun sends it a moment after the loss
+    assert re.search(r"rank\s*: 0 \(local_rank: 0\)\n\s*exitcode\s*: 2 ", out), out[-3000:]
 
     lost = open_run("lost", tmp_path / "runs")
     model, palette, info = load_checkpoint(lost.checkpoint_path(3))  # the last complete checkpoint loads
