@@ -46,6 +46,7 @@ from machine import machine_facts  # benchmarks/machine.py (scripts run from thi
 
 from igpt_core.model import IGPT, ModelConfig
 from igpt_core.data import load_dataset
+from igpt_core.hf import state_dict_to_hf
 from igpt_core.probe import DEFAULT_CS, extract_features, fit_probe, fit_probes, warm_up_workers
 
 
@@ -57,21 +58,12 @@ def hf_model_from_ours(model: IGPT):
                             n_head=c.n_head, activation_function="quick_gelu", layer_norm_epsilon=c.layer_norm_epsilon,
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     hf = ImageGPTModel(config).eval()
-    try:
-        from igpt_core.hf import state_dict_to_hf
-
-        state = state_dict_to_hf(model.state_dict())
-        source = "igpt_core.hf.state_dict_to_hf"
-    except ImportError:  # the converter is not there yet: rename and transpose Conv1D weights by hand
-        conv = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-        state = {("" if k == "lm_head.weight" else "transformer.") + k: (v.t() if k.endswith(conv) else v).contiguous()
-                 for k, v in model.state_dict().items()}
-        source = "by hand"
+    state = state_dict_to_hf(model.state_dict())
     state = {k.removeprefix("transformer."): v for k, v in state.items() if k != "lm_head.weight"}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith(("attn.bias", "attn.masked_bias"))]  # causal-mask buffers
     assert not missing and not unexpected, (missing, unexpected)
-    return hf, source
+    return hf
 
 
 @torch.inference_mode()
@@ -198,7 +190,7 @@ def main() -> None:
     config = ModelConfig(vocab_size=513, n_positions=args.size**2, n_layer=args.layers, n_head=args.heads,
                          n_embd=args.width)
     model = IGPT(config).eval()
-    hf, converter = hf_model_from_ours(model)
+    hf = hf_model_from_ours(model)
     ids = torch.randint(0, config.n_colors, (args.images, config.n_positions), generator=torch.Generator().manual_seed(1))
     layers = list(range(config.n_layer + 1))
 
@@ -237,7 +229,6 @@ def main() -> None:
                    "image": f"{args.size}x{args.size}", "images": args.images, "batch": args.batch,
                    "layers_extracted": len(layers)},
         "machine": machine_facts(),
-        "weights_converted_with": converter,
         "hf_attn_implementation": getattr(hf.config, "_attn_implementation", None),
         "seconds": {
             "ours_one_pass": round(t_ours, 3),
