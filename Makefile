@@ -11,7 +11,7 @@ DEFAULT_RUN := digits
 .PHONY: demo test dashboard notebooks bench install install-dev browser default-run probe-demo clean help
 
 help:
-	@echo "make demo        train the default digits model if missing (~2 min on CPU), open http://127.0.0.1:7860"
+	@echo "make demo        train the default digits model if missing (1–4 min on CPU), open http://127.0.0.1:7860"
 	@echo "make test        run the whole test suite (installs dev tools and Chromium first)"
 	@echo "make dashboard   probe the default run if not yet done, then open the dashboard on http://127.0.0.1:8501"
 	@echo "make probe-demo  train and probe a model of translated digits (~8 min of CPU; see docs/findings.md)"

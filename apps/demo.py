@@ -51,7 +51,7 @@ NO_RUNS = """### No trained models yet
 There are no runs under `{runs_dir}`. Choose one of OpenAI's models in the picker above (downloaded once
 from the Hugging Face hub), or make one, then press **Refresh models**:
 
-    make demo         # from the igpt checkout: trains runs/digits (~2 min on CPU), then opens this page
+    make demo         # from the igpt checkout: trains runs/digits (1–4 min on CPU), then opens this page
     igpt train --dataset digits --preset tiny --name digits --runs-dir {runs_dir}
 """
 TITLE = """# iGPT: finishing pictures one pixel at a time
