@@ -649,7 +649,7 @@ def _complete_tab() -> SimpleNamespace:
             button = gr.Button("Complete", variant="primary", scale=1, elem_id="complete-btn")
             stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop-btn")
         progress = gr.Markdown(elem_id="progress")
-        with gr.Row(equal_height=True):
+        with gr.Row(equal_height=True, visible=False, elem_id="watching") as watching:  # shown while `watch` is ticked
             drawing = gr.Image(show_label=False, format="png", interactive=False, height=200, scale=1,
                                elem_id="drawing")
             drawing_text = gr.Markdown(elem_id="drawing-text")
@@ -657,8 +657,8 @@ def _complete_tab() -> SimpleNamespace:
         result = gr.Image(label="Completions", show_label=False, format="png", interactive=False, elem_id="grid",
                           elem_classes="pixels", buttons=["download", "fullscreen"])
     return SimpleNamespace(keep_rows=keep_rows, update=update, button=button, stop=stop, progress=progress,
-                           result=result, watch=watch, int8=int8, drawing=drawing, drawing_text=drawing_text,
-                           drawn_from=drawn_from)
+                           result=result, watch=watch, int8=int8, watching=watching, drawing=drawing,
+                           drawing_text=drawing_text, drawn_from=drawn_from)
 
 
 def _surprise_tab() -> SimpleNamespace:
@@ -735,6 +735,8 @@ def _wire_actions(actions: Demo, ui: SimpleNamespace) -> None:
                                    tab.int8],
                                   [tab.result, tab.progress, tab.drawn_from], api_name="complete",
                                   show_progress="minimal", show_progress_on=tab.result)
+    tab.watch.change(lambda on: gr.Row(visible=on), tab.watch, tab.watching, api_visibility="private",
+                     show_progress="hidden")
     # The stream notes next_pixel's numbers in a State (not returned to API clients); its change draws them.
     tab.drawn_from.change(_sibling("inside").watched, tab.drawn_from, [tab.drawing, tab.drawing_text],
                           api_visibility="private", show_progress="hidden", trigger_mode="always_last")

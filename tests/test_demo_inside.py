@@ -107,7 +107,9 @@ def test_browser_click_on_a_pixel_shows_the_panels(app, tmp_path, chromium):
         assert "Mean uncertainty" in page.inner_text("#inside-uncertainty-text")
 
         page.get_by_role("tab", name="Complete").click()  # the option while a completion streams
+        assert not page.locator("#drawing").is_visible()  # no empty panel until the option is ticked
         page.locator("#watch input").check()
+        page.wait_for_selector("#drawing", state="visible", timeout=30_000)
         page.locator("#complete-btn").click()
         page.wait_for_function("() => document.querySelector('#progress').innerText.includes('Done')",
                                timeout=90_000)
