@@ -6,8 +6,9 @@ import weakref
 import pytest
 import torch
 
+import igpt_core.decoder as decoder_module
 from igpt_core.data import load_dataset
-from igpt_core.decoder import LEVELS, Decoder, Int8Matrix, _int8_product, _native_bf16
+from igpt_core.decoder import LEVELS, Decoder, Int8Matrix, _fast_bf16_attention, _int8_product
 from igpt_core.errors import IgptError
 from igpt_core.likelihood import pixel_nll, score
 from igpt_core.sample import complete, inpaint, unconditional
@@ -19,7 +20,7 @@ def test_int8_decoder_holds_per_channel_int8_weights_and_gives_float32_logits():
     d, config = model.config.n_embd, model.config
     decoder, exact = Decoder(model, 2, "int8"), Decoder(model, 2)
     assert decoder.precision == "int8" and exact.kv.dtype == torch.float32
-    assert decoder.kv.dtype == (torch.bfloat16 if _native_bf16() else torch.float32)  # half the bytes where native
+    assert decoder.kv.dtype == (torch.bfloat16 if _fast_bf16_attention() else torch.float32)  # half the bytes with AMX
     shapes = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]
     layer, exact_layer = decoder.layers[0], exact.layers[0]
     for matrix, bias, exact_matrix, exact_bias, (n_out, n_in) in zip(layer[::2], layer[1::2], exact_layer[::2],
@@ -95,8 +96,12 @@ def trained(tiny_run):
     return model, torch.from_numpy(palette.encode(images, model.config.image_size))
 
 
-def test_int8_stays_close_to_fp32_on_a_trained_run(trained):
+@pytest.mark.parametrize("cache", [torch.float32, torch.bfloat16])
+def test_int8_stays_close_to_fp32_on_a_trained_run(trained, cache, monkeypatch):
+    # both caches on every machine: bfloat16 is the default only on CPUs with AMX (_fast_bf16_attention)
+    monkeypatch.setattr(decoder_module, "_fast_bf16_attention", lambda: cache == torch.bfloat16)
     model, ids = trained
+    assert Decoder(model, 1, "int8").kv.dtype == cache
     fp32, int8 = score(model, ids), score(model, ids, precision="int8")
     assert int8["precision"] == "int8" and fp32["precision"] == "fp32"
     assert abs(int8["bits_per_dim"] / fp32["bits_per_dim"] - 1) < 0.01  # the bound: within 1%
