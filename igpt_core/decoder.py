@@ -24,11 +24,11 @@ changed after it was made (more training) are not seen; make a new one.
 `precision="int8"` (opt-in, CPU) is an approximation of that function, for when reading the weights
 is the cost: the blocks' four products per layer hold int8 weights, one scale per output channel,
 and quantise their input on the fly (dynamic quantisation), so a pixel reads a quarter of the
-bytes. On CPUs with AMX the KV cache and the attention over it are bfloat16 (half the bytes; see
-`_fast_bf16_attention`). Embeddings, norms and the head (about 1% of the weights at iGPT-S
-sizes, and where the logits are made) stay float32. See `_int8_matrix` for the kernel. A model is
-quantised once, by its first int8 decoder; later ones re-use that while its weights are unchanged
-(`_int8_blocks`).
+bytes. The KV cache is bfloat16 (half the bytes), attended to in bfloat16 on CPUs with AMX and in
+float32 elsewhere (see `_fast_bf16_attention`). Embeddings, norms and the head (about 1% of the
+weights at iGPT-S sizes, and where the logits are made) stay float32. See `_int8_matrix` for the
+kernel. A model is quantised once, by its first int8 decoder; later ones re-use that while its
+weights are unchanged (`_int8_blocks`).
 """
 
 from __future__ import annotations
@@ -85,17 +85,21 @@ PRECISIONS = ("fp32", "int8")
 
 
 def _fast_bf16_attention() -> bool:
-    """Whether this CPU has AMX tiles (Intel Xeons since Sapphire Rapids), where bfloat16 attention is
-    faster than float32; then int8 decoding keeps its keys and values in bfloat16.
+    """Whether this CPU has AMX tiles (Intel Xeons since Sapphire Rapids), where attention computed in
+    bfloat16 is faster than in float32.
 
-    With int8 weights, reading the cache is the other half of a pixel's cost: at iGPT-S sizes, late
-    in an image, it holds as many bytes as the weights (24 layers × 2 × 1024 × 512 floats = 100 MB).
-    Measured on this project's machines, one query over ~800 cached positions, 24 layers, 1 thread:
-    - Intel Xeon with AMX: bfloat16 took 0.4-0.6× the float32 time (513-1023 positions), an iGPT-S
-      completion of half an image 10-15% less; bits/dim of a trained run moved by 0.01%.
-    - AMD EPYC (Zen 5) with AVX512-BF16 but no AMX: bfloat16 took 8× the float32 time (14.3 ms against
-      1.8 ms), which made an int8 pixel 3× slower (14.7 ms against 4.8 ms).
-    So "computes bfloat16 natively" is not enough; the cache stays float32 unless AMX is there.
+    int8 decoding keeps its keys and values in bfloat16: with int8 weights, reading the cache is the
+    other half of a pixel's cost (at iGPT-S sizes, late in an image, a float32 cache holds as many
+    bytes as the weights: 24 layers × 2 × 1024 × 512 floats = 100 MB). Measured on this project's
+    machines, one query over ~800 cached positions, 24 layers, 1 thread:
+    - Intel Xeon with AMX: bfloat16 attention took 0.4-0.6× the float32 time (513-1023 positions), an
+      iGPT-S completion of half an image 10-15% less; bits/dim of a trained run moved by 0.01%.
+    - AMD EPYC (Zen 5), AVX512-BF16 but no AMX: bfloat16 attention took 8× the float32 time (14.3 ms
+      against 1.8 ms). Widening each layer's bfloat16 cache into a small float32 buffer that stays in
+      the CPU's cache (`WIDE_BYTES`), then attending in float32, took 4.2 ms against 5.3 ms for a
+      float32 cache read from memory; an iGPT-S int8 completion at batch 1 took 14% less time, at
+      batch 8 23% less (1 thread), than with a float32 cache.
+    So "computes bfloat16" is not enough: without AMX the attention is float32, over widened copies.
     """
     supported = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so looked up with care
     return bool(supported and supported())
@@ -111,6 +115,10 @@ def check_precision(config, precision: str) -> None:
 
 
 LEVELS = 63  # int8 weights hold -63..63: see Int8Matrix
+# Float32 bytes of one layer's cache widened at once without AMX (_fast_bf16_attention): a few
+# sequences, so that the buffer stays in the CPU's cache. On the Zen 5 (32 MB L3, 1 thread) widening
+# all sequences at once beat a float32 cache at 4-16 MB and lost to it by 38% at 33 MB (iGPT-S, batch 8).
+WIDE_BYTES = 8 << 20
 
 
 class Int8Matrix(NamedTuple):
@@ -265,8 +273,15 @@ class Decoder:
         self.head = self._matrix((p("lm_head.weight") * p("ln_f.weight")).T * root_d, batch_size)  # no bias
         # (n_layer, B, 2, nh, n_positions, hs): keys then values, so that one copy stores both
         shape = (config.n_layer, batch_size, 2, self.n_head, config.n_positions, self.head_dim)
-        self.kv_dtype = torch.bfloat16 if precision == "int8" and _fast_bf16_attention() else self.dtype
+        self.kv_dtype = torch.bfloat16 if precision == "int8" else self.dtype
         self.kv = torch.empty(shape, device=self.device, dtype=self.kv_dtype)
+        # Without AMX, each layer's cache is widened to float32, a few sequences at a time, into this
+        # buffer (small enough to stay in the CPU's cache) and attended to there: see _fast_bf16_attention
+        self._wide = None
+        if precision == "int8" and not _fast_bf16_attention():
+            per_sequence = math.prod(shape[2:]) * self.dtype.itemsize
+            rows = max(1, min(batch_size, WIDE_BYTES // per_sequence))
+            self._wide = torch.empty((rows, *shape[2:]), device=self.device, dtype=self.dtype)
         # each layer's cache, and its keys and values, as views made once (a step then only narrows them)
         self._cache = [(kv, kv[:, 0], kv[:, 1]) for kv in self.kv]
         self.length = 0  # positions filled; the next token sits at this position
@@ -325,6 +340,19 @@ class Decoder:
         product = self._product(x, weight)
         return product.div_(norm) if bias is None else torch.addcdiv(bias, product, norm, out=out)
 
+    def _widened_attention(self, queries: torch.Tensor, kv: torch.Tensor, end: int, mask) -> torch.Tensor:
+        """Attention over a bfloat16 cache `kv` (B, 2, nh, positions, hs) computed in float32, its first
+        `end` positions widened into `self._wide` a few sequences at a time."""
+        rows = len(self._wide)
+        parts = []
+        for first in range(0, len(kv), rows):
+            part = kv[first : first + rows].narrow(3, 0, end)
+            wide = self._wide[: len(part)].narrow(3, 0, end)
+            wide.copy_(part)
+            parts.append(F.scaled_dot_product_attention(queries[first : first + rows].to(self.dtype), wide[:, 0],
+                                                        wide[:, 1], attn_mask=mask, scale=1.0))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     @property
     def batch_size(self) -> int:
         return self.kv.shape[1]
@@ -360,9 +388,12 @@ class Decoder:
                 kv, k, v = kv[:1], k[:1], v[:1]
             qkv = self._normed_product(x, attn_w, attn_b, out=qkv_rows).view(B, T, 3, nh, hs).permute(0, 2, 3, 1, 4)
             kv.narrow(3, start, T).copy_(qkv.narrow(1, 1, 2))  # this step's keys and values, in one copy
-            keys, values = k.narrow(2, 0, end), v.narrow(2, 0, end)  # (B, nh, end, hs) each, views of the cache
             queries = qkv.select(1, 0)
-            y = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=1.0)
+            if self._wide is None:
+                keys, values = k.narrow(2, 0, end), v.narrow(2, 0, end)  # (B, nh, end, hs) each, views of the cache
+                y = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=1.0)
+            else:
+                y = self._widened_attention(queries, kv, end, mask)
             y = (y.to(self.dtype) if reduced else y).transpose(1, 2).reshape(B * T, d)
             self._add_product(x, y, proj_w, proj_b)  # x is this step's own tensor: added to in place
             h = F.silu(self._normed_product(x, fc_w, fc_b), inplace=True)  # quick-GELU, its 1.702 folded in

@@ -20,7 +20,8 @@ def test_int8_decoder_holds_per_channel_int8_weights_and_gives_float32_logits():
     d, config = model.config.n_embd, model.config
     decoder, exact = Decoder(model, 2, "int8"), Decoder(model, 2)
     assert decoder.precision == "int8" and exact.kv.dtype == torch.float32
-    assert decoder.kv.dtype == (torch.bfloat16 if _fast_bf16_attention() else torch.float32)  # half the bytes with AMX
+    assert decoder.kv.dtype == torch.bfloat16  # half the bytes; attended to in float32 unless the CPU has AMX
+    assert (decoder._wide is None) == _fast_bf16_attention()
     shapes = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]
     layer, exact_layer = decoder.layers[0], exact.layers[0]
     for matrix, bias, exact_matrix, exact_bias, (n_out, n_in) in zip(layer[::2], layer[1::2], exact_layer[::2],
@@ -60,6 +61,22 @@ def test_a_decoder_from_weights_read_one_at_a_time_equals_one_from_the_model():
     assert set(asked) == set(state)  # every weight was read, through the callable alone
 
 
+def test_the_cache_widened_one_sequence_at_a_time_gives_the_logits_of_all_at_once(monkeypatch):
+    # without AMX the bfloat16 cache is widened to float32 a few sequences at a time (WIDE_BYTES)
+    monkeypatch.setattr(decoder_module, "_fast_bf16_attention", lambda: False)
+    model = randomized(SHAPES[1])
+    ids = torch.randint(0, model.config.n_colors, (3, 7))
+    ids[:, 0] = model.config.sos_id
+    at_once = Decoder(model, 3, "int8")
+    monkeypatch.setattr(decoder_module, "WIDE_BYTES", 1)
+    one_by_one = Decoder(model, 3, "int8")
+    assert len(at_once._wide) == 3 and len(one_by_one._wide) == 1
+    for decoder in (at_once, one_by_one):  # a shared prompt, then one token per sequence
+        decoder.feed(ids[:1, :4])
+        decoder.feed(ids[:, 4:6])
+    torch.testing.assert_close(one_by_one.feed(ids[:, 6:]), at_once.feed(ids[:, 6:]), rtol=0, atol=1e-6)
+
+
 def test_a_model_is_quantised_once_until_its_weights_change():
     model = randomized(SHAPES[0])
     ids = torch.randint(0, model.config.n_colors, (2, 6))
@@ -96,12 +113,12 @@ def trained(tiny_run):
     return model, torch.from_numpy(palette.encode(images, model.config.image_size))
 
 
-@pytest.mark.parametrize("cache", [torch.float32, torch.bfloat16])
-def test_int8_stays_close_to_fp32_on_a_trained_run(trained, cache, monkeypatch):
-    # both caches on every machine: bfloat16 is the default only on CPUs with AMX (_fast_bf16_attention)
-    monkeypatch.setattr(decoder_module, "_fast_bf16_attention", lambda: cache == torch.bfloat16)
+@pytest.mark.parametrize("attention", [torch.float32, torch.bfloat16])
+def test_int8_stays_close_to_fp32_on_a_trained_run(trained, attention, monkeypatch):
+    # both ways on every machine: the bfloat16 cache is attended to in bfloat16 only on CPUs with AMX
+    monkeypatch.setattr(decoder_module, "_fast_bf16_attention", lambda: attention == torch.bfloat16)
     model, ids = trained
-    assert Decoder(model, 1, "int8").kv.dtype == cache
+    assert (Decoder(model, 1, "int8")._wide is None) == (attention == torch.bfloat16)
     fp32, int8 = score(model, ids), score(model, ids, precision="int8")
     assert int8["precision"] == "int8" and fp32["precision"] == "fp32"
     assert abs(int8["bits_per_dim"] / fp32["bits_per_dim"] - 1) < 0.01  # the bound: within 1%
