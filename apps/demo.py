@@ -212,11 +212,13 @@ def _user_errors(fn):
 
 
 def _stopped(verb: str, progress: str | None):
-    """The progress line after Stop (or an error): unchanged unless a stream was under way."""
+    """The progress line after Stop (or an error): unchanged unless a stream was under way. The grid
+    is an output too, left as it is: so that this event, not the cancelled one, sets its status
+    (a cancel that raced the stream's last frame left the grid marked "Error")."""
     if not progress or not progress.startswith(("Generating", "Filling")):
-        return gr.skip()
+        return gr.skip(), gr.skip()
     where = progress.split(" (")[0].replace("Generating ", "").replace("Filling — ", "")
-    return f"Stopped at {where}: the grid shows the pixels {verb} so far."
+    return f"Stopped at {where}: the grid shows the pixels {verb} so far.", gr.skip()
 
 
 def _describe(summary: dict) -> str:
@@ -742,15 +744,15 @@ def _wire_actions(actions: Demo, ui: SimpleNamespace) -> None:
                           api_visibility="private", show_progress="hidden", trigger_mode="always_last")
     # A cancelled event counts as failed, so .failure notes it after the last frame.
     tab.stop.click(None, cancels=[completing])
-    completing.failure(functools.partial(_stopped, "generated"), tab.progress, tab.progress, api_visibility="private",
-                       show_progress="hidden")
+    completing.failure(functools.partial(_stopped, "generated"), tab.progress, [tab.progress, tab.result],
+                       api_visibility="private", show_progress="hidden")
     ui.surprise.button.click(actions.surprise, picture, [ui.surprise.result, ui.surprise.text], api_name="surprise")
     tab = ui.inpaint
     filling = tab.button.click(actions.inpaint, [*picture, *sampling], [tab.result, tab.progress], api_name="inpaint",
                                show_progress="minimal", show_progress_on=tab.result)
     tab.stop.click(None, cancels=[filling])
-    filling.failure(functools.partial(_stopped, "filled"), tab.progress, tab.progress, api_visibility="private",
-                    show_progress="hidden")
+    filling.failure(functools.partial(_stopped, "filled"), tab.progress, [tab.progress, tab.result],
+                    api_visibility="private", show_progress="hidden")
 
 
 @functools.cache
