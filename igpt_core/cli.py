@@ -191,7 +191,7 @@ def _palette_of(source: str, args):
 
 def _load(args):
     from .runs import open_run
-    from .train import pick_device
+    from .device import pick_device
 
     run = open_run(args.run, _runs_dir(args))
     model, palette, _ = run.load(args.step, device=pick_device(args.device))

@@ -40,7 +40,8 @@ from .files import atomic_write, write_jsonl
 from .probe import _load_probe_data
 from .progress import progress_bar
 from .runs import Run, as_run, create_run, default_runs_dir, save_checkpoint
-from .train import TrainConfig, copy_state, lr_at, make_optimizer, optimizer_update, pick_device, set_lr
+from .device import pick_device
+from .train import TrainConfig, copy_state, lr_at, make_optimizer, optimizer_update, set_lr
 
 HEAD_FILE = "head.safetensors"
 HEAD_FORMAT = "igpt-head-1"

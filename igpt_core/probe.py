@@ -51,7 +51,7 @@ from .files import atomic_write, atomic_write_json
 from .model import IGPT
 from .progress import progress_bar
 from .runs import Run, as_run
-from .train import pick_device
+from .device import pick_device
 
 FEATURES_FORMAT = 1
 RESULTS_FORMAT = 1

@@ -35,6 +35,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from .data import load_dataset
+from .device import pick_device
 from .distributed import StopSignals, init_from_env, is_peer_failure, lost_peers_message, patient_group
 from .errors import ConfigError, IgptError, RunError
 from .files import append_jsonl, atomic_write, atomic_write_json, write_jsonl
@@ -107,16 +108,6 @@ class SaveSchedule:
 
     def saved(self) -> None:
         self.last = self.clock()
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
