@@ -31,7 +31,7 @@ from plotly.colors import sample_colorscale
 from igpt_core.errors import IgptError
 from igpt_core.explain import load_distances, run_distances
 from igpt_core.probe import ProbeTable, load_probe_results, probe_run
-from igpt_core.runs import Run, default_runs_dir, list_runs
+from igpt_core.runs import Run, list_runs, runs_root
 
 TRAIN_COMMAND = "igpt train --dataset digits --preset tiny --name digits"
 PROBE_COMMAND = "igpt probe digits"
@@ -52,7 +52,7 @@ def runs_dir_from_args(argv: list[str]) -> Path:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--runs-dir")
     args, _ = parser.parse_known_args(argv)
-    return Path(args.runs_dir) if args.runs_dir else default_runs_dir()
+    return runs_root(args.runs_dir)
 
 
 # -- reading runs (cached; the key includes file stamps, so new results written by the CLI show up) ------

@@ -38,7 +38,7 @@ from igpt_core.hf import OPENAI_MODELS, find_imported, hub_offline, import_once,
 from igpt_core.images import center_box, crop, painted_cells, resize, square_from_drag, square_inside, to_rgb
 from igpt_core.likelihood import bits_per_dim, likelihood_kind
 from igpt_core.render import completion_grid, display_scale, enlarge, grid, heatmap, hide_rows, mark_square
-from igpt_core.runs import ModelCache, default_runs_dir, open_run
+from igpt_core.runs import ModelCache, open_run, runs_root
 
 N_EXAMPLES = 12  # validation images shown in the gallery
 EDITOR_SIDE = 1024  # uploads are shrunk to at most this a side (models see <= 64 pixels a side)
@@ -766,7 +766,7 @@ def _sibling(name: str):
 
 def build_demo(runs_dir=None) -> gr.Blocks:
     """The Gradio app over the runs in `runs_dir` (default: $IGPT_RUNS_DIR or ./runs)."""
-    runs_dir = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+    runs_dir = runs_root(runs_dir)
     actions = Demo(runs_dir)
     picker, notice, _ = actions.refresh(None)
     with gr.Blocks(title="iGPT completion demo", delete_cache=(600, 3600)) as demo:
@@ -811,7 +811,7 @@ def main(argv=None) -> None:
         os.environ["GRADIO_TEMP_DIR"] = temp
         atexit.register(shutil.rmtree, temp, ignore_errors=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so a plain `kill` also removes it
-    runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir()
+    runs_dir = runs_root(args.runs_dir)
     demo = build_demo(runs_dir)
     print(f"iGPT demo on http://{args.host}:{args.port} — runs from {runs_dir.resolve()}")
     serve(demo, args.host, args.port)

@@ -8,30 +8,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
+
 import subprocess
 import sys
 from dataclasses import fields
 from pathlib import Path
 
 from .errors import IgptError
+from .files import safe_name
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _runs_dir(args) -> Path:
-    from .runs import default_runs_dir
+    from .runs import runs_root
 
-    return Path(args.runs_dir) if args.runs_dir else default_runs_dir()
+    return runs_root(args.runs_dir)
 
 
 def _emit(args, result: dict, text: str) -> None:
     print(json.dumps(result, indent=2, default=str) if getattr(args, "json", False) else text)
-
-
-def _slug(dataset: str) -> str:
-    """A dataset name as a run or file name: hf:owner/x?label=y -> hf-owner-x-label-y."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", dataset).strip("-.")
 
 
 def _int_list(text: str) -> list[int]:
@@ -67,7 +63,7 @@ def cmd_train(args) -> None:
         except ValueError:
             raise IgptError(f"--set {item!r}: the value must be a number, true/false or a quoted string") from None
     tc = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None})
-    name = args.name or f"{_slug(args.dataset)}-{args.preset}-{args.objective}"
+    name = args.name or f"{safe_name(args.dataset)}-{args.preset}-{args.objective}"
     runs_dir = _runs_dir(args)
     if args.skip_existing and (runs_dir / name / "run.json").exists() and open_run(name, runs_dir).checkpoints():
         run = open_run(name, runs_dir)
@@ -135,7 +131,7 @@ def cmd_data(args) -> None:
     from .render import grid, save_png
 
     data = open_dataset(args.dataset, args.split, data_dir=args.data_dir, download=args.download)  # reads 32 images only
-    out = Path(args.out or f"{_slug(args.dataset)}-{args.split}.png")
+    out = Path(args.out or f"{safe_name(args.dataset)}-{args.split}.png")
     picks = np.random.default_rng(0).choice(len(data), size=min(32, len(data)), replace=False)
     examples = data.take(np.sort(picks))
     save_png(grid([list(examples[i : i + 8]) for i in range(0, len(picks), 8)]), out)

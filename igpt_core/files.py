@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def safe_name(text: str, sep: str = "-") -> str:
+    """A name (a dataset such as "hf:owner/x?label=y" or "folder:/a/b") as a file- or run-name part:
+    every run of other characters than letters, digits, ".", "_" and "-" becomes `sep`."""
+    return re.sub(r"[^A-Za-z0-9._-]+", sep, str(text)).strip(sep + ".")
 
 
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:

@@ -39,7 +39,7 @@ from .images import center_square, load_image, to_rgb
 from .files import atomic_write, write_jsonl
 from .probe import _load_probe_data
 from .progress import progress_bar
-from .runs import Run, as_run, create_run, default_runs_dir, save_checkpoint
+from .runs import Run, as_run, create_run, runs_root, save_checkpoint
 from .device import pick_device
 from .train import TrainConfig, copy_state, lr_at, make_optimizer, optimizer_update, set_lr
 
@@ -142,7 +142,7 @@ def finetune(run_name, dataset: str | None = None, *, name: str | None = None, s
     base = as_run(run_name, runs_dir)
     info = base.info
     dataset = dataset or info["dataset"]
-    runs_root = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+    runs_root = runs_root(runs_dir)
     name = name or f"{base.name}-ft-{dataset}".replace(":", "_").replace("/", "_")
     _check_request(base, name, runs_root, overwrite, steps=steps, batch_size=batch_size, patience=patience,
                    gen_weight=gen_weight)

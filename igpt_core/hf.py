@@ -31,7 +31,7 @@ from .errors import CheckpointError, IgptError, RunError, first_line
 from .files import atomic_write_json, building_folder
 from .model import IGPT, ModelConfig
 from .palette import Palette
-from .runs import Run, create_run, default_runs_dir, list_runs, open_run, save_checkpoint
+from .runs import Run, create_run, list_runs, open_run, runs_root, save_checkpoint
 
 _CONV1D = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 _MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")  # not attn.c_attn.bias: that is a parameter
@@ -258,7 +258,7 @@ def import_hf(source: str, name: str, runs_dir=None, *, overwrite: bool = False,
     The run's single checkpoint is at step 0. Everything is read and checked before the run
     folder is written, so a bad source leaves no half-made run behind.
     """
-    target = (Path(runs_dir) if runs_dir is not None else default_runs_dir()) / name
+    target = runs_root(runs_dir) / name
     if target.exists() and not overwrite:  # before a download of possibly gigabytes
         raise RunError(f"a run named {name!r} already exists at {target}: pass overwrite=True "
                               "(--overwrite) to replace it, or choose another name")

@@ -32,7 +32,6 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
-import re
 import threading
 import time
 import warnings
@@ -47,7 +46,7 @@ import torch.distributed as dist
 from .data import SPLITS, open_dataset
 from .distributed import init_from_env, patient_group
 from .errors import IgptError
-from .files import atomic_write, atomic_write_json
+from .files import atomic_write, atomic_write_json, safe_name
 from .model import IGPT
 from .progress import progress_bar
 from .runs import Run, as_run
@@ -347,13 +346,8 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
     return (sums / counts)[inverse]
 
 
-def _safe(name: str) -> str:
-    """A dataset name as a file-name part: "folder:/a/b" -> "folder_a_b"."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("_") or "dataset"
-
-
 def results_path(run: Run, dataset: str) -> Path:
-    return run.path / "probes" / f"{_safe(dataset)}.json"
+    return run.path / "probes" / f"{safe_name(dataset, '_') or 'dataset'}.json"
 
 
 def _is_acc(x) -> bool:
@@ -548,7 +542,7 @@ class _FeatureSource:
 
     def path(self, split: str, data_hash: str) -> Path:
         h = _fingerprint(FEATURES_FORMAT, self.key, data_hash, self.bert_masks, self.seed)[:12]
-        return self.run.path / "probes" / "features" / f"{self.tag}-{_safe(self.dataset)}-{split}-{h}.npz"
+        return self.run.path / "probes" / "features" / f"{self.tag}-{safe_name(self.dataset, '_') or 'dataset'}-{split}-{h}.npz"
 
     def get(self, layers: list[int], data_hashes: dict, ranks: _Ranks) -> dict[str, dict[int, np.ndarray]] | None:
         """{split: {layer: (N, d)}} on rank 0 (None on the others, which only help extract)."""

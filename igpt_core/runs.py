@@ -44,6 +44,11 @@ def default_runs_dir() -> Path:
     return Path(os.environ.get("IGPT_RUNS_DIR", "runs"))
 
 
+def runs_root(runs_dir: str | Path | None = None) -> Path:
+    """The runs folder a caller asked for, or the default one."""
+    return Path(runs_dir) if runs_dir else default_runs_dir()
+
+
 # -- checkpoints ------------------------------------------------------------------------------------
 
 
@@ -268,7 +273,7 @@ class ModelCache:
 
 
 def open_run(name: str, runs_dir: Path | None = None) -> Run:
-    runs_dir = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+    runs_dir = runs_root(runs_dir)
     path = runs_dir / name
     if not (path / "run.json").is_file():
         known = [r.name for r in list_runs(runs_dir)]
@@ -281,7 +286,7 @@ def open_run(name: str, runs_dir: Path | None = None) -> Run:
 
 
 def list_runs(runs_dir: Path | None = None) -> list[Run]:
-    runs_dir = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+    runs_dir = runs_root(runs_dir)
     if not runs_dir.is_dir():
         return []
     return [Run(p) for p in sorted(runs_dir.iterdir()) if (p / "run.json").is_file()]
@@ -295,7 +300,7 @@ def create_run(runs_dir: Path | None, name: str, info: dict, palette: Palette, *
     temporary folder, so the run appears complete or not at all. overwrite replaces an existing run
     only once the new one is whole.
     """
-    runs_dir = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+    runs_dir = runs_root(runs_dir)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise RunError(f"run name {name!r} may use letters, digits, '.', '_' and '-' only")
     path = runs_dir / name
