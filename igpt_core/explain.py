@@ -27,7 +27,7 @@ from .files import atomic_write_json
 from .likelihood import masking_groups
 from .model import IGPT
 from .runs import Run, as_run
-from .sample import _as_prompt, _check_sampling, sampling_probabilities
+from .sample import as_prompt, check_sampling, sampling_probabilities
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Attention:
 
 def _image(model: IGPT, ids) -> torch.Tensor:
     """One image's ids as a (1, T) batch on the model's device."""
-    ids = _as_prompt(model, ids)
+    ids = as_prompt(model, ids)
     n_colors = model.config.n_colors
     if ids.min() < 0 or ids.max() >= n_colors:
         raise IgptError(f"palette ids must lie in 0..{n_colors - 1} for this {n_colors}-colour model")
@@ -75,7 +75,7 @@ def next_pixel(model: IGPT, ids, pixel: int, temperature: float = 1.0, top_k: in
     """The probabilities (n_colors,) of every palette colour for `pixel`, reshaped by temperature
     and top-k exactly as sampling reshapes them (AR: given the pixels before it; BERT: given all
     the others)."""
-    _check_sampling(temperature, top_k, None, 1)
+    check_sampling(temperature, top_k, None, 1)
     t = _pixel(model, pixel)
     inputs, mask = _query(model, _image(model, ids), t)
     logits, _ = model(inputs, mask=mask)

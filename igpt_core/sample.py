@@ -19,7 +19,7 @@ from .errors import IgptError
 from .model import IGPT
 
 
-def _check_sampling(temperature: float, top_k: int | None, top_p: float | None, n_samples: int) -> None:
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, n_samples: int) -> None:
     if not temperature > 0:
         raise IgptError(f"temperature must be > 0 (1 samples the model as trained), got {temperature}")
     if top_k is not None and top_k < 1:
@@ -61,7 +61,7 @@ def _generator(seed: int | None, device) -> torch.Generator:
     return g
 
 
-def _as_prompt(model: IGPT, ids) -> torch.Tensor:
+def as_prompt(model: IGPT, ids) -> torch.Tensor:
     ids = torch.as_tensor(ids).reshape(-1).long()
     T = model.config.n_positions
     if ids.numel() != T:
@@ -87,8 +87,8 @@ def complete_stream(model: IGPT, ids, keep_rows: int, n_samples: int = 1, *, tem
     if not 0 <= keep_rows <= side:
         raise IgptError(f"rows to keep must lie in 0..{side} for this {side}×{side} model, got {keep_rows}")
     if keep_rows == side:  # nothing to generate: the "completion" is the image itself
-        _check_sampling(temperature, top_k, top_p, n_samples)
-        prompt = _as_prompt(model, ids)
+        check_sampling(temperature, top_k, top_p, n_samples)
+        prompt = as_prompt(model, ids)
         yield prompt.expand(n_samples, -1).clone(), 0, torch.zeros_like(prompt, dtype=torch.bool)
         return
     known = torch.zeros(side * side, dtype=torch.bool)
@@ -124,9 +124,9 @@ def inpaint_stream(model: IGPT, ids, known, n_samples: int = 1, *, temperature: 
     had before, so only the third item tells what is filled.
     precision="int8": AR models only, as in `complete_stream`.
     """
-    _check_sampling(temperature, top_k, top_p, n_samples)
+    check_sampling(temperature, top_k, top_p, n_samples)
     check_precision(model.config, precision)
-    prompt = _as_prompt(model, ids)
+    prompt = as_prompt(model, ids)
     known = torch.as_tensor(known, dtype=torch.bool).reshape(-1).to(prompt.device)
     if known.numel() != prompt.numel():
         raise IgptError(f"the mask has {known.numel()} positions but the image has {prompt.numel()}")
