@@ -20,6 +20,7 @@ from .model import IGPT
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, n_samples: int) -> None:
+    """Refuse sampling settings that make no sense, with one line that says the allowed range."""
     if not temperature > 0:
         raise IgptError(f"temperature must be > 0 (1 samples the model as trained), got {temperature}")
     if top_k is not None and top_k < 1:
@@ -62,6 +63,7 @@ def _generator(seed: int | None, device) -> torch.Generator:
 
 
 def as_prompt(model: IGPT, ids) -> torch.Tensor:
+    """One image's ids as a flat tensor on the model's device, refused unless it has the model's length."""
     ids = torch.as_tensor(ids).reshape(-1).long()
     T = model.config.n_positions
     if ids.numel() != T:
