@@ -95,25 +95,22 @@ def _load_openai_imagenet(request: Request):
 def _load_encoded(request: Request, name: str):
     """One split's ids, memory-mapped, as ImageRows that decode them with OpenAI's palette."""
     root = openai_folder(request.data_dir)
-    folder = root / name
-    x_name, y_name = (f"{name}_{SPLIT_FILES[request.split]}{part}.npy" for part in ("X", "Y"))
-    source = f"{openai_url()}/datasets/"
+    x_name, y_name = (f"{name}/{name}_{SPLIT_FILES[request.split]}{part}.npy" for part in ("X", "Y"))
+    # Where each file lives in OpenAI's bucket (download.py): datasets/ and color-clusters/.
+    urls = {CENTERS_FILE: f"{openai_url()}/color-clusters/{CENTERS_FILE}",
+            x_name: f"{openai_url()}/datasets/{Path(x_name).name}", y_name: f"{openai_url()}/datasets/{Path(y_name).name}"}
 
     def fetch():
-        by_hand = f"Download {x_name} and {y_name} from {source} elsewhere and place them in {folder}."
-        for file in (x_name, y_name):
-            if not (folder / file).is_file():
-                download(source + file, folder / file, by_hand, progress=True)
+        by_hand = f"Download {', '.join(urls.values())} elsewhere and place them in {root} as {', '.join(urls)}."
+        for file, url in urls.items():
+            if not (root / file).is_file():
+                download(url, root / file, by_hand, progress=True)
 
-    def fetch_centers():
-        url = f"{openai_url()}/color-clusters/{CENTERS_FILE}"
-        download(url, root / CENTERS_FILE, f"Download {url} elsewhere and place it in {root}.", progress=True)
-
-    ensure_files(root, [CENTERS_FILE], "OpenAI's palette", f"{openai_url()}/color-clusters/", request, fetch_centers)
-    ensure_files(folder, [x_name, y_name], f"OpenAI's encoded {name}", source, request, fetch)
+    ensure_files(root, list(urls), f"OpenAI's encoded {name}", f"{openai_url()}/, as in openai/image-gpt's download.py",
+                 request, fetch)
     palette = Palette(openai_palette_centers(root))
-    token_ids = _read_ids(folder / x_name)
-    labels, n_classes = _read_labels(folder / y_name, len(token_ids))
+    token_ids = _read_ids(root / x_name)
+    labels, n_classes = _read_labels(root / y_name, len(token_ids))
     # The files carry class numbers only, so the classes are named by their numbers.
     return ImageRows.of_tokens(token_ids, palette), labels, [str(i) for i in range(n_classes)]
 
