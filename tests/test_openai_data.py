@@ -61,6 +61,8 @@ def test_splits_map_to_openai_files_and_ids_stay_on_disk(tmp_path):
     assert np.array_equal(ds.images[2], colours_of(ids[2:3])[0])
     assert np.array_equal(ds.images[[3, 0]], colours_of(ids[[3, 0]]))
     assert np.array_equal(np.asarray(ds.images), colours_of(ids))
+    # What a run imported from OpenAI reads: quantising the decoded images gives the stored ids back.
+    assert np.array_equal(Palette(openai_centers()).encode(ds.images, 32), ids)
 
 
 def test_imagenet_and_labels_given_as_numbers(tmp_path):
