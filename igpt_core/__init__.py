@@ -9,7 +9,7 @@ from .model import IGPT, PRESETS, ModelConfig, preset
 from .palette import Palette
 from .runs import Run, list_runs, load_checkpoint, open_run, save_checkpoint
 from .sample import complete, complete_stream, inpaint, inpaint_stream, unconditional
-from .shards import Shards, open_shards
+from .data import Shards, open_shards
 from .tokenizer import tokenize
 from .train import TrainConfig, start_run, train
 

@@ -52,7 +52,7 @@ def _save_every(text: str) -> str:
 
 def cmd_train(args) -> None:
     from .runs import open_run
-    from .shards import shards_path
+    from .data.shards import shards_path
     from .train import TrainConfig, check_resume, start_run, train
 
     overrides = {}

@@ -17,7 +17,7 @@ from .errors import DatasetError
 from .files import building_folder
 from .palette import Palette
 from .progress import progress_bar
-from .shards import FORMAT, VERSION, Shards, open_shards, palette_fingerprint
+from .data.shards import FORMAT, VERSION, Shards, open_shards, palette_fingerprint
 
 SHARD_BYTES = 256 << 20  # ~256 MB a shard: few files for ImageNet, and each one easy to copy
 PALETTE_SAMPLE = 10_000  # training images sampled to fit a palette (Palette.fit then samples their pixels)

@@ -44,7 +44,7 @@ from .model import IGPT, ModelConfig, preset
 from .palette import Palette
 from .progress import progress_bar
 from .runs import Run, create_run, open_run, save_checkpoint
-from .shards import open_shards, shards_path
+from .data.shards import open_shards, shards_path
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Tests for igpt_core.data: every source is exercised on tiny files written here in the real format.
+"""Tests for igpt_core.data (the package): every source is exercised on tiny files written here in the real format.
 
 Nothing touches the network: an autouse fixture makes urllib fail loudly, and the download tests
 replace it with fakes that serve bytes made in the test.
@@ -25,6 +25,12 @@ from PIL import Image
 
 from igpt_core import data
 from igpt_core.data import DATASETS, Dataset, default_data_dir, load_dataset
+from igpt_core.data import bundled as bundled_source
+from igpt_core.data import cifar as cifar_source
+from igpt_core.data import idx as idx_source
+from igpt_core.data import stl10 as stl10_source
+from igpt_core.data.registry import SOURCES, register
+from igpt_core.data.splits import split_indices
 from igpt_core.errors import DatasetError
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -476,15 +482,15 @@ def test_photos_real():
 
 def test_photos_split_by_photo(monkeypatch):
     # Give every photo its own flat colour: each crop then tells which photo it came from.
-    names = [n for split in data.PHOTO_SPLITS.values() for n in split]
+    names = [n for split in bundled_source.PHOTO_SPLITS.values() for n in split]
     assert len(names) == len(set(names))
     colour = {name: (10 * k + 5, 200 - 10 * k, 7 * k) for k, name in enumerate(names)}
     fake = {name: np.full((300 + 50 * k, 450, 3), colour[name], np.uint8) for k, name in enumerate(names)}
-    monkeypatch.setattr(data, "_bundled_photos", lambda: fake)
+    monkeypatch.setattr(bundled_source, "_bundled_photos", lambda: fake)
     for split in ("train", "val", "test"):
         ds = load_dataset("photos", split, seed=3)
         found = {tuple(int(v) for v in im[0, 0]) for im in ds.images}
-        assert found == {colour[n] for n in data.PHOTO_SPLITS[split]}
+        assert found == {colour[n] for n in bundled_source.PHOTO_SPLITS[split]}
 
 
 # ------------------------------------------------------------------------- names, splits, misc
@@ -498,7 +504,14 @@ def test_unknown_name_lists_known():
     for name in DATASETS:
         assert name in message
     assert "folder:PATH" in DATASETS
-    assert data._LOADERS.keys() == DATASETS.keys()  # every dataset has a description and a loader
+    assert list(SOURCES) == list(DATASETS)  # the listing is the registry
+    assert all(source.description and callable(source.load) for source in SOURCES.values())
+
+
+def test_registering_a_taken_name_is_refused():
+    with pytest.raises(ValueError, match="cifar10"):
+        register("cifar10", "a second CIFAR-10")(lambda request: None)
+    assert "a second" not in DATASETS["cifar10"]
 
 
 def test_unknown_split():
@@ -532,7 +545,7 @@ def test_dataset_rejects_bad_arrays():
 
 def test_split_indices_partition():
     for n in (1, 7, 10, 1797):
-        parts = [data._split_indices(n, s, 5, test_percent=20) for s in ("train", "val", "test")]
+        parts = [split_indices(n, s, 5, test_percent=20) for s in ("train", "val", "test")]
         joined = np.concatenate(parts)
         assert sorted(joined.tolist()) == list(range(n))
         assert len(parts[2]) == round(n * 0.2 + 1e-9) and len(parts[1]) == round((n - len(parts[2])) * 0.1 + 1e-9)
@@ -577,8 +590,8 @@ def test_download_idx_verified_then_loaded(tmp_path, monkeypatch):
     source = make_idx(tmp_path / "server", "fashion-mnist", gz=True)
     served = {p.name: p.read_bytes() for p in source.iterdir()}
     md5s = {name: hashlib.md5(blob).hexdigest() for name, blob in served.items()}
-    spec = data.IDX_SPECS["fashion-mnist"]
-    monkeypatch.setitem(data.IDX_SPECS, "fashion-mnist", replace(spec, md5=md5s))
+    spec = idx_source.IDX_SPECS["fashion-mnist"]
+    monkeypatch.setitem(idx_source.IDX_SPECS, "fashion-mnist", replace(spec, md5=md5s))
     urls = []
 
     def serve(url, timeout=None):
@@ -608,8 +621,8 @@ def make_tar(members: dict[str, bytes]) -> bytes:
 def test_download_cifar_archive_extracted(tmp_path, monkeypatch):
     folder = make_cifar10(tmp_path / "server")
     archive = make_tar({f"cifar-10-batches-py/{p.name}": p.read_bytes() for p in folder.iterdir()})
-    spec = data.CIFAR_SPECS["cifar10"]
-    monkeypatch.setitem(data.CIFAR_SPECS, "cifar10", replace(spec, md5=hashlib.md5(archive).hexdigest()))
+    spec = cifar_source.CIFAR_SPECS["cifar10"]
+    monkeypatch.setitem(cifar_source.CIFAR_SPECS, "cifar10", replace(spec, md5=hashlib.md5(archive).hexdigest()))
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: FakeResponse(archive))
     target = tmp_path / "data"
     ds = load_dataset("cifar10", "test", data_dir=target, download=True)
@@ -621,8 +634,8 @@ def test_download_cifar_archive_extracted(tmp_path, monkeypatch):
 
 def test_download_rejects_escaping_tar_members(tmp_path, monkeypatch):
     archive = make_tar({"cifar-10-batches-py/batches.meta": b"x", "../../escaped": b"evil"})
-    spec = data.CIFAR_SPECS["cifar10"]
-    monkeypatch.setitem(data.CIFAR_SPECS, "cifar10", replace(spec, md5=hashlib.md5(archive).hexdigest()))
+    spec = cifar_source.CIFAR_SPECS["cifar10"]
+    monkeypatch.setitem(cifar_source.CIFAR_SPECS, "cifar10", replace(spec, md5=hashlib.md5(archive).hexdigest()))
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: FakeResponse(archive))
     target = tmp_path / "deep" / "data"
     with pytest.raises(DatasetError, match="escaped"):
@@ -727,7 +740,7 @@ def test_download_stl10_archive_extracted(tmp_path, monkeypatch):
     blob = io.BytesIO()
     with tarfile.open(fileobj=blob, mode="w:gz") as tar:
         tar.add(source, arcname="stl10_binary")
-    monkeypatch.setattr(data, "STL10_MD5", hashlib.md5(blob.getvalue()).hexdigest())
+    monkeypatch.setattr(stl10_source, "STL10_MD5", hashlib.md5(blob.getvalue()).hexdigest())
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(blob.getvalue()))
     root = tmp_path / "data"
     test = load_dataset("stl10", "test", data_dir=root, download=True)

@@ -17,7 +17,7 @@ from igpt_core.data import SPLITS, load_dataset
 from igpt_core.errors import IgptError
 from igpt_core.palette import Palette
 from igpt_core.runs import open_run
-from igpt_core.shards import open_shards, palette_fingerprint
+from igpt_core.data.shards import open_shards, palette_fingerprint
 from igpt_core.tokenizer import tokenize
 from igpt_core.train import TrainConfig, _token_ids, start_run, train
 

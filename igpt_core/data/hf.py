@@ -1,4 +1,4 @@
-"""Image-classification datasets of the Hugging Face `datasets` library, as the source `hf:` of data.py.
+"""Image-classification datasets of the Hugging Face `datasets` library, as the source `hf:`.
 
     hf:NAME                  a dataset on the hub, e.g. hf:uoft-cs/cifar10 (read from the local cache
                              when HF_DATASETS_OFFLINE=1 or HF_HUB_OFFLINE=1)
@@ -7,8 +7,7 @@
     ...?image=COL&label=COL  name the columns (otherwise: the one Image column, the one ClassLabel column)
 
 The columns are part of the name, so a run records them and every command reads the same ones.
-This module talks to the library (names, columns, decoding); data.py cuts the splits as for every
-source. Images are decoded only when read, centre-cropped to a square and resized; Arrow tables are
+The splits are cut as for every source (splits.py). Images are decoded only when read, centre-cropped to a square and resized; Arrow tables are
 memory-mapped by `datasets`, so large datasets stream.
 """
 
@@ -19,8 +18,11 @@ from urllib.parse import parse_qs
 
 import numpy as np
 
-from .errors import DatasetError, ImageError
-from .images import center_square, resize, to_rgb
+from ..errors import DatasetError, ImageError
+from ..images import center_square, resize, to_rgb
+from .core import ImageRows
+from .registry import Request, register
+from .splits import TEST_PERCENT, take_split
 
 DEFAULT_SIDE = 32  # for datasets whose images are not square (as for folder:)
 COLUMN_OPTIONS = ("image", "label")
@@ -81,6 +83,26 @@ def read_images(table, image_column: str, rows: np.ndarray, side: int, where: st
         raise DatasetError(f"hf:{where} holds an image igpt cannot use: {err}") from None
     except (OSError, SyntaxError, ValueError) as err:  # PIL, on a damaged image
         raise DatasetError(f"hf:{where} holds an image that cannot be decoded ({err})") from None
+
+
+@register("hf:NAME", "a Hugging Face image-classification dataset: hf:NAME, hf:NAME:CONFIG or hf:SAVED_FOLDER, "
+          "optionally ?image=COLUMN&label=COLUMN (needs the datasets package: pip install igpt[datasets])",
+          prefix="hf:", example="a dataset, e.g. hf:uoft-cs/cifar10 or hf:/path/saved/with/save_to_disk")
+def _load_hf(request: Request):
+    """`test` is the dataset's own test split (or its validation split if it has none); `val` is 10%
+    of its train split; a dataset with a train split only has 20% of it cut as `test` first."""
+    splits, image_column, label_column = open_source(request.argument)
+    test_name = next((s for s in ("test", "validation") if s in splits), None)
+    official_test = request.split == "test" and test_name is not None
+    table = splits[test_name if official_test else "train"]
+    where = f"{request.argument} [{test_name if official_test else 'train'}]"
+    labels, classes = labels_and_classes(table, label_column, where)
+    side = request.resolution or native_side(table, image_column)
+    rows = ImageRows([(len(table), lambda local: read_images(table, image_column, local, side, where))], side)
+    if official_test:
+        return rows, labels, classes
+    rows, labels = take_split(rows, labels, request, test_percent=0 if test_name else TEST_PERCENT)
+    return rows, labels, classes
 
 
 def _open(name: str, config: str | None, is_path: bool) -> dict:

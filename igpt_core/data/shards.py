@@ -23,8 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DatasetError
-from .palette import Palette
+from ..errors import DatasetError
+from ..palette import Palette
+from .core import ImageRows
+from .registry import Request, register
 
 SHARDS_PREFIX = "shards:"
 FORMAT, VERSION = "igpt-shards", 1
@@ -135,3 +137,19 @@ def open_shards(path: str | Path) -> Shards:
     shards = Shards(path, index, palette)
     shards.check_palette(palette, f"its own {path / 'palette.json'}")
     return shards
+
+
+@register("shards:DIR", "palette ids written by `igpt tokenize`, in their palette's colours (training streams them from disk)",
+          prefix="shards:", example="the folder written by `igpt tokenize`, e.g. shards:data/imagenet32-512")
+def _load_shards(request: Request):
+    """Tokenised shards as images: each id shown as its palette colour, so every command can read them.
+    Re-encoding with the same palette gives the same ids back; other palettes see a quantised image."""
+    shards = open_shards(Path(request.argument).expanduser())
+    split = shards.split(request.split)
+    side = shards.resolution
+
+    def part(array):
+        return len(array), lambda local: shards.palette.decode(np.asarray(array[local]), side)
+
+    labels = None if split.labels is None else np.asarray(split.labels)
+    return ImageRows([part(array) for array in split.arrays], side), labels, shards.classes
