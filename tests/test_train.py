@@ -14,7 +14,7 @@ import torch
 from igpt_core.errors import ConfigError, DatasetError, RunError
 from igpt_core.model import IGPT, preset
 from igpt_core.runs import ModelCache, load_checkpoint, open_run
-from igpt_core.train import (SaveSchedule, TrainConfig, check_resume, copy_state, lr_at, make_optimizer, parse_save_every,
+from igpt_core.training import (SaveSchedule, TrainConfig, check_resume, copy_state, lr_at, make_optimizer, parse_save_every,
                              start_run, train)
 
 from conftest import TINY
