@@ -39,6 +39,7 @@ from ..device import pick_device
 from ..errors import IgptError, RunError
 from ..files import atomic_write, write_jsonl
 from ..images import center_square, load_image, to_rgb
+from .. import probe as probes  # the module, not its names: probe imports training (torchrun set-up) too
 from ..progress import progress_bar
 from ..runs import Run, as_run, create_run, runs_root, save_checkpoint
 from .config import TrainConfig
@@ -151,13 +152,11 @@ def finetune(run_name, dataset: str | None = None, *, name: str | None = None, s
     base_step = base.resolve_step(step)
     tc = _fine_tuning_config(info.get("train_config") or {}, lr, steps=steps, batch_size=batch_size,
                              eval_every=eval_every or max(1, steps // 10), seed=seed)
-    # Imported here, not at the top: probe imports training (torchrun set-up), and training this module.
-    from ..probe import _load_probe_data as load_probe_data  # TODO(lead): load_probe_data
-
     dev = pick_device(device)
     model, palette, _ = base.load(base_step, device=dev)
     size = model.config.image_size
-    data, classes, note = load_probe_data(base, dataset, size, data_dir, max_train, seed)
+    # TODO(lead): load_probe_data
+    data, classes, note = probes._load_probe_data(base, dataset, size, data_dir, max_train, seed)
     if augment is None:
         augment = size == 32 and dataset.lower().replace("_", "-") not in _NO_FLIP
     batches = _Batches(data["train"], palette, size, batch_size, bool(augment), seed)
@@ -188,12 +187,13 @@ def finetune(run_name, dataset: str | None = None, *, name: str | None = None, s
 
 
 def _fine_tuning_config(base_settings: dict, lr: float | None, **settings) -> TrainConfig:
-    """The fine-tuning schedule: lr (default: the base run's / 10: the paper fine-tunes about 10× lower than it pre-trains), the base
-    run's warm-up fraction and β2, no weight decay, clip at 1.
+    """The fine-tuning schedule: lr (default: the base run's / 10; the paper fine-tunes about 10× lower
+    than it pre-trains), the base run's warm-up fraction and β2, no weight decay, clip at 1.
 
     base_settings: the base run's recorded settings — a pre-training TrainConfig, a classifier's
     fine-tuning settings (which hold lr, warmup and beta2 too), or {} for imported weights (defaults)."""
-    base = replace(TrainConfig(), **{key: value for key, value in base_settings.items() if key in ("lr", "warmup", "beta2")})
+    inherited = {key: value for key, value in base_settings.items() if key in ("lr", "warmup", "beta2")}
+    base = replace(TrainConfig(), **inherited)
     lr = float(lr) if lr is not None else base.lr / 10
     if not lr > 0:
         raise IgptError(f"lr must be > 0, got {lr}")
