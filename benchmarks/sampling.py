@@ -171,7 +171,7 @@ def trained_run(run_name: str | None, runs_dir: str | None, quick: bool, folder:
     """bits/dim and agreement of int8 with fp32 on a trained run: --run, or a digits run trained in `folder`."""
     from igpt_core.data import load_dataset
     from igpt_core.runs import open_run
-    from igpt_core.train import TrainConfig, start_run, train
+    from igpt_core.training import TrainConfig, start_run, train
 
     if run_name:
         run = open_run(run_name, runs_dir)

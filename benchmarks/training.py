@@ -1,6 +1,6 @@
 """Training throughput and peak memory: our training step against Hugging Face's, side by side.
 
-- ours: igpt_core.train's own step — `forward_backward` (IGPT forward with targets, loss over all T
+- ours: igpt_core.training's own step — `forward_backward` (IGPT forward with targets, loss over all T
         pixels, backward) then `optimizer_update` (clip 1.0, AdamW (0.9, 0.95) from `make_optimizer`,
         zero_grad) — exactly what `igpt train` runs per optimizer step.
 - hf:   ImageGPTForCausalImageModeling(input_ids=[SOS, x1..x_{T-1}], labels=same) (dropout 0, its
@@ -51,7 +51,7 @@ def build(side: str, spec: dict):
     import torch
 
     from igpt_core.model import IGPT, ModelConfig
-    from igpt_core.train import TrainConfig, forward_backward, make_optimizer, optimizer_update
+    from igpt_core.training import TrainConfig, forward_backward, make_optimizer, optimizer_update
 
     device = torch.device(spec["device"])
     config = ModelConfig(vocab_size=spec["colors"] + 1, n_positions=spec["size"] ** 2, n_layer=spec["layers"],
@@ -68,7 +68,7 @@ def build(side: str, spec: dict):
         optimizer = make_optimizer(model, tc, device)
 
         def step():
-            loss = forward_backward(model, [ids])
+            loss = forward_backward(model, [ids])["loss"]
             optimizer_update(model, optimizer, tc.grad_clip)
             return loss
     else:
@@ -231,7 +231,7 @@ def main() -> None:
     ours, hf = summary("ours"), summary("hf")
     mem_key = "cuda_step_peak_mb" if args.device.startswith("cuda") else "step_peak_mb"
     result = {
-        "benchmark": "training step: igpt_core.train vs transformers ImageGPTForCausalImageModeling",
+        "benchmark": "training step: igpt_core.training vs transformers ImageGPTForCausalImageModeling",
         "quick": args.quick,
         "machine": {**machine_facts(), "torch_threads_per_side": args.threads},
         "shape": {**spec, "tokens_per_step": tokens, "parameters": sides["ours"].info["parameters"]},

@@ -11,7 +11,7 @@ from .runs import Run, list_runs, load_checkpoint, open_run, save_checkpoint
 from .sample import complete, complete_stream, inpaint, inpaint_stream, unconditional
 from .data import Shards, open_shards
 from .tokenizer import tokenize
-from .train import TrainConfig, start_run, train
+from .training import TrainConfig, start_run, train
 
 __all__ = [
     "DATASETS", "Dataset", "DatasetStream", "load_dataset", "open_dataset",

@@ -38,7 +38,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def _save_every(text: str) -> str:
-    from .train import parse_save_every
+    from .training import parse_save_every
 
     try:
         parse_save_every(text)
@@ -53,7 +53,7 @@ def _save_every(text: str) -> str:
 def cmd_train(args) -> None:
     from .runs import open_run
     from .data.shards import shards_path
-    from .train import TrainConfig, check_resume, start_run, train
+    from .training import TrainConfig, check_resume, start_run, train
 
     overrides = {}
     for item in args.set or []:
@@ -363,7 +363,7 @@ def _print_concat(rows: list[dict]) -> None:
 
 
 def cmd_finetune(args) -> None:
-    from .finetune import finetune
+    from .training import finetune
 
     summary = finetune(args.run, args.dataset, name=args.name, steps=args.steps, lr=args.lr,
                        batch_size=args.batch_size, gen_weight=args.gen_weight, patience=args.patience,
@@ -375,7 +375,7 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_classify(args) -> None:
-    from .finetune import classify
+    from .training import classify
 
     probs = classify(args.run, args.image, runs_dir=_runs_dir(args))
     _emit(args, {"run": args.run, "image": args.image, "probabilities": dict(probs)},
@@ -447,7 +447,7 @@ def cmd_dashboard(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .data import DATASETS
     from .model import PRESETS
-    from .train import TrainConfig
+    from .training import TrainConfig
 
     parser = argparse.ArgumentParser(
         prog="igpt", description="Image GPT explorer: train iGPT on pixels, complete images, probe what the layers know.",

@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from .data import SPLITS, open_dataset
-from .distributed import init_from_env, patient_group
+from .training.distributed import init_from_env, patient_group
 from .errors import IgptError
 from .files import atomic_write, atomic_write_json, safe_name
 from .model import IGPT

@@ -17,7 +17,7 @@ from playwright.sync_api import sync_playwright
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the hub
 
-from igpt_core.train import TrainConfig, start_run, train  # noqa: E402
+from igpt_core.training import TrainConfig, start_run, train  # noqa: E402
 
 TINY = dict(n_layer=2, n_embd=32, n_head=2)
 

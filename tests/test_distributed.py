@@ -30,7 +30,7 @@ import torch
 from igpt_core.data import load_dataset
 from igpt_core.probe import probe_run
 from igpt_core.runs import load_checkpoint, open_run
-from igpt_core.train import TrainConfig, start_run, train
+from igpt_core.training import TrainConfig, start_run, train
 
 from conftest import TINY
 
@@ -91,6 +91,23 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
         time.sleep(0.01)
 
 
+def wait_until_exited(pid: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait for process `pid` (a worker of the torchrun `proc`) to exit; a hang guard fails the test after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while alive(pid):
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"process {pid} still runs after {timeout} s")
+        time.sleep(0.05)
+
+
+def lost_contact_cause(out: str) -> str:
+    """The cause a survivor gave in its "lost contact with the others during step N (cause):" error."""
+    match = re.search(r"lost contact with the others during step \d+ \((.*?)\):", out)
+    assert match, out[-3000:]
+    return match.group(1)
+
+
 def curve(run) -> list[tuple[int, float]]:
     return [(row["step"], row["loss"]) for row in run.metrics()]
 
@@ -135,6 +152,7 @@ def files(run) -> list[str]:
 # -- 2 processes = 1 process ------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # torchrun
 def test_two_processes_give_the_one_process_curve_and_only_rank_0_writes(tmp_path):
     launch = torchrun(["--dataset", "digits", "--steps", "8", "--batch-size", "16", *TINY_ARGS, "--name", "ddp",
                        "--runs-dir", str(tmp_path / "runs"), "--json"], cwd=tmp_path)
@@ -169,6 +187,7 @@ def test_two_processes_give_the_one_process_curve_and_only_rank_0_writes(tmp_pat
 # -- probes ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # torchrun
 def test_probe_under_torchrun_shares_extraction_and_gives_the_one_process_results(tmp_path):
     # A BERT run, so that the random masks of each process's share must line up with one process's.
     run = start_run("p", "digits", "tiny", "bert", 16, train_config=TrainConfig(steps=6, batch_size=16),
@@ -197,6 +216,7 @@ def test_probe_under_torchrun_shares_extraction_and_gives_the_one_process_result
 # -- losing a process, and resuming ----------------------------------------------------------------
 
 
+@pytest.mark.slow  # torchrun
 def test_a_lost_process_stops_the_world_with_a_clear_error_and_resume_continues_exactly(tmp_path):
     steps = 80
     args = ["--dataset", "digits", "--steps", str(steps), "--batch-size", "16", "--checkpoints", "3",
@@ -205,12 +225,10 @@ def test_a_lost_process_stops_the_world_with_a_clear_error_and_resume_continues_
     run_path = tmp_path / "runs" / "lost"
     wait_for(run_path / "checkpoints" / "step_0000003.safetensors", launch)
     os.kill(worker(launch.pid, rank=1), signal.SIGKILL)
-    killed = time.monotonic()
-    out = finish(launch, timeout=120)
-    took = time.monotonic() - killed
+    out = finish(launch, timeout=120)  # a hang guard: with IGPT_DIST_TIMEOUT at 600 s, only the lost connection ends it
     assert launch.returncode != 0
-    assert took < 60, f"the survivors took {took:.0f} s to stop"
     assert "lost contact with the others" in out and "--resume" in out, out[-3000:]
+    assert "timed out" not in lost_contact_cause(out).lower(), out[-3000:]  # the closed connection told, not the timeout
     # the survivor ends with its own error, not by the SIGTERM torchrun sends it a moment after the loss
     assert re.search(r"rank\s*: 0 \(local_rank: 0\)\n\s*exitcode\s*: 2 ", out), out[-3000:]
 
@@ -229,6 +247,7 @@ def test_a_lost_process_stops_the_world_with_a_clear_error_and_resume_continues_
     assert_same_model(lost, straight)
 
 
+@pytest.mark.slow  # torchrun
 def test_fsdp_gives_the_one_process_curve_one_checkpoint_file_and_resumes_after_kill_9(tmp_path):
     """--fsdp (with micro-steps and activation checkpointing): each process holds half of every weight,
     gradient and Adam moment. The resume state is
@@ -264,6 +283,7 @@ def test_fsdp_gives_the_one_process_curve_one_checkpoint_file_and_resumes_after_
     assert_same_model(sharded, straight)
 
 
+@pytest.mark.slow  # torchrun
 def test_a_hung_process_is_given_up_on_after_the_timeout(tmp_path):
     args = ["--dataset", "digits", "--steps", "400", "--batch-size", "16", "--checkpoints", "2", "--eval-every", "1000",
             *TINY_ARGS, "--name", "hung", "--runs-dir", str(tmp_path / "runs"), "--json"]
@@ -271,18 +291,15 @@ def test_a_hung_process_is_given_up_on_after_the_timeout(tmp_path):
     wait_for(tmp_path / "runs" / "hung" / "checkpoints" / "step_0000002.safetensors", launch)
     rank0, rank1 = worker(launch.pid, 0), worker(launch.pid, 1)
     os.kill(rank1, signal.SIGSTOP)  # alive but silent: no connection is closed, only the timeout can tell
-    stopped = time.monotonic()
     try:
-        while alive(rank0):
-            assert time.monotonic() - stopped < 60, "rank 0 still waits for the hung process after 60 s"
-            time.sleep(0.05)
-        took = time.monotonic() - stopped
+        wait_until_exited(rank0, launch)
     finally:
         os.kill(rank1, signal.SIGKILL)  # the launcher would wait 30 s for a stopped process to obey SIGTERM
     out = finish(launch, timeout=60)
     assert launch.returncode != 0
-    assert 4 < took < 60
     assert "lost contact with the others" in out and "IGPT_DIST_TIMEOUT=5" in out, out[-3000:]
+    assert re.search(r"time[ds]? ?out", lost_contact_cause(out), flags=re.I), out[-3000:]  # the timeout told
+    assert re.search(r"rank\s*: 0 \(local_rank: 0\)\n\s*exitcode\s*: 2 ", out), out[-3000:]  # its own error, not a signal
     assert open_run("hung", tmp_path / "runs").load(2)[2]["step"] == 2
 
 
@@ -311,7 +328,7 @@ def test_the_loop_reads_values_back_only_every_10_steps_and_at_evaluations(tmp_p
         monkeypatch.setattr(torch.Tensor, name, counting(name))
     train(run, progress=False)
     monkeypatch.undo()
-    assert sorted(reads) == sorted(["train.py:losses:tolist"] * 3 + ["train.py:evaluate:item"]), reads
+    assert sorted(reads) == sorted(["metrics.py:losses:tolist"] * 3 + ["metrics.py:evaluate:item"]), reads
     assert len(run.metrics()) == 25
 
 

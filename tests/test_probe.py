@@ -1,4 +1,4 @@
-"""Tests for igpt_core.probe (linear probes) and igpt_core.finetune (classifier runs).
+"""Tests for igpt_core.probe (linear probes) and igpt_core.training.finetune (classifier runs).
 
 One tiny digits run (2 layers, width 32, 30 steps) is trained once per module and shared; tests
 that damage files work on a copy. Everything runs offline in well under a minute on two cores.
@@ -21,12 +21,12 @@ from scipy.stats import spearmanr
 from igpt_core import probe as probe_mod
 from igpt_core.data import load_dataset
 from igpt_core.errors import IgptError
-from igpt_core.finetune import classify, finetune
+from igpt_core.training import classify, finetune
 from igpt_core.model import IGPT
 from igpt_core.probe import (ProbeTable, extract_features, fit_probe, fit_probes, load_probe_results, probe_run,
                              spearman)
 from igpt_core.runs import open_run
-from igpt_core.train import TrainConfig, start_run, train
+from igpt_core.training import TrainConfig, start_run, train
 
 TINY = dict(n_layer=2, n_embd=32, n_head=2)
 

@@ -19,7 +19,7 @@ from igpt_core.palette import Palette
 from igpt_core.runs import open_run
 from igpt_core.data.shards import open_shards, palette_fingerprint
 from igpt_core.tokenizer import tokenize
-from igpt_core.train import TrainConfig, _token_ids, start_run, train
+from igpt_core.training import TrainConfig, start_run, token_ids, train
 
 
 def tiny_config(steps=6, eval_images=64):
@@ -149,7 +149,7 @@ def test_training_memory_does_not_grow_with_the_shards(tmp_path):
     config = tiny_config(steps=4, eval_images=32)
     run = start_run("big", f"shards:{folder}", "tiny", "ar", None, train_config=config, model_overrides=TINY,
                     runs_dir=tmp_path / "runs")
-    ids, _ = _token_ids(run, run.model_config, config, "cpu", None)
+    ids, _ = token_ids(run, run.model_config, config, "cpu", None)
     assert all(isinstance(array, np.memmap) for array in ids.arrays)  # rows are read on demand
     train(run, progress=False)  # warm-up: torch's kernels and buffers, the first pages of the files
     before, during = anonymous_memory(), []
@@ -157,6 +157,7 @@ def test_training_memory_does_not_grow_with_the_shards(tmp_path):
     assert len(during) == 4 and max(during) - before < bound
 
 
+@pytest.mark.slow  # torchrun
 def test_two_processes_on_shards_give_the_one_process_curve(digits_run, tmp_path):
     """Under torchrun each process reads only its share of every batch from the shards; the global
     batch, and so the loss curve, is the one of a single process tokenising in memory."""

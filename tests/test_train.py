@@ -14,8 +14,8 @@ import torch
 from igpt_core.errors import ConfigError, DatasetError, RunError
 from igpt_core.model import IGPT, preset
 from igpt_core.runs import ModelCache, load_checkpoint, open_run
-from igpt_core.train import (SaveSchedule, TrainConfig, check_resume, copy_state, lr_at, make_optimizer, parse_save_every,
-                             start_run, train)
+from igpt_core.training import (Callback, SaveSchedule, TrainConfig, Trainer, check_resume, copy_state, forward_backward,
+                                lr_at, make_optimizer, parse_save_every, start_run, train)
 
 from conftest import TINY
 
@@ -198,3 +198,75 @@ def test_save_every_takes_steps_or_wall_time():
     assert not by_time.time_due()  # counted again from the last save
     by_steps = SaveSchedule("50", clock=lambda: now[0])
     assert by_steps.step_due(100) and not by_steps.step_due(101) and not by_steps.time_due()
+
+
+# -- the one loop knows only the loss function and the callbacks it is given -----------------------------
+
+
+class Recorder(Callback):
+    """Records what the Trainer passes; asks to stop after step `stop_at`."""
+
+    def __init__(self, stop_at=None):
+        self.events, self.stop_at = [], stop_at
+
+    def after_backward(self, step, losses):
+        self.events.append(("after_backward", step))
+        return {**losses, "loss": losses["loss"] * 0 + 123.0}  # what a callback returns is what on_step sees
+
+    def on_step(self, step, losses):
+        self.events.append(("on_step", step, losses["loss"].item(), sorted(losses)))
+        return step == self.stop_at
+
+
+def test_trainer_runs_any_loss_with_the_schedule_and_stops_where_a_callback_asks():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+
+    def squared_error(net, batch):  # not a language model at all
+        inputs, targets = batch
+        error = ((net(inputs) - targets) ** 2).mean()
+        return {"loss": error, "error_again": error}
+
+    tc = TrainConfig(steps=10, lr=0.1, warmup=0.2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    first, later = Recorder(stop_at=4), Recorder()
+    trainer = Trainer(model, optimizer, lr_at=lambda step: lr_at(step, tc), loss_fn=squared_error, grad_clip=0,
+                      callbacks=[first, later])
+    last = trainer.fit(lambda step: ([(x, y)], None), 1, 10)
+    assert last == 4 and trainer.completed == 4
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(lr_at(4, tc))  # each step set its own rate
+    assert first.events[:2] == [("after_backward", 1), ("on_step", 1, 123.0, ["error_again", "loss"])]
+    assert [e[1] for e in first.events if e[0] == "on_step"] == [1, 2, 3, 4]
+    assert [e[1] for e in later.events if e[0] == "on_step"] == [1, 2, 3]  # not called once the first asked to stop
+
+
+def test_micro_batches_accumulate_the_gradient_of_the_whole_batch():
+    torch.manual_seed(0)
+    model = IGPT(preset("tiny", vocab_size=17, n_positions=16, **TINY))
+    torch.nn.init.normal_(model.lm_head.weight, std=0.02)  # a real gradient everywhere, not the zero init
+    ids = torch.randint(0, 16, (8, 16))
+    whole = forward_backward(model, [ids])["loss"]
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    parts = forward_backward(model, list(ids.split(2)))["loss"]
+    assert parts.item() == pytest.approx(whole.item(), abs=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_train_config_from_a_run_file_refuses_unknown_keys_and_fills_missing_ones():
+    recorded = {k: v for k, v in vars(TrainConfig(steps=7)).items() if k not in ("fsdp", "save_every")}  # an older run
+    assert TrainConfig.from_dict(recorded) == TrainConfig(steps=7)
+    with pytest.raises(ConfigError, match=r"unknown training config fields \['stpes'\]"):
+        TrainConfig.from_dict({"stpes": 7})
+
+
+def test_resume_of_a_run_that_was_not_trained_here_is_refused(tiny_run, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(tiny_run.path, tmp_path / "imported")
+    info = json.loads((copy / "run.json").read_text())
+    (copy / "run.json").write_text(json.dumps({**info, "train_config": None}))
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        check_resume(open_run("imported", tmp_path), "digits", "tiny", "ar", 16, TrainConfig(), TINY)

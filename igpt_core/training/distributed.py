@@ -7,8 +7,8 @@ $IGPT_DIST_TIMEOUT seconds (default 600) instead of hanging; the last checkpoint
 rank 0 keeps a resumable state. SIGINT/SIGTERM (Ctrl-C, a scheduler's pre-emption) finish the
 current step on every process, save a resumable state and stop; a second Ctrl-C stops at once.
 
-The training loop (train.py) decides what to do; this module holds the torch.distributed and signal
-plumbing it uses to do it.
+Pre-training (pretrain.py) decides what to do; this module holds the torch.distributed and signal
+plumbing it uses to do it, and how the model is spread over the processes (DDP or FSDP).
 """
 
 from __future__ import annotations
@@ -23,8 +23,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError, first_line
-from .runs import Run
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from ..errors import ConfigError, first_line
 
 DEFAULT_TIMEOUT = 600  # seconds; override with $IGPT_DIST_TIMEOUT
 
@@ -81,11 +84,11 @@ def is_peer_failure(err: BaseException) -> bool:
     return isinstance(err, getattr(dist, "DistError", ())) or bool(_PEER_FAILURE.search(str(err)))
 
 
-def lost_peers_message(err: BaseException, rank: int, step: int, saved: int | None, run: Run) -> str:
-    """The error a process raises when a collective of `step` failed because another process is gone."""
+def lost_peers_message(err: BaseException, rank: int, step: int, saved: int | None, checkpoints: list[int]) -> str:
+    """The error a process raises when a collective of `step` failed because another process is gone
+    (checkpoints: the steps of the run's complete checkpoints)."""
     cause = re.sub(r"^\[[^\]]*\]\s*", "", first_line(err))  # drop "[file.cc:123]"
     cause = re.split(r"\.\s", cause)[0].rstrip(".")[:300]  # the first sentence: what happened, not gloo's advice
-    checkpoints = run.checkpoints()
     parts = [
         f"training process {rank} lost contact with the others during step {step} ({cause}):",
         f"another process died or stopped answering — see its output; a silent one is given up on after "
@@ -135,3 +138,45 @@ class StopSignals:
             self.requested, self._since = True, now
         elif signum == signal.SIGINT and now - self._since > 2:
             raise KeyboardInterrupt
+
+
+# -- the model across processes ------------------------------------------------------------------------
+
+
+def place_model(model: torch.nn.Module, device: torch.device, world: int, fsdp: bool) -> torch.nn.Module:
+    """Put `model` on `device` for `world` processes; returns the module a training step calls.
+
+    One process: the model itself. DDP (several processes, not fsdp): every process holds the whole
+    model, wrapped so that backward averages the gradients. FSDP: the model is sharded in place
+    (`shard_model`) and is itself what a step calls.
+    """
+    if fsdp:
+        shard_model(model, device, world)
+        return model
+    model.to(device)
+    if world == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def shard_model(model: torch.nn.Module, device: torch.device, world: int) -> None:
+    """Fully sharded data parallel (FSDP2, `fully_shard`): every process keeps 1/world of each weight, its
+    gradient and its Adam moments. Each Block (`model.h`) is one unit: its weights are all-gathered just
+    before it runs (forward, and again in backward) and freed after; gradients are reduce-scattered, so each
+    process keeps only its part. The root unit holds the embeddings, the final norm and the head. On
+    GPUs the gathered weights are bf16 and gradients are reduced in fp32; the kept shards stay fp32."""
+    mesh = init_device_mesh(device.type, (world,))
+    policy = MixedPrecisionPolicy()
+    if device.type == "cuda":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.h:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)  # host-built weights move to the device shard by shard
+
+
+def full_state_dict(model: torch.nn.Module, sharded: bool) -> dict[str, torch.Tensor]:
+    """All the weights, as one process holds them (under FSDP: gathered on rank 0 and on the host; the
+    other processes get {}). Every process must call it: under FSDP each sends rank 0 its shards."""
+    if not sharded:
+        return model.state_dict()
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

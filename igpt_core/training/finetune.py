@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +35,16 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from .errors import IgptError, RunError
-from .images import center_square, load_image, to_rgb
-from .files import atomic_write, write_jsonl
-from .probe import _load_probe_data
-from .progress import progress_bar
-from .runs import Run, as_run, create_run, runs_root, save_checkpoint
-from .device import pick_device
-from .train import TrainConfig, copy_state, lr_at, make_optimizer, optimizer_update, set_lr
+from ..device import pick_device
+from ..errors import IgptError, RunError
+from ..files import atomic_write, write_jsonl
+from ..images import center_square, load_image, to_rgb
+from .. import probe as probes  # the module, not its names: probe imports training (torchrun set-up) too
+from ..progress import progress_bar
+from ..runs import Run, as_run, create_run, runs_root, save_checkpoint
+from .config import TrainConfig
+from .loop import Callback, Trainer, copy_state, make_optimizer
+from .schedule import lr_at
 
 HEAD_FILE = "head.safetensors"
 HEAD_FORMAT = "igpt-head-1"
@@ -147,18 +150,13 @@ def finetune(run_name, dataset: str | None = None, *, name: str | None = None, s
     _check_request(base, name, root, overwrite, steps=steps, batch_size=batch_size, patience=patience,
                    gen_weight=gen_weight)
     base_step = base.resolve_step(step)
-    base_tc = TrainConfig.from_dict(info.get("train_config") or {})
-    lr = float(lr) if lr is not None else base_tc.lr / 10
-    if not lr > 0:
-        raise IgptError(f"lr must be > 0, got {lr}")
-    # The fine-tuning schedule: pre-training's warm-up fraction and β2, no weight decay, clip at 1.
-    tc = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=base_tc.warmup, beta2=base_tc.beta2,
-                     weight_decay=0.0, grad_clip=1.0, eval_every=eval_every or max(1, steps // 10), seed=seed)
-
+    tc = _fine_tuning_config(info.get("train_config") or {}, lr, steps=steps, batch_size=batch_size,
+                             eval_every=eval_every or max(1, steps // 10), seed=seed)
     dev = pick_device(device)
     model, palette, _ = base.load(base_step, device=dev)
     size = model.config.image_size
-    data, classes, note = _load_probe_data(base, dataset, size, data_dir, max_train, seed)
+    # TODO(lead): load_probe_data
+    data, classes, note = probes._load_probe_data(base, dataset, size, data_dir, max_train, seed)
     if augment is None:
         augment = size == 32 and dataset.lower().replace("_", "-") not in _NO_FLIP
     batches = _Batches(data["train"], palette, size, batch_size, bool(augment), seed)
@@ -170,17 +168,11 @@ def finetune(run_name, dataset: str | None = None, *, name: str | None = None, s
 
     t0 = time.perf_counter()
     bar = progress_bar(progress, total=steps, desc=f"fine-tuning {base.name} on {dataset}", unit="step")
-    try:
-        result = _train_classifier(clf, batches, (val_ids, val_y), tc, gen_weight=gen_weight, patience=patience,
-                                   bar=bar)
-    finally:
-        if bar is not None:
-            bar.close()
+    result = _train_classifier(clf, batches, (val_ids, val_y), tc, gen_weight=gen_weight, patience=patience, bar=bar)
     clf.load_state_dict(result["best_state"])
-    test_acc = _accuracy(clf, *_encoded(data["test"], palette, size, dev))
-    seconds = time.perf_counter() - t0
+    test_acc, seconds = _accuracy(clf, *_encoded(data["test"], palette, size, dev)), time.perf_counter() - t0
 
-    settings = {"steps": steps, "lr": lr, "batch_size": batch_size, "gen_weight": gen_weight, "patience": patience,
+    settings = {"steps": steps, "lr": tc.lr, "batch_size": batch_size, "gen_weight": gen_weight, "patience": patience,
                 "eval_every": tc.eval_every, "augment": bool(augment), "seed": seed, "base_step": base_step,
                 "max_train": max_train, "warmup": tc.warmup, "beta2": tc.beta2, "grad_clip": tc.grad_clip}
     run_info = _classifier_info(base, dataset, data_dir, model.config, classes, settings, result, test_acc, note)
@@ -189,9 +181,23 @@ def finetune(run_name, dataset: str | None = None, *, name: str | None = None, s
     return {
         "run": name, "path": str(path), "base_run": base.name, "base_step": base_step, "dataset": dataset,
         "best_step": result["best_step"], "steps_run": result["steps_run"], "stopped_early": result["stopped_early"],
-        "val_acc": result["val_acc"], "test_acc": test_acc, "augment": bool(augment), "lr": lr, "seconds": seconds,
+        "val_acc": result["val_acc"], "test_acc": test_acc, "augment": bool(augment), "lr": tc.lr, "seconds": seconds,
         "note": note,
     }
+
+
+def _fine_tuning_config(base_settings: dict, lr: float | None, **settings) -> TrainConfig:
+    """The fine-tuning schedule: lr (default: the base run's / 10; the paper fine-tunes about 10× lower
+    than it pre-trains), the base run's warm-up fraction and β2, no weight decay, clip at 1.
+
+    base_settings: the base run's recorded settings — a pre-training TrainConfig, a classifier's
+    fine-tuning settings (which hold lr, warmup and beta2 too), or {} for imported weights (defaults)."""
+    inherited = {key: value for key, value in base_settings.items() if key in ("lr", "warmup", "beta2")}
+    base = replace(TrainConfig(), **inherited)
+    lr = float(lr) if lr is not None else base.lr / 10
+    if not lr > 0:
+        raise IgptError(f"lr must be > 0, got {lr}")
+    return TrainConfig(lr=lr, warmup=base.warmup, beta2=base.beta2, weight_decay=0.0, grad_clip=1.0, **settings)
 
 
 def _classifier_info(base: Run, dataset: str, data_dir, config, classes, settings: dict, result: dict,
@@ -255,47 +261,77 @@ class _Batches:
         return ids, self.labels[idx]
 
 
+class _EarlyStopping(Callback):
+    """Fine-tuning's callbacks: a metrics row per step (read back at once: fine-tuning runs are short), the
+    validation accuracy every tc.eval_every steps and at the end, the best weights so far (kept on the
+    CPU), and a stop after `patience` evaluations without gain."""
+
+    def __init__(self, clf: _Classifier, val, tc: TrainConfig, patience: int, bar=None):
+        self.clf, self.val, self.tc, self.patience, self.bar = clf, val, tc, patience, bar
+        # Step 0 (the zero head: the majority-of-ties class) is the baseline every evaluation must beat.
+        self.best = {"val_acc": _accuracy(clf, *val), "best_step": 0, "best_state": copy_state(clf)}
+        self.metrics: list[dict] = [{"step": 0, "val_acc": self.best["val_acc"]}]
+        self.bad_evals = 0
+
+    def on_step(self, step, losses):
+        gen_loss = losses.get("gen_loss")
+        row = {"step": step, "loss": losses["loss"].item(), "clf_loss": losses["clf_loss"].item(),
+               "gen_loss": None if gen_loss is None else gen_loss.item(), "lr": lr_at(step, self.tc)}
+        if step % self.tc.eval_every == 0 or step == self.tc.steps:
+            row["val_acc"] = _accuracy(self.clf, *self.val)
+            if row["val_acc"] > self.best["val_acc"]:
+                self.best = {"val_acc": row["val_acc"], "best_step": step, "best_state": copy_state(self.clf)}
+                self.bad_evals = 0
+            else:
+                self.bad_evals += 1
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{row['loss']:.3f}", val_acc=f"{row['val_acc']:.3f}",
+                                     best=f"{self.best['val_acc']:.3f}")
+        self.metrics.append(row)
+        if self.bar is not None:
+            self.bar.update(1)
+        return self.bad_evals >= self.patience and step < self.tc.steps
+
+
+def classifier_loss(gen_weight: float):
+    """The fine-tuning objective (§3.4): L = L_CLF + gen_weight · L_GEN, L_GEN the model's own generative
+    loss (for BERT runs the masked loss), as a Trainer loss function of (classifier, (ids, labels))."""
+
+    def loss_fn(clf: _Classifier, batch) -> dict[str, torch.Tensor]:
+        ids, labels = batch
+        clf_loss = F.cross_entropy(clf(ids), labels)
+        if not gen_weight:
+            return {"loss": clf_loss, "clf_loss": clf_loss}
+        gen_loss = clf.model(ids, targets=ids)[1]
+        return {"loss": clf_loss + gen_weight * gen_loss, "clf_loss": clf_loss, "gen_loss": gen_loss}
+
+    return loss_fn
+
+
 def _train_classifier(clf: _Classifier, batches: _Batches, val, tc: TrainConfig, *, gen_weight: float,
                       patience: int, bar=None) -> dict:
-    """Fine-tune on L = L_CLF + gen_weight · L_GEN with train.py's optimizer and update step.
+    """Fine-tune with the one training loop (loop.Trainer) on L_CLF + gen_weight · L_GEN.
 
-    Validation accuracy every tc.eval_every steps and at the end; the best weights (kept on the CPU)
-    and their step, the metrics rows, and whether `patience` evaluations without gain stopped it early.
+    Returns the best weights and their step, the metrics rows, and whether `patience` evaluations
+    without gain stopped it early.
     """
     device = clf.shift.device
-    optimizer = make_optimizer(clf, tc, device)
     clf.train()
-    # Step 0 (the zero head: the majority-of-ties class) is the baseline every evaluation must beat.
-    best = {"val_acc": _accuracy(clf, *val), "best_step": 0, "best_state": copy_state(clf)}
-    metrics: list[dict] = [{"step": 0, "val_acc": best["val_acc"]}]
-    bad_evals, step = 0, 0
-    for step in range(1, tc.steps + 1):
+    stopping = _EarlyStopping(clf, val, tc, patience, bar)
+    trainer = Trainer(clf, make_optimizer(clf, tc, device), lr_at=lambda step: lr_at(step, tc),
+                      loss_fn=classifier_loss(gen_weight), grad_clip=tc.grad_clip, callbacks=[stopping])
+
+    def batch(step: int):
         ids, labels = (t.to(device) for t in batches.next())
-        set_lr(optimizer, lr_at(step, tc))
-        torch.manual_seed(tc.seed * 1_000_003 + step)  # BERT masks of L_GEN, reproducible
-        clf_loss = F.cross_entropy(clf(ids), labels)
-        gen_loss = clf.model(ids, targets=ids)[1] if gen_weight else None
-        loss = clf_loss if gen_loss is None else clf_loss + gen_weight * gen_loss
-        loss.backward()
-        optimizer_update(clf, optimizer, tc.grad_clip)
-        row = {"step": step, "loss": loss.item(), "clf_loss": clf_loss.item(),
-               "gen_loss": None if gen_loss is None else gen_loss.item(), "lr": lr_at(step, tc)}
-        if step % tc.eval_every == 0 or step == tc.steps:
-            row["val_acc"] = _accuracy(clf, *val)
-            if row["val_acc"] > best["val_acc"]:
-                best, bad_evals = {"val_acc": row["val_acc"], "best_step": step, "best_state": copy_state(clf)}, 0
-            else:
-                bad_evals += 1
-            if bar is not None:
-                bar.set_postfix(loss=f"{row['loss']:.3f}", val_acc=f"{row['val_acc']:.3f}",
-                                best=f"{best['val_acc']:.3f}")
-        metrics.append(row)
+        return [(ids, labels)], [tc.seed * 1_000_003 + step]  # the seed: BERT masks of L_GEN, reproducible
+
+    try:
+        steps_run = trainer.fit(batch, 1, tc.steps)
+    finally:
         if bar is not None:
-            bar.update(1)
-        if bad_evals >= patience and step < tc.steps:
-            break
+            bar.close()
     clf.eval()
-    return {**best, "metrics": metrics, "steps_run": step, "stopped_early": step < tc.steps}
+    return {**stopping.best, "metrics": stopping.metrics, "steps_run": steps_run, "stopped_early": steps_run < tc.steps}
 
 
 def _save_classifier(runs_root: Path, name: str, info: dict, palette, clf: _Classifier, classes, metrics,
