@@ -386,7 +386,7 @@ def cmd_classify(args) -> None:
 
 
 def cmd_import_hf(args) -> None:
-    from .hf import import_hf
+    from .pretrained import import_hf
 
     run = import_hf(args.source, args.name, _runs_dir(args), overwrite=args.overwrite, progress=not args.json)
     _emit(args, run.summary(), f"imported {args.source} as run {run.name!r} ({run.path}); try "
@@ -394,7 +394,7 @@ def cmd_import_hf(args) -> None:
 
 
 def cmd_export_hf(args) -> None:
-    from .hf import export_hf
+    from .pretrained import export_hf
 
     out = export_hf(args.run, args.out_dir, _runs_dir(args), step=args.step)
     _emit(args, {"run": args.run, "out_dir": str(out)},

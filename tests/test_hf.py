@@ -1,4 +1,4 @@
-"""Tests for igpt_core.hf: Hugging Face ImageGPT import/export, checked against transformers itself.
+"""Tests for igpt_core.pretrained.hf: Hugging Face ImageGPT import/export, checked against transformers itself.
 
 Everything is offline: HF models are built with random weights from an ImageGPTConfig and saved
 with save_pretrained into tmp folders; the hub is replaced by fakes (an autouse fixture makes any
@@ -17,7 +17,7 @@ import torch
 from conftest import randomize
 from safetensors.torch import save_file
 
-from igpt_core import hf
+from igpt_core.pretrained import hf
 from igpt_core.decoder import Decoder
 from igpt_core.errors import CheckpointError, RunError
 from igpt_core.model import IGPT, ModelConfig

@@ -27,11 +27,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError, IgptError, RunError, first_line
-from .files import atomic_write_json, building_folder
-from .model import IGPT, ModelConfig
-from .palette import Palette
-from .runs import Run, create_run, list_runs, open_run, runs_root, save_checkpoint
+from ..errors import CheckpointError, IgptError, RunError, first_line
+from ..files import atomic_write_json, building_folder
+from ..model import IGPT, ModelConfig
+from ..palette import Palette
+from ..runs import Run, create_run, list_runs, open_run, runs_root, save_checkpoint
 
 _CONV1D = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 _MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")  # not attn.c_attn.bias: that is a parameter
