@@ -20,8 +20,10 @@ from .hf import (
     state_dict_from_hf,
     state_dict_to_hf,
 )
+from .labels import imported_label
+from .openai import OPENAI_STEPS, import_openai
 
 __all__ = [
     "OPENAI_MODELS", "config_from_hf", "export_hf", "find_imported", "hub_offline", "import_hf", "import_once",
-    "in_hub_cache", "state_dict_from_hf", "state_dict_to_hf",
+    "in_hub_cache", "state_dict_from_hf", "state_dict_to_hf", "imported_label", "OPENAI_STEPS", "import_openai",
 ]

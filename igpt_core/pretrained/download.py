@@ -95,5 +95,5 @@ def copy_body(response, part: Path, start: int, url: str, total: int | None, bar
                     bar.update(len(chunk))
         except (OSError, http.client.HTTPException) as err:
             f.flush()
-            raise CheckpointError(f"the download of {url} was cut after {f.tell()} of {total or '?'} bytes "
+            raise CheckpointError(f"the download of {url} stopped after {f.tell()} of {total or '?'} bytes "
                                   f"({first_line(err)}); run the same command again to resume it") from None

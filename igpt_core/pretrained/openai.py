@@ -234,25 +234,29 @@ def import_openai(size: str | None = None, name: str | None = None, *, source_di
         download_steps(size, steps, folder, url, progress)
         origin = f"{base_url(url)}/checkpoints/igpt-{size}"
 
-    first_bundle, config = open_step(folder, steps[0], n_head)  # checked before anything is written
+    # Every step's index and shards are checked before anything is converted or written.
+    opened = {step: open_step(folder, step, n_head) for step in steps}
+    config = opened[steps[0]][1]
+    for step, (_, step_config) in opened.items():
+        if step_config != config:
+            raise CheckpointError(f"model.ckpt-{step} holds another model than model.ckpt-{steps[0]} "
+                                  f"({step_config.n_layer} layers × {step_config.n_embd} vs {config.n_layer} × "
+                                  f"{config.n_embd}); keep one model's checkpoints per folder")
     palette = read_palette(folder, config.n_colors)
     model_name = openai_model_name(config) or f"OpenAI iGPT ({config.n_layer} layers × {config.n_embd})"
 
     def fill(run: Run) -> None:
         bar = progress_bar(progress, desc="converting", unit="checkpoint", total=len(steps))
-        for step in steps:
-            bundle, step_config = (first_bundle, config) if step == steps[0] else open_step(folder, step, n_head)
-            if step_config != config:
-                raise CheckpointError(f"model.ckpt-{step} holds another model than model.ckpt-{steps[0]} "
-                                      f"({step_config.n_layer} layers × {step_config.n_embd} vs {config.n_layer} × "
-                                      f"{config.n_embd}); keep one model's checkpoints per folder")
-            write_step(run, bundle, config, palette, step, origin)
+        try:
+            for step, (bundle, _) in opened.items():
+                write_step(run, bundle, config, palette, step, origin)
+                if bar is not None:
+                    bar.update()
+        finally:
             if bar is not None:
-                bar.update()
-        if bar is not None:
-            bar.close()
+                bar.close()  # ends the bar's line, so an error prints on a line of its own
 
-    info = {"dataset": f"imported:{origin}", "preset": size if source_dir is None else None,
+    info = {"dataset": f"imported:{origin}", "preset": None,
             "model_config": config.to_dict(), "train_config": None, "classes": None, "source": origin,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "imported": {**imported_record("openai-tf", model_name, origin), "steps": list(steps)}}
