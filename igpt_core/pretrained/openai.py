@@ -196,6 +196,46 @@ def write_step(run: Run, bundle: TensorBundle, config: ModelConfig, palette: Pal
 # -- the import -------------------------------------------------------------------------------------
 
 
+def folder_steps(source_dir, steps) -> tuple[Path, list[int]]:
+    """A local folder of OpenAI's files and the steps to take from it (default: all it holds)."""
+    folder = Path(source_dir).expanduser()
+    if not folder.is_dir():
+        raise CheckpointError(f"there is no folder {folder}; pass the folder holding model.ckpt-STEP.index, "
+                              f"its .data-* shards and {PALETTE_FILE}")
+    found = local_steps(folder)
+    steps = sorted(set(steps)) if steps else found
+    missing = [step for step in steps if step not in found]
+    if not steps or missing:
+        raise CheckpointError(f"{folder} has no model.ckpt-{missing[0] if missing else 'STEP'}.index"
+                              f" (steps there: {found or 'none'})")
+    return folder, steps
+
+
+def open_steps(folder: Path, steps: list[int], n_head: int | None) -> tuple[dict, ModelConfig]:
+    """{step: bundle} with every step's index and shards checked, and the one model they all hold."""
+    opened = {step: open_step(folder, step, n_head) for step in steps}
+    config = opened[steps[0]][1]
+    for step, (_, step_config) in opened.items():
+        if step_config != config:
+            raise CheckpointError(f"model.ckpt-{step} holds another model than model.ckpt-{steps[0]} "
+                                  f"({step_config.n_layer} layers × {step_config.n_embd} vs {config.n_layer} × "
+                                  f"{config.n_embd}); keep one model's checkpoints per folder")
+    return {step: bundle for step, (bundle, _) in opened.items()}, config
+
+
+def convert_steps(run: Run, bundles: dict, config: ModelConfig, palette: Palette, origin: str, progress: bool):
+    """Write one checkpoint per step into the run (still in its temporary folder), one step at a time."""
+    bar = progress_bar(progress, desc="converting", unit="checkpoint", total=len(bundles))
+    try:
+        for step, bundle in bundles.items():
+            write_step(run, bundle, config, palette, step, origin)
+            if bar is not None:
+                bar.update()
+    finally:
+        if bar is not None:
+            bar.close()  # ends the bar's line, so an error prints on a line of its own
+
+
 def import_openai(size: str | None = None, name: str | None = None, *, source_dir=None, steps=None,
                   n_head: int | None = None, runs_dir=None, progress: bool = True, overwrite: bool = False,
                   url: str | None = None, download_dir=None) -> Run:
@@ -205,8 +245,9 @@ def import_openai(size: str | None = None, name: str | None = None, *, source_di
     131000, 262000, 524000 and 1000000) and its palette into download_dir (default
     DATA_DIR/openai/igpt-SIZE, kept for next time) from `url` (default $IGPT_OPENAI_URL or OpenAI's
     server). source_dir: read model.ckpt-STEP.* and kmeans_centers.npy from that folder instead
-    (default steps: all it holds). n_head, if given, must match the checkpoint. The run is built in
-    a temporary folder and appears only when every step is converted.
+    (default steps: all it holds). n_head, if given, must match the checkpoint. Every step's files
+    are checked before anything is written; the run is built in a temporary folder and appears
+    only when every step is converted.
     """
     if not name:
         raise RunError("give the new run a name (--name NAME)")
@@ -215,49 +256,21 @@ def import_openai(size: str | None = None, name: str | None = None, *, source_di
         raise RunError(f"a run named {name!r} already exists at {target}: pass --overwrite to replace it, or "
                        "choose another --name")
     if source_dir is not None:
-        folder = Path(source_dir).expanduser()
-        if not folder.is_dir():
-            raise CheckpointError(f"there is no folder {folder}; pass the folder holding model.ckpt-STEP.index, "
-                                  f"its .data-* shards and {PALETTE_FILE}")
-        found = local_steps(folder)
-        steps = sorted(steps) if steps else found
-        missing = [step for step in steps if step not in found]
-        if not steps or missing:
-            raise CheckpointError(f"{folder} has no model.ckpt-{missing[0] if missing else 'STEP'}.index"
-                                  f" (steps there: {found or 'none'})")
+        folder, steps = folder_steps(source_dir, steps)
         origin = str(folder.resolve())
     else:
         if size not in OPENAI_SIZES:
             raise CheckpointError(f"unknown size {size!r}: OpenAI released s, m and l (or pass a folder with --from)")
         folder = Path(download_dir) if download_dir else default_download_dir(size)
-        steps = sorted(steps or OPENAI_STEPS)
+        steps = sorted(set(steps or OPENAI_STEPS))
         download_steps(size, steps, folder, url, progress)
         origin = f"{base_url(url)}/checkpoints/igpt-{size}"
 
-    # Every step's index and shards are checked before anything is converted or written.
-    opened = {step: open_step(folder, step, n_head) for step in steps}
-    config = opened[steps[0]][1]
-    for step, (_, step_config) in opened.items():
-        if step_config != config:
-            raise CheckpointError(f"model.ckpt-{step} holds another model than model.ckpt-{steps[0]} "
-                                  f"({step_config.n_layer} layers × {step_config.n_embd} vs {config.n_layer} × "
-                                  f"{config.n_embd}); keep one model's checkpoints per folder")
+    bundles, config = open_steps(folder, steps, n_head)
     palette = read_palette(folder, config.n_colors)
     model_name = openai_model_name(config) or f"OpenAI iGPT ({config.n_layer} layers × {config.n_embd})"
-
-    def fill(run: Run) -> None:
-        bar = progress_bar(progress, desc="converting", unit="checkpoint", total=len(steps))
-        try:
-            for step, (bundle, _) in opened.items():
-                write_step(run, bundle, config, palette, step, origin)
-                if bar is not None:
-                    bar.update()
-        finally:
-            if bar is not None:
-                bar.close()  # ends the bar's line, so an error prints on a line of its own
-
-    info = {"dataset": f"imported:{origin}", "preset": None,
-            "model_config": config.to_dict(), "train_config": None, "classes": None, "source": origin,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "imported": {**imported_record("openai-tf", model_name, origin), "steps": list(steps)}}
-    return create_run(runs_dir, name, info, palette, overwrite=overwrite, fill=fill)
+    info = {"dataset": f"imported:{origin}", "preset": None, "model_config": config.to_dict(), "train_config": None,
+            "classes": None, "source": origin, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "imported": {**imported_record("openai-tf", model_name, origin), "steps": steps}}
+    return create_run(runs_dir, name, info, palette, overwrite=overwrite,
+                      fill=lambda run: convert_steps(run, bundles, config, palette, origin, progress))
