@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -39,7 +40,7 @@ SHARDS = [f"model.ckpt-{step}.data-{i:05d}-of-00003" for step in STEPS for i in 
 def igpt(*args, cwd):
     """The CLI in a real process (exit status and stderr as a user sees them)."""
     return subprocess.run([sys.executable, "-m", "igpt_core.cli", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def igpt_error(capsys, *args) -> str:

@@ -18,7 +18,7 @@ The index is a LevelDB-style sorted table (TensorFlow's `lib/io/table`):
 - the index block maps the last key of each data block to that block's handle.
 
 The values are protobuf messages, parsed here by hand (only varint, 64-bit, length-delimited and
-32-bit fields occur): under the key "" a BundleHeaderProto (field 1: num_shards), under each
+32-bit fields occur): under the key "" a BundleHeaderProto (1 num_shards, 2 endianness), under each
 tensor's name a BundleEntryProto (1 dtype, 2 shape, 3 shard_id, 4 offset, 5 size, 6 crc32c, 7 slices).
 A tensor is `size` bytes at `offset` in its shard, little-endian, C order; the entry's crc32c is
 the *masked* CRC-32C of exactly those bytes (TensorFlow masks every stored CRC, see `masked_crc32c`).
@@ -196,7 +196,10 @@ class TensorBundle:
         entries = read_table(index.read_bytes())
         if not entries or entries[0][0] != b"":
             raise CheckpointError(f"{index} has no bundle header: it is not a TensorFlow checkpoint index")
-        self.num_shards = parse_message(entries[0][1]).get(1, [1])[0]
+        header = parse_message(entries[0][1])
+        self.num_shards = header.get(1, [1])[0]
+        if header.get(2, [0])[0] != 0:  # BundleHeaderProto.Endianness: 0 = little, 1 = big
+            raise CheckpointError(f"{index} was written on a big-endian machine; igpt reads little-endian checkpoints")
         self.entries: dict[str, TensorEntry] = {}
         for key, value in entries[1:]:
             entry = parse_entry(key.decode("utf-8", "replace"), value)
