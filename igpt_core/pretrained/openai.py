@@ -105,7 +105,9 @@ def config_from_bundle(bundle: TensorBundle, n_head: int | None = None) -> Model
                               "autoregressive checkpoints only")
     n_colors, width = bundle.shape("model/wte")
     n_layer = sum(1 for key in bundle.entries if re.fullmatch(r"model/h\d+/ln_1/g", key))
-    heads = bundle.shape("model/h0/attn/q_proj")[0] if n_layer else 0
+    if n_layer == 0:
+        raise CheckpointError(f"{name} has no transformer blocks (model/h0/...): it is not an iGPT checkpoint")
+    heads = bundle.shape("model/h0/attn/q_proj")[0]
     if n_head is not None and n_head != heads:
         raise CheckpointError(f"--n-head {n_head} does not fit {name}: its attention weights are split into {heads} "
                               f"heads (model/h0/attn/q_proj has shape {list(bundle.shape('model/h0/attn/q_proj'))}); "
