@@ -347,3 +347,15 @@ def test_a_damaged_table_block_is_an_error():
         read_table(bytes(table))
     with pytest.raises(CheckpointError, match="no table footer"):
         read_table(bytes(table[:-1]))
+
+
+def test_label_of_runs_igpt_trained_and_of_older_imports(tmp_path):
+    from igpt_core.palette import Palette
+    from igpt_core.runs import create_run
+
+    config = preset("s").to_dict()
+    palette = Palette(np.random.default_rng(0).uniform(-1, 1, (512, 3)))
+    trained = create_run(tmp_path, "mine", {"dataset": "digits", "model_config": config}, palette)
+    assert imported_label(trained) is None
+    older = create_run(tmp_path, "old", {"dataset": "imported:openai/imagegpt-small", "model_config": config}, palette)
+    assert imported_label(older) == "OpenAI iGPT-S · pre-trained (imported) · 76M"

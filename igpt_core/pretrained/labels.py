@@ -60,11 +60,14 @@ def imported_label(run: Run) -> str | None:
     """
     info = run.info
     record = info.get("imported")
-    if not isinstance(record, dict):
-        dataset = str(info.get("dataset") or "")
-        if not dataset.startswith("imported:"):
-            return None
-        record = {"model": dataset.removeprefix("imported:")}
+    dataset = str(info.get("dataset") or "")
+    if isinstance(record, dict):
+        model = str(record.get("model") or "")
+    elif dataset.startswith("imported:"):  # imported before run.json held the record: the hub id or folder
+        model = dataset.removeprefix("imported:")
+    else:
+        return None
     config = run.model_config
-    model = record.get("model") or openai_model_name(config) or run.name
+    if not model or model.startswith("openai/imagegpt-"):  # OpenAI's hub ids: say which model it is
+        model = openai_model_name(config) or model or run.name
     return f"{model} · pre-trained (imported) · {short_count(parameter_count(config))}"
