@@ -26,7 +26,7 @@ from PIL import Image
 from igpt_core import cli
 from igpt_core.errors import CheckpointError
 from igpt_core.model import preset
-from igpt_core.pretrained import import_openai, imported_label
+from igpt_core.pretrained import imported_label
 from igpt_core.pretrained.labels import parameter_count, short_count
 from igpt_core.pretrained.tf_bundle import (TABLE_MAGIC, TensorBundle, masked_crc32c, parse_message, read_table,
                                             read_varint)

@@ -26,7 +26,6 @@ the *masked* CRC-32C of exactly those bytes (TensorFlow masks every stored CRC, 
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
