@@ -34,7 +34,7 @@ from PIL import Image
 
 from igpt_core import IgptError, complete_stream, inpaint_stream, list_runs, load_dataset, load_image, surprise_map
 from igpt_core.data import builtin_photos
-from igpt_core.hf import OPENAI_MODELS, find_imported, hub_offline, import_once, in_hub_cache
+from igpt_core.pretrained import OPENAI_MODELS, find_imported, hub_offline, import_once, in_hub_cache
 from igpt_core.images import center_box, crop, painted_cells, resize, square_from_drag, square_inside, to_rgb
 from igpt_core.likelihood import bits_per_dim, likelihood_kind
 from igpt_core.render import completion_grid, display_scale, enlarge, grid, heatmap, hide_rows, mark_square

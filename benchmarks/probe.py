@@ -1,6 +1,6 @@
 """Probe-feature extraction: our one-pass `IGPT.features` against Hugging Face ImageGPTModel.
 
-Both models hold identical weights (converted with igpt_core.hf.state_dict_to_hf). The task is the
+Both models hold identical weights (converted with igpt_core.pretrained.state_dict_to_hf). The task is the
 probe's: the features of ALL layers (0..n_layer) of one checkpoint for a set of images, i.e. for
 each layer l the mean over positions of block l's input norm (ln_f for l = n_layer).
 
@@ -46,7 +46,7 @@ from machine import machine_facts  # benchmarks/machine.py (scripts run from thi
 
 from igpt_core.model import IGPT, ModelConfig
 from igpt_core.data import load_dataset
-from igpt_core.hf import state_dict_to_hf
+from igpt_core.pretrained import state_dict_to_hf
 from igpt_core.probe import DEFAULT_CS, extract_features, fit_probe, fit_probes, warm_up_workers
 
 

@@ -7,7 +7,7 @@ with 512 colours, random weights) and batch size (1 and 8), the bottom half of o
 completed from its top half by `igpt_core.sample.complete` and by HF
 `ImageGPTForCausalImageModeling.generate(do_sample=True, top_k=None, use_cache=True)`, starting
 from SOS + the kept rows, up to max_length = n_positions + 1. Both models hold identical weights
-(converted with igpt_core.hf). Runs of ours and HF's are interleaved so that machine load hits
+(converted with igpt_core.pretrained). Runs of ours and HF's are interleaved so that machine load hits
 both alike; `ratio` is the median over repeats of ours/HF, measured back to back.
 
 Everything runs once per torch thread count in --threads (default: 1, and every core), since the
@@ -48,7 +48,7 @@ import transformers
 from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 
 from igpt_core.decoder import Decoder
-from igpt_core.hf import state_dict_from_hf
+from igpt_core.pretrained import state_dict_from_hf
 from igpt_core.likelihood import score
 from igpt_core.model import IGPT, ModelConfig
 from igpt_core.sample import complete, inpaint

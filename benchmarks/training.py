@@ -6,7 +6,7 @@
 - hf:   ImageGPTForCausalImageModeling(input_ids=[SOS, x1..x_{T-1}], labels=same) (dropout 0, its
         default attention), backward, clip 1.0, torch AdamW with the same settings, zero_grad.
 
-Both start from the same weights (converted with igpt_core.hf.state_dict_to_hf; logits are checked
+Both start from the same weights (converted with igpt_core.pretrained.state_dict_to_hf; logits are checked
 equal first) and train on the same batch. Shape by default: 8 layers, width 256, 8 heads,
 32×32 images (1024 tokens), 512 colours, batch 8 — iGPT-S is too slow for this CPU.
 
@@ -74,7 +74,7 @@ def build(side: str, spec: dict):
     else:
         from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 
-        from igpt_core.hf import state_dict_to_hf
+        from igpt_core.pretrained import state_dict_to_hf
 
         hf_config = ImageGPTConfig(vocab_size=config.vocab_size, n_positions=config.n_positions, n_embd=config.n_embd,
                                    n_layer=config.n_layer, n_head=config.n_head, activation_function="quick_gelu",

@@ -28,7 +28,7 @@ from conftest import browser_page, keep_screenshot, make_run
 from PIL import Image
 
 from igpt_core import load_dataset, open_run, surprise_map
-from igpt_core.hf import OPENAI_MODELS
+from igpt_core.pretrained import OPENAI_MODELS
 from igpt_core.images import center_box, crop, square_from_drag
 from igpt_core.render import completion_grid
 

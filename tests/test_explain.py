@@ -9,7 +9,8 @@ import shutil
 import pytest
 import torch
 
-from igpt_core import explain, hf, load_dataset
+from igpt_core import explain, load_dataset
+from igpt_core.pretrained import hf
 from igpt_core.errors import IgptError
 from igpt_core.likelihood import masking_groups
 from igpt_core.model import IGPT, ModelConfig

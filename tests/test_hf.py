@@ -1,4 +1,4 @@
-"""Tests for igpt_core.hf: Hugging Face ImageGPT import/export, checked against transformers itself.
+"""Tests for igpt_core.pretrained.hf: Hugging Face ImageGPT import/export, checked against transformers itself.
 
 Everything is offline: HF models are built with random weights from an ImageGPTConfig and saved
 with save_pretrained into tmp folders; the hub is replaced by fakes (an autouse fixture makes any
@@ -17,11 +17,12 @@ import torch
 from conftest import randomize
 from safetensors.torch import save_file
 
-from igpt_core import hf
 from igpt_core.decoder import Decoder
 from igpt_core.errors import CheckpointError, RunError
 from igpt_core.model import IGPT, ModelConfig
 from igpt_core.palette import Palette
+from igpt_core.pretrained import hf
+from igpt_core.pretrained.labels import imported_label, short_count
 from igpt_core.runs import create_run, open_run, save_checkpoint
 
 from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling, ImageGPTImageProcessorPil
@@ -79,8 +80,11 @@ def test_import_gives_hf_logits_with_and_without_cache(tmp_path, shape):
 
     assert run.checkpoints() == [0]
     assert run.info["dataset"] == f"imported:{tmp_path / 'hf'}" and run.info["preset"] is None
+    source = str(tmp_path / "hf")
+    assert run.info["imported"] == {"source": "hf", "model": source, "from": source}
     ours, palette, info = open_run("imported", tmp_path / "runs").load()
     assert info["step"] == 0
+    assert imported_label(run) == f"{source} · pre-trained (imported) · {short_count(ours.num_parameters())}"
     np.testing.assert_array_equal(palette.clusters, clusters)
     assert palette == run.palette
 

@@ -27,11 +27,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError, IgptError, RunError, first_line
-from .files import atomic_write_json, building_folder
-from .model import IGPT, ModelConfig
-from .palette import Palette
-from .runs import Run, create_run, list_runs, open_run, runs_root, save_checkpoint
+from ..errors import CheckpointError, IgptError, RunError, first_line
+from ..files import atomic_write_json, building_folder
+from ..model import IGPT, ModelConfig
+from ..palette import Palette
+from ..runs import Run, create_run, list_runs, open_run, runs_root, save_checkpoint
+from .labels import imported_record, openai_model_name
 
 _CONV1D = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 _MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")  # not attn.c_attn.bias: that is a parameter
@@ -280,8 +281,10 @@ def import_hf(source: str, name: str, runs_dir=None, *, overwrite: bool = False,
         model = IGPT(config)
     model.load_state_dict(state, assign=True)  # adopt the tensors as they are: no second copy of the weights
 
+    model_name = (openai_model_name(config) if source in OPENAI_MODELS else None) or str(source)
     info = {"dataset": f"imported:{source}", "preset": None, "model_config": config.to_dict(), "train_config": None,
-            "classes": None, "source": str(source), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "classes": None, "source": str(source), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "imported": imported_record("hf", model_name, source)}
     # The weights go in before the run appears: a run without them would only confuse later commands.
     return create_run(runs_dir, name, info, palette, overwrite=overwrite,
                       fill=lambda run: save_checkpoint(run.checkpoint_path(0), model, palette, step=0, source=str(source)))
