@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,20 @@ def test_runs_lists_an_unreadable_run_in_one_line(tmp_path):
     assert result.returncode == 2 and "cannot read" in result.stderr and len(result.stderr.splitlines()) == 1
 
 
+def test_scan_runs_splits_readable_runs_from_unreadable_ones(workdir, tmp_path):
+    from igpt_core.runs import scan_runs
+
+    runs = tmp_path / "runs"
+    shutil.copytree(workdir / "runs" / "t", runs / "t")
+    (runs / "broken").mkdir()
+    (runs / "broken" / "run.json").write_text("{not json")
+    (runs / "half").mkdir()  # no run.json: not a run at all
+    readable, problems = scan_runs(runs)
+    assert [run.name for run in readable] == ["t"] and list(problems) == ["broken"]
+    assert "run.json is damaged" in problems["broken"] and "\n" not in problems["broken"]
+    assert scan_runs(tmp_path / "nowhere") == ([], {})
+
+
 def test_sample_score_surprise(workdir):
     out = json.loads(igpt("sample", "t", "--image", "digit.png", "-n", "3", "--keep-rows", "4", "--out", "g.png",
                           "--json", cwd=workdir).stdout)
@@ -125,7 +140,6 @@ def test_bad_input_gets_one_clear_line(workdir, args, message):
 
 
 def test_corrupt_checkpoint_is_reported(workdir, tmp_path):
-    import shutil
 
     shutil.copytree(workdir / "runs" / "t", tmp_path / "runs" / "t")
     last = sorted((tmp_path / "runs" / "t" / "checkpoints").iterdir())[-1]
