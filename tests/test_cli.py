@@ -140,7 +140,6 @@ def test_bad_input_gets_one_clear_line(workdir, args, message):
 
 
 def test_corrupt_checkpoint_is_reported(workdir, tmp_path):
-
     shutil.copytree(workdir / "runs" / "t", tmp_path / "runs" / "t")
     last = sorted((tmp_path / "runs" / "t" / "checkpoints").iterdir())[-1]
     last.write_bytes(last.read_bytes()[:200])
