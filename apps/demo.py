@@ -28,6 +28,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
+from igpt_core import IgptError
 from igpt_core.runs import runs_root  # TODO(lead): export
 
 if __package__:  # imported as the package igpt_apps (installed, or by the tests)
@@ -116,7 +117,6 @@ DRAG_JS = """() => {
   }, true);
 }"""
 READ_DRAG = "(drag, ...rest) => [window.igptDrag || '', ...rest]"
-
 
 
 class Demo(Models, Pictures, Completion):
@@ -347,6 +347,10 @@ def main(argv=None) -> None:
     parser.add_argument("--model-memory", metavar="SIZE",
                         help="memory for loaded models: a size (4GB) or a fraction of RAM (0.5); default: the library's")
     args = parser.parse_args(argv)
+    try:
+        model_memory = model_memory_bytes(args.model_memory)
+    except IgptError as err:  # one line, exit 2, before anything starts
+        parser.error(str(err))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     if not os.environ.get("GRADIO_TEMP_DIR"):  # uploads and rendered images go here, and nowhere else
         temp = tempfile.mkdtemp(prefix="igpt-demo-")
@@ -354,7 +358,7 @@ def main(argv=None) -> None:
         atexit.register(shutil.rmtree, temp, ignore_errors=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so a plain `kill` also removes it
     runs_dir = runs_root(args.runs_dir)
-    demo = build_demo(runs_dir, model_memory_bytes(args.model_memory))
+    demo = build_demo(runs_dir, model_memory)
     print(f"iGPT demo on http://{args.host}:{args.port} — runs from {runs_dir.resolve()}")
     serve(demo, args.host, args.port)
 

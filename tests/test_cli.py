@@ -51,6 +51,19 @@ def test_every_subcommand_has_help(tmp_path, capsys):
         assert help_text.startswith("usage: igpt " + name) and "--help" in help_text
 
 
+def test_precision_is_chosen_on_the_commands_that_run_the_model(capsys):
+    parser = cli.build_parser()
+    for command in (["probe", "r"], ["score", "r"], ["surprise", "r", "--image", "x.png"],
+                    ["inside", "r", "--image", "x.png", "--pixel", "1,1"]):
+        assert parser.parse_args(command).precision == "auto"
+        assert parser.parse_args([*command, "--precision", "bf16"]).precision == "bf16"
+        with pytest.raises(SystemExit):
+            parser.parse_args([*command, "--precision", "fp16"])
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err
+    assert parser.parse_args(["demo", "--model-memory", "4GB"]).model_memory == "4GB"
+    assert parser.parse_args(["demo"]).model_memory is None  # the library's budget
+
+
 def test_train_writes_a_run_that_runs_lists(workdir):
     rows = json.loads(igpt("runs", "--json", cwd=workdir).stdout)
     assert [r["name"] for r in rows] == ["t"]
