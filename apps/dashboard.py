@@ -138,7 +138,6 @@ def how_to_make_probes(names: list[str]) -> None:
     st.caption("…or compute them from here with **Compute missing probes** in the sidebar.")
 
 
-
 def where_the_heads_look(runs_dir: Path, good: list[str]) -> None:
     """Section 5: attention distance per layer and head, one line per checkpoint, from stored results."""
     st.header("5 · Where the heads look")

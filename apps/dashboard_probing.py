@@ -109,8 +109,6 @@ def compute_probes(runs_dir: Path, runs: dict[str, dict], chosen: list[str], dat
     st.rerun()
 
 
-
-
 def compute_distances(runs_dir: Path, name: str, missing: list[int]) -> None:
     """The button's work: `explain.run_distances` for the missing checkpoints, with a progress bar."""
     with st.status(f"Attention distances of {name}…", expanded=True) as status:

@@ -32,7 +32,6 @@ def stopped(verb: str, progress: str | None):
     return f"Stopped at {where}: the grid shows the pixels {verb} so far.", gr.skip()
 
 
-
 class Completion:
     """The actions that run the model (a mixin of the page's Demo: uses its `load` and `prepare`)."""
 

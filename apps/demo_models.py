@@ -43,7 +43,6 @@ def user_errors(fn):
     return call
 
 
-
 def _describe(summary: dict) -> str:
     """One line of facts about a run, shown beside its name in the picker."""
     if "error" in summary:
@@ -65,7 +64,6 @@ def _describe_hub(repo_id: str, imported) -> str:
     if hub_offline():
         return f"{what} · offline (HF_HUB_OFFLINE=1) and not on this machine"
     return f"{what} · a {download} download, once, when chosen"
-
 
 
 class Models:
