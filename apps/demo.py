@@ -1,6 +1,6 @@
 """The browser completion demo: pick a model and a picture, drag a square on it, watch iGPT finish it.
 
-    python apps/demo.py [--port 7860] [--host 127.0.0.1] [--runs-dir DIR]
+    python apps/demo.py [--port 7860] [--host 127.0.0.1] [--runs-dir DIR] [--model-memory SIZE]
 
 (`igpt demo` and `make demo` run exactly this.) A thin shell over igpt_core: the square the model sees
 is `images.crop` (dragged out with `images.square_from_drag`) seen through `Palette.view`; every action
@@ -8,6 +8,10 @@ is one library call — `complete_stream`, `inpaint_stream` or `surprise_map` �
 `igpt_core.render`. OpenAI's released models are listed beside the local runs and imported on first use
 (`hf.import_once`). Nothing happens at import: `build_demo(runs_dir)` makes the app, `main()` serves it.
 Per-user state lives in `gr.State`; the only shared state is the read-only caches of one app.
+
+This file lays out the page and wires its events; the actions live beside it: demo_models.py (the
+model picker), demo_picture.py (the picture and its square), demo_complete.py (complete, inpaint,
+surprise) and inside.py (the "Inside the model" tab).
 """
 
 from __future__ import annotations
@@ -15,38 +19,29 @@ from __future__ import annotations
 import argparse
 import atexit
 import functools
-import importlib.util
-import inspect
-import json
 import os
 import shutil
 import signal
 import sys
 import tempfile
-import threading
-import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
-import numpy as np
-from PIL import Image
 
-from igpt_core import IgptError, complete_stream, inpaint_stream, list_runs, load_dataset, load_image, surprise_map
-from igpt_core.data import builtin_photos
-from igpt_core.pretrained import OPENAI_MODELS, find_imported, hub_offline, import_once, in_hub_cache
-from igpt_core.images import center_box, crop, painted_cells, resize, square_from_drag, square_inside, to_rgb
-from igpt_core.likelihood import bits_per_dim, likelihood_kind
-from igpt_core.render import completion_grid, display_scale, enlarge, grid, heatmap, hide_rows, mark_square
-from igpt_core.runs import ModelCache, open_run, runs_root
+from igpt_core import IgptError
+from igpt_core import runs_root
 
-N_EXAMPLES = 12  # validation images shown in the gallery
-EDITOR_SIDE = 1024  # uploads are shrunk to at most this a side (models see <= 64 pixels a side)
-SHOWN_SIDE = 256  # small pictures are drawn enlarged to at least this, with visible pixels
-PICTURE_SIDE = 384  # ... and the picture to drag a square on, to at least this
-BRUSH_RGB = (255, 0, 255)  # the mask brush: magenta, a colour no dataset here is made of
-PENDING = (128, 128, 128)  # pixels not generated yet: the grey of render.hide_rows
-PHOTOS = "photos"  # gallery of the built-in photos: for imported runs, photo runs, or missing data
+if __package__:  # imported as the package igpt_apps (installed, or by the tests)
+    from . import inside
+    from .demo_complete import Completion, stopped
+    from .demo_models import Models, user_errors
+    from .demo_picture import Pictures
+else:  # run by path (python apps/demo.py, as `igpt demo` does): this folder is on sys.path
+    import inside
+    from demo_complete import Completion, stopped
+    from demo_models import Models, user_errors
+    from demo_picture import Pictures
+
 NO_RUNS = """### No trained models yet
 There are no runs under `{runs_dir}`. Choose one of OpenAI's models in the picker above (downloaded once
 from the Hugging Face hub), or make one, then press **Refresh models**:
@@ -124,466 +119,10 @@ DRAG_JS = """() => {
 READ_DRAG = "(drag, ...rest) => [window.igptDrag || '', ...rest]"
 
 
-# -- small glue: the user's picture -> what the model sees -------------------------------------------
-
-
-def _painted(editor: dict | None) -> np.ndarray | None:
-    """The pixels painted over the picture in the editor, bool (H, W) of the editor's picture, or None."""
-    painted = None
-    for layer in (editor or {}).get("layers") or []:  # brush layers: RGBA, transparent where unpainted
-        layer = np.asarray(layer)
-        if layer.ndim == 3 and layer.shape[-1] == 4:
-            mark = layer[..., 3] > 0
-            painted = mark if painted is None or painted.shape != mark.shape else painted | mark
-    return painted
-
-
-def _parse_square(text: str | None, picture: np.ndarray) -> tuple[int, int, int]:
-    """The crop box typed (or set by a drag) as "x, y, side"; empty = the picture's centre square."""
-    h, w = picture.shape[:2]
-    if not (text or "").strip():
-        return center_box(h, w)
-    try:
-        left, top, side = (int(round(float(part))) for part in str(text).replace(";", ",").split(","))
-    except ValueError:
-        raise IgptError(f"the crop is three whole numbers, x, y, side (e.g. 0, 0, {min(h, w)}), got {text!r}") from None
-    return square_inside(h, w, left, top, side)
-
-
-def _square_text(box: tuple[int, int, int]) -> str:
-    return ", ".join(str(v) for v in box)
-
-
-def _model_input(editor: dict | None, picture: np.ndarray | None, square: str | None):
-    """(the chosen square of the picture, uint8 RGB; the pixels painted over it, bool, or None).
-
-    The picture comes from the user's state (a gallery example at its true pixels, or the upload); the
-    paint editor shows the chosen square and holds the brush strokes. An API call may instead send the
-    picture as the editor's background, with strokes over the whole picture.
-    """
-    painted = _painted(editor)
-    if picture is not None:
-        return crop(picture, _parse_square(square, picture)), painted
-    background = (editor or {}).get("background")
-    if background is None:
-        raise IgptError("choose an example from the gallery or upload an image first")
-    picture = to_rgb(background)
-    left, top, side = _parse_square(square, picture)
-    if painted is not None:  # the same square on the strokes' canvas, which may show the picture enlarged
-        scale = painted.shape[0] / picture.shape[0]
-        painted = painted[round(top * scale) : round((top + side) * scale),
-                          round(left * scale) : round((left + side) * scale)]
-    return crop(picture, (left, top, side)), painted
-
-
-def _shade(view: np.ndarray, cells: np.ndarray | None) -> np.ndarray:
-    """The model's view with painted pixels tinted in the brush colour."""
-    if cells is None:
-        return view
-    out = view.astype(np.float32)
-    out[cells] = 0.45 * out[cells] + 0.55 * np.array(BRUSH_RGB, np.float32)
-    return np.rint(out).astype(np.uint8)
-
-
-def _enlarged(image: np.ndarray, side: int = SHOWN_SIDE) -> tuple[np.ndarray, int]:
-    """(a picture drawn at about `side` pixels or more, with visible pixels; its whole-number scale)."""
-    scale = max(1, side // max(image.shape[:2]))
-    return enlarge(image, scale), scale
-
-
-def _user_errors(fn):
-    """Show IgptError (whose message is written for the user) as a Gradio error in the page."""
-    if inspect.isgeneratorfunction(fn):
-        @functools.wraps(fn)
-        def stream(*args, **kwargs):
-            try:
-                yield from fn(*args, **kwargs)
-            except IgptError as err:
-                raise gr.Error(str(err)) from None
-        return stream
-
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except IgptError as err:
-            raise gr.Error(str(err)) from None
-    return call
-
-
-def _stopped(verb: str, progress: str | None):
-    """The progress line after Stop (or an error): unchanged unless a stream was under way. The grid
-    is an output too, left as it is: so that this event, not the cancelled one, sets its status
-    (a cancel that raced the stream's last frame left the grid marked "Error")."""
-    if not progress or not progress.startswith(("Generating", "Filling")):
-        return gr.skip(), gr.skip()
-    where = progress.split(" (")[0].replace("Generating ", "").replace("Filling — ", "")
-    return f"Stopped at {where}: the grid shows the pixels {verb} so far.", gr.skip()
-
-
-def _describe(summary: dict) -> str:
-    """One line of facts about a run, shown beside its name in the picker."""
-    if "error" in summary:
-        return f"{summary['name']} — unreadable: {summary['error']}"
-    bpd = summary["best_val_bpd"]
-    return (f"{summary['name']} — {summary['dataset']} · {str(summary['objective']).upper()} · "
-            f"{summary['preset'] or 'imported'} · {summary['resolution']}×{summary['resolution']} · "
-            f"{summary['steps']} steps · " + (f"val {bpd:.2f} bits/dim" if bpd is not None else "no val loss yet"))
-
-
-def _describe_hub(repo_id: str, imported) -> str:
-    """The picker's line for one of OpenAI's models: what it is, and whether it is here yet."""
-    about, download = OPENAI_MODELS[repo_id]
-    what = f"{repo_id} — OpenAI's {about}"
-    if imported is not None:
-        return f"{what} · imported as run {imported.name}"
-    if in_hub_cache(repo_id):
-        return f"{what} · in the Hugging Face cache: imported when chosen"
-    if hub_offline():
-        return f"{what} · offline (HF_HUB_OFFLINE=1) and not on this machine"
-    return f"{what} · a {download} download, once, when chosen"
-
-
-# -- the actions ------------------------------------------------------------------------------------
-
-
-class Demo:
-    """The actions behind the page. Holds the read-only caches of one app (models and palettes by
-    checkpoint file, gallery images by dataset); everything per-user comes in as arguments."""
-
-    def __init__(self, runs_dir):
-        self.runs_dir = Path(runs_dir)
-        self.models = ModelCache()
-        self._examples: dict[tuple, tuple] = {}
-        self._examples_lock = threading.Lock()
-        self._import_lock = threading.Lock()  # two users choosing the same OpenAI model import it once
-
-    # -- runs and models --
-
-    def summaries(self) -> list[dict]:
-        out = []
-        for run in list_runs(self.runs_dir):
-            try:
-                out.append(run.summary())
-            except IgptError as err:  # an unreadable run.json: listed with the library's one-line reason
-                out.append({"name": run.name, "error": str(err)})
-        return out
-
-    def run(self, name: str | None):
-        """The run behind a picker value: a run's name, or one of OpenAI's hub ids once imported."""
-        if not name:
-            raise IgptError("choose a model first")
-        if name in OPENAI_MODELS:
-            run = find_imported(name, self.runs_dir)
-            if run is None:
-                raise IgptError(f"{name} is not imported yet: choose it in the model picker to import it")
-            return run
-        return open_run(name, self.runs_dir)
-
-    def load(self, name: str | None, step: int | None = None):
-        """(model, palette, step) of a run, loaded once."""
-        run = self.run(name)
-        try:
-            step = int(step) if step not in (None, "") else None
-        except (TypeError, ValueError):
-            raise IgptError(f"the checkpoint must be a training step such as {run.checkpoints()[-1:]}, "
-                            f"got {step!r}") from None
-        return self.models.load(run, step)
-
-    def examples(self, name: str) -> tuple[list, list[np.ndarray], list[str], str]:
-        """(pictures to choose from, their thumbnails at the model's size, captions, where they come from)."""
-        run = self.run(name)
-        info, size = run.info, run.model_config.image_size
-        dataset, note = info.get("dataset") or PHOTOS, ""
-        if dataset.startswith("imported:"):
-            dataset, note = PHOTOS, " (an imported model)"
-        key = (dataset, size, info.get("data_dir"))
-        with self._examples_lock:
-            if key not in self._examples:
-                try:
-                    self._examples[key] = self._gallery(dataset, size, info.get("data_dir"), note)
-                except IgptError:
-                    self._examples[key] = self._gallery(PHOTOS, size, None, f" ({dataset} is not on this machine)")
-            return self._examples[key]
-
-    @staticmethod
-    def _gallery(dataset: str, size: int, data_dir, note: str):
-        if dataset == PHOTOS:  # the whole photos, to crop; thumbnails show their centre squares
-            photos = builtin_photos()
-            pictures = [resize(crop(p, None), EDITOR_SIDE) if max(p.shape[:2]) > EDITOR_SIDE else p
-                        for p in photos.values()]
-            return (pictures, [resize(crop(p, None), size) for p in pictures], list(photos),
-                    f"the built-in photos{note}: centre squares; drag on the picture to choose another part")
-        data = load_dataset(dataset, "val", resolution=size, data_dir=data_dir)
-        images = list(data.images[:N_EXAMPLES])
-        if data.labels is not None and data.classes:
-            captions = [data.classes[label] for label in data.labels[:N_EXAMPLES]]
-        else:
-            captions = [f"#{i + 1}" for i in range(len(images))]
-        return images, images, captions, f"validation images of {dataset}{note}"
-
-    # -- page actions: the model --
-
-    def refresh(self, current: str | None):
-        """Re-list the runs and OpenAI's models: (picker, no-runs notice, main panel)."""
-        summaries = self.summaries()
-        local = [s["name"] for s in summaries if "error" not in s]
-        choices = [(_describe(s), s["name"]) for s in summaries]
-        choices += [(_describe_hub(repo_id, find_imported(repo_id, self.runs_dir)), repo_id)
-                    for repo_id in OPENAI_MODELS]
-        usable = local + list(OPENAI_MODELS)
-        value = current if current in usable else (local[0] if local else None)
-        return (gr.Dropdown(choices=choices, value=value), gr.Markdown(visible=not local), gr.Column(visible=True))
-
-    def relist(self, name: str | None):
-        """After one of OpenAI's models was chosen (and so imported): the listing says it is here now."""
-        return self.refresh(name) if name in OPENAI_MODELS else (gr.skip(),) * 3
-
-    @_user_errors
-    def choose_run(self, name: str | None, progress=gr.Progress(track_tqdm=True)):
-        """A model was picked (one of OpenAI's is imported first, with download progress): its facts,
-        checkpoints, gallery and the rows slider for its resolution."""
-        if not name:
-            return "", gr.Dropdown(choices=[], value=None), [], gr.Slider()
-        if name in OPENAI_MODELS:
-            try:
-                self._import(name, progress)
-            except IgptError as err:  # e.g. offline: say so in one line and leave the rest of the page as it is
-                return f"**{name}**: {err}", gr.skip(), gr.skip(), gr.skip()
-        run = self.run(name)
-        summary = run.summary()
-        steps = run.checkpoints()
-        size = summary["resolution"]
-        _, thumbnails, captions, origin = self.examples(name)
-        scale = display_scale(size, 96)
-        gallery = [(enlarge(image, scale), caption) for image, caption in zip(thumbnails, captions)]
-        return (self._facts(run, summary, origin),
-                gr.Dropdown(choices=[(f"step {s}", s) for s in steps], value=steps[-1] if steps else None),
-                gr.Gallery(value=gallery, label=f"Examples ({origin}) — click one"),
-                gr.Slider(minimum=0, maximum=size, value=size // 2, step=1))
-
-    def _import(self, repo_id: str, progress) -> None:
-        with self._import_lock:
-            if find_imported(repo_id, self.runs_dir) is None:
-                progress(0, desc=f"Importing {repo_id}: a {OPENAI_MODELS[repo_id][1]} download, once")
-                import_once(repo_id, self.runs_dir)
-
-    @staticmethod
-    def _facts(run, summary: dict, origin: str) -> str:
-        size, bpd, steps = summary["resolution"], summary["best_val_bpd"], run.checkpoints()
-        pixels = f"{size}×{size} pixels in {summary['colors']} colours"
-        if str(summary["dataset"]).startswith("imported:"):
-            source = summary["dataset"].removeprefix("imported:")
-            about = OPENAI_MODELS.get(source, ("weights imported from Hugging Face",))[0]
-            return f"**{run.name}**: {about} (from {source}), autoregressive, {pixels}.  \nGallery: {origin}."
-        objective = {"ar": "autoregressive (next pixel)", "bert": "BERT (masked pixels)"}.get(summary["objective"],
-                                                                                             summary["objective"])
-        return (f"**{run.name}**: trained on **{summary['dataset']}**, {objective}, preset {summary['preset'] or '—'}, "
-                f"{pixels}, {summary['steps']} training steps"
-                + (f", validation {bpd:.3f} bits/dim" if bpd is not None else "")
-                + ("" if steps else " — **no checkpoint yet**: let training write one, then Refresh")
-                + f".  \nGallery: {origin}.")
-
-    # -- page actions: the picture and its square --
-
-    @staticmethod
-    def pick_index(evt: gr.SelectData):
-        return evt.index
-
-    @_user_errors
-    def use_example(self, name: str | None, index):
-        """Put gallery example `index` (0-based) in the picture."""
-        return self._example(name, index)
-
-    def first_example(self, name: str | None, picture):
-        """On page load: the first example, unless the user has chosen a picture already (the gallery
-        shows before this runs), or there is no run (or it has no gallery)."""
-        if picture is not None:
-            return (gr.skip(),) * 6
-        try:
-            return self._example(name, 0)
-        except IgptError:
-            return (gr.skip(),) * 6
-
-    def _example(self, name: str | None, index):
-        if index is None:
-            raise IgptError("click an example in the gallery")
-        pictures, *_ = self.examples(name)
-        return self._show_picture(name, pictures[int(index) % len(pictures)])
-
-    @_user_errors
-    def upload(self, name: str | None, path: str | None):
-        """An uploaded file: read it (with a readable message for anything unusable) into the picture."""
-        if not path:
-            return (gr.skip(),) * 6
-        image = load_image(Path(path).read_bytes())  # bytes: messages say "the uploaded file", not a temp path
-        h, w = image.shape[:2]
-        notes = []
-        if max(h, w) > EDITOR_SIDE:
-            smaller = Image.fromarray(image)
-            smaller.thumbnail((EDITOR_SIDE, EDITOR_SIDE), Image.LANCZOS)
-            image = np.asarray(smaller)
-        if name:
-            size = self.run(name).model_config.image_size
-            if min(h, w) < size:
-                notes.append(f"The picture is only {w}×{h} pixels, smaller than the model's {size}×{size}: "
-                             "it is enlarged, so expect blocks.")
-            if h != w:
-                notes.append("The model sees a square: at first the centre of the picture (drag a square on the "
-                             "picture to choose another part).")
-        for note in notes:
-            gr.Warning(note)
-        return self._show_picture(name, image, " ".join(notes))
-
-    def _show_picture(self, name, picture: np.ndarray, note: str = ""):
-        """A new picture, its centre square chosen: (paint editor, picture state, view, note, square, picture)."""
-        box = center_box(*picture.shape[:2])
-        shown, paint, view = self._square_outputs(name, picture, box)
-        return paint, picture, view, note, _square_text(box), shown
-
-    def _square_outputs(self, name, picture: np.ndarray, box):
-        """(the picture with the square marked, the paint editor showing the square, the model's view)."""
-        shown, scale = _enlarged(picture, PICTURE_SIDE)
-        shown = mark_square(shown, tuple(v * scale for v in box))
-        region, _ = _enlarged(crop(picture, box))
-        paint = {"background": region, "layers": [], "composite": region}
-        return shown, paint, self.show_view(name, None, picture, _square_text(box))
-
-    @_user_errors
-    def drag_square(self, drag: str | None, name: str | None, picture):
-        """A square dragged on the picture (its corners as fractions of the picture, from the page's script):
-        (square, picture with the square marked, paint editor, view)."""
-        if picture is None or not drag:
-            return (gr.skip(),) * 4
-        try:
-            x0, y0, x1, y1 = (min(max(float(v), 0.0), 1.0) for v in json.loads(drag))
-        except (ValueError, TypeError):
-            raise IgptError(f"the dragged square came as {drag!r}, not four numbers") from None
-        h, w = picture.shape[:2]
-        box = square_from_drag(h, w, (x0 * w, y0 * h), (x1 * w, y1 * h))
-        return (_square_text(box), *self._square_outputs(name, picture, box))
-
-    @_user_errors
-    def type_square(self, name: str | None, picture, square: str | None):
-        """A square typed as "x, y, side": (square, picture with the square marked, paint editor, view)."""
-        if picture is None:
-            return (gr.skip(),) * 4
-        box = _parse_square(square, picture)
-        return (_square_text(box), *self._square_outputs(name, picture, box))
-
-    def _prepare(self, palette, size, editor, picture, square):
-        """(the square at the model's size, its ids, the model's view, the painted pixels or None)."""
-        region, painted = _model_input(editor, picture, square)
-        original, ids, view = palette.view(region, size)
-        return original, ids, view, painted_cells(painted, size)
-
-    @_user_errors
-    def show_view(self, name: str | None, editor: dict | None, picture, square=""):
-        """The model's view of the chosen square, large, with the pixels painted for inpainting tinted."""
-        if not name or (picture is None and (editor or {}).get("background") is None):
-            return None
-        if name in OPENAI_MODELS and find_imported(name, self.runs_dir) is None:
-            return gr.skip()  # not imported yet: choosing it imports it, and shows the view then
-        run = self.run(name)
-        size = run.model_config.image_size
-        _, _, view, painted = self._prepare(self.models.palette(run), size, editor, picture, square)
-        return enlarge(_shade(view, painted), display_scale(size, 256))
-
-    # -- page actions: completing, filling in, scoring --
-
-    @_user_errors
-    def complete(self, name, step, editor, picture, square, keep_rows, n_samples, temperature, top_k, seed, update,
-                 watch=False, int8=False):
-        """Stream completions from the top `keep_rows` rows: (grid, progress text, what sample 1's next
-        pixel is drawn from if `watch` and the model is AR, else None) at least once per row."""
-        model, palette, step = self.load(name, step)
-        size = model.config.image_size
-        keep_rows = int(keep_rows)
-        original, ids, view, _ = self._prepare(palette, size, editor, picture, square)
-        known = np.zeros(size * size, bool)
-        known[: keep_rows * size] = True
-        stream = complete_stream(model, ids, keep_rows, int(n_samples), temperature=float(temperature),
-                                 top_k=int(top_k or 0) or None, seed=int(seed or 0),
-                                 every=1 if update == "every pixel" else size, precision="int8" if int8 else "fp32")
-        drawn_from = {"numbers": None}
-        if watch and model.config.objective == "ar":
-            stream = self._watching(stream, model, palette, keep_rows * size, temperature, top_k, drawn_from)
-        for frame in self._frames(stream, model, palette, known, original, view, hide_rows(view, keep_rows),
-                                  int(n_samples), "complete"):
-            yield *frame, drawn_from["numbers"]
-
-    @staticmethod
-    def _watching(stream, model, palette, start: int, temperature, top_k, drawn_from: dict):
-        """The stream, noting in drawn_from what sample 1's next pixel is drawn from (`next_pixel`)."""
-        for out, filled, done in stream:
-            if start + filled < out.shape[1]:
-                drawn_from["numbers"] = _sibling("inside").pixel_numbers(model, palette, out[0], start + filled,
-                                                                         temperature, top_k)
-            yield out, filled, done
-
-    @_user_errors
-    def inpaint(self, name, step, editor, picture, square, n_samples, temperature, top_k, seed):
-        """Stream fills of the pixels painted in the editor: (grid, progress text)."""
-        model, palette, step = self.load(name, step)
-        size = model.config.image_size
-        original, ids, view, hidden = self._prepare(palette, size, editor, picture, square)
-        if hidden is None:
-            raise IgptError("paint over the pixels to regenerate first, with the brush of the Inpaint tab's editor")
-        known = ~hidden.reshape(-1)
-        kept = view.copy()
-        kept[hidden] = PENDING
-        stream = inpaint_stream(model, ids, known, int(n_samples), temperature=float(temperature),
-                                top_k=int(top_k or 0) or None, seed=int(seed or 0))
-        yield from self._frames(stream, model, palette, known, original, view, kept, int(n_samples), "inpaint")
-
-    def _frames(self, stream, model, palette, known, original, view, kept, n_samples, action):
-        """The paper's figure after each streamed step, with a progress line; pixels not generated yet are grey."""
-        size = model.config.image_size
-        total = int((~known).sum())
-        order = np.flatnonzero(~known)  # AR models fill these in raster order
-
-        def progress(filled: int) -> str:
-            if model.config.objective == "ar":
-                return f"Generating row {int(order[filled]) // size + 1}/{size} — {filled}/{total} pixels"
-            return f"Filling — {filled}/{total} pixels (BERT commits its most confident guesses first)"
-
-        start = time.perf_counter()
-        if total:
-            yield completion_grid(original, view, kept, np.stack([kept] * n_samples)), progress(0)
-        for out, filled, done in stream:
-            samples = palette.decode(out, size)
-            if filled < total:
-                samples.reshape(len(samples), -1, 3)[:, ~known & ~done.numpy()] = PENDING  # a view of samples
-                text = progress(filled)
-            else:
-                what, button = ("completions", "Complete") if action == "complete" else ("fills", "Fill in")
-                text = (f"Done: {len(samples)} {what}, {total} pixels each, in {time.perf_counter() - start:.1f} s. "
-                        f"Change the seed and press {button} again for new guesses.")
-            yield completion_grid(original, view, kept, samples), text
-
-    def model_and_ids(self, name, step, editor, picture, *region):
-        """(model, palette, palette ids of the model's view): what the "Inside the model" tab looks at."""
-        model, palette, _ = self.load(name, step)
-        _, ids, _, _ = self._prepare(palette, model.config.image_size, editor, picture, *region)
-        return model, palette, ids
-
-    @_user_errors
-    def surprise(self, name, step, editor, picture, square):
-        """Per-pixel surprise (negative log-likelihood) of the model's view, as a heat map."""
-        model, palette, step = self.load(name, step)
-        size = model.config.image_size
-        _, ids, view, _ = self._prepare(palette, size, editor, picture, square)
-        nll = surprise_map(model, ids)
-        worst = np.unravel_index(int(nll.argmax()), nll.shape)
-        low, high = float(nll.min()), float(nll.max())  # the ramp spans this image's own range, for contrast
-        picture = grid([[view, heatmap(nll - low, vmax=max(high - low, 1e-6))]],
-                       labels=["model's view", f"surprise ({low:.1f}..{high:.1f} nats)"],
-                       pixel=display_scale(size, 256))
-        text = (f"Mean surprise **{nll.mean():.3f} nats per pixel** ({bits_per_dim(nll.mean()):.3f} bits), "
-                f"{likelihood_kind(model.config)} likelihood. "
-                f"Bright = the model did not expect that colour there; the most surprising pixel is at row "
-                f"{worst[0] + 1}, column {worst[1] + 1} ({nll.max():.2f} nats).")
-        return picture, text
+class Demo(Models, Pictures, Completion):
+    """The actions behind the page: choosing a model (`Models`), a picture and its square (`Pictures`),
+    and running the model on it (`Completion`). Holds the read-only caches of one app; everything
+    per-user comes in as arguments."""
 
 
 # -- the page: its parts, top to bottom ---------------------------------------------------------------
@@ -740,34 +279,26 @@ def _wire_actions(actions: Demo, ui: SimpleNamespace) -> None:
     tab.watch.change(lambda on: gr.Row(visible=on), tab.watch, tab.watching, api_visibility="private",
                      show_progress="hidden")
     # The stream notes next_pixel's numbers in a State (not returned to API clients); its change draws them.
-    tab.drawn_from.change(_sibling("inside").watched, tab.drawn_from, [tab.drawing, tab.drawing_text],
+    tab.drawn_from.change(inside.watched, tab.drawn_from, [tab.drawing, tab.drawing_text],
                           api_visibility="private", show_progress="hidden", trigger_mode="always_last")
     # A cancelled event counts as failed, so .failure notes it after the last frame.
     tab.stop.click(None, cancels=[completing])
-    completing.failure(functools.partial(_stopped, "generated"), tab.progress, [tab.progress, tab.result],
+    completing.failure(functools.partial(stopped, "generated"), tab.progress, [tab.progress, tab.result],
                        api_visibility="private", show_progress="hidden")
     ui.surprise.button.click(actions.surprise, picture, [ui.surprise.result, ui.surprise.text], api_name="surprise")
     tab = ui.inpaint
     filling = tab.button.click(actions.inpaint, [*picture, *sampling], [tab.result, tab.progress], api_name="inpaint",
                                show_progress="minimal", show_progress_on=tab.result)
     tab.stop.click(None, cancels=[filling])
-    filling.failure(functools.partial(_stopped, "filled"), tab.progress, [tab.progress, tab.result],
+    filling.failure(functools.partial(stopped, "filled"), tab.progress, [tab.progress, tab.result],
                     api_visibility="private", show_progress="hidden")
 
 
-@functools.cache
-def _sibling(name: str):
-    """Another module of apps/ (a folder of scripts, not a package), imported by its path."""
-    spec = importlib.util.spec_from_file_location(f"igpt_apps_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def build_demo(runs_dir=None) -> gr.Blocks:
-    """The Gradio app over the runs in `runs_dir` (default: $IGPT_RUNS_DIR or ./runs)."""
+def build_demo(runs_dir=None, model_memory: int | None = None) -> gr.Blocks:
+    """The Gradio app over the runs in `runs_dir` (default: $IGPT_RUNS_DIR or ./runs), keeping at most
+    `model_memory` bytes of models loaded (default: the library's budget)."""
     runs_dir = runs_root(runs_dir)
-    actions = Demo(runs_dir)
+    actions = Demo(runs_dir, model_memory)
     picker, notice, _ = actions.refresh(None)
     with gr.Blocks(title="iGPT completion demo", delete_cache=(600, 3600)) as demo:
         gr.Markdown(TITLE)
@@ -783,9 +314,9 @@ def build_demo(runs_dir=None) -> gr.Blocks:
                 ui.complete = _complete_tab()
                 ui.surprise = _surprise_tab()
                 ui.inpaint = _inpaint_tab()
-                _sibling("inside").build_tab(actions.model_and_ids, [ui.run, ui.step],
+                inside.build_tab(actions.model_and_ids, [ui.run, ui.step],
                                              [ui.inpaint.paint, ui.chosen, ui.pick.square],
-                                             [ui.sampling.temperature, ui.sampling.top_k], _user_errors)
+                                             [ui.sampling.temperature, ui.sampling.top_k], user_errors)
             ui.paint = ui.inpaint.paint
         _wire_choices(demo, actions, ui)
         _wire_actions(actions, ui)
@@ -799,12 +330,27 @@ def serve(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, **launch_o
                        show_error=True, **launch_options)
 
 
+def model_memory_bytes(text: str | None) -> int | None:
+    """--model-memory as bytes, read by the library's size parser; None: the library's default."""
+    if text is None:
+        return None
+    from igpt_core.runs import parse_memory  # TODO(lead): the size parser being added beside ModelCache
+
+    return parse_memory(text)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Open the iGPT completion demo in the browser.")
     parser.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--runs-dir", default=None, help="folder holding the runs (default: $IGPT_RUNS_DIR or ./runs)")
+    parser.add_argument("--model-memory", metavar="SIZE",
+                        help="memory for loaded models: a size (4GB) or a fraction of RAM (0.5); default: the library's")
     args = parser.parse_args(argv)
+    try:
+        model_memory = model_memory_bytes(args.model_memory)
+    except IgptError as err:  # one line, exit 2, before anything starts
+        parser.error(str(err))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     if not os.environ.get("GRADIO_TEMP_DIR"):  # uploads and rendered images go here, and nowhere else
         temp = tempfile.mkdtemp(prefix="igpt-demo-")
@@ -812,7 +358,7 @@ def main(argv=None) -> None:
         atexit.register(shutil.rmtree, temp, ignore_errors=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so a plain `kill` also removes it
     runs_dir = runs_root(args.runs_dir)
-    demo = build_demo(runs_dir)
+    demo = build_demo(runs_dir, model_memory)
     print(f"iGPT demo on http://{args.host}:{args.port} — runs from {runs_dir.resolve()}")
     serve(demo, args.host, args.port)
 

@@ -15,9 +15,10 @@ from types import SimpleNamespace
 import gradio as gr
 import numpy as np
 
-from igpt_core import IgptError, explain, surprise_map
-from igpt_core.render import (attention_panel, display_scale, distribution_bars, enlarge, grid, heatmap, layer_strip,
-                              mark_pixel)
+from igpt_core import explain, surprise_map
+from igpt_core import parse_pixel
+from igpt_core.render import (attention_panel, display_scale, distribution_bars, enlarge, grid,
+                              heatmap, layer_strip, mark_pixel)
 
 VIEW_SIDE = 256  # the clickable view is drawn about this many screen pixels wide
 SHOWN_COLORS = 8  # colours listed in the distribution (top-k may keep fewer)
@@ -32,17 +33,9 @@ head (the "logit lens"), as the most likely colour of every pixel, with the prob
 of the clicked pixel."""
 
 
-def _parse_pixel(text: str | None, side: int) -> tuple[int, int] | None:
-    """"row, column" counted from 1 at the top left -> 0-based (row, col); empty -> None."""
-    if not (text or "").strip():
-        return None
-    try:
-        row, col = (int(part) for part in str(text).replace(";", ",").split(","))
-    except ValueError:
-        raise IgptError(f"the pixel is a row and a column, e.g. 3, 4 (counted from 1), got {text!r}") from None
-    if not (1 <= row <= side and 1 <= col <= side):
-        raise IgptError(f"pixel ({row}, {col}) is outside the {side}×{side} image: rows and columns run 1..{side}")
-    return row - 1, col - 1
+def chosen_pixel(text: str | None, side: int) -> tuple[int, int] | None:
+    """"row, column" counted from 1 at the top left (`images.parse_pixel`) -> 0-based (row, col); empty -> None."""
+    return parse_pixel(text, side) if (text or "").strip() else None
 
 
 def pixel_numbers(model, palette, ids, t: int, temperature, top_k, true_id: int | None = None) -> dict:
@@ -77,7 +70,7 @@ class Inside:
         """(model, palette, ids, the model's view, the pixel (row, col) 0-based or None, its raster index)."""
         model, palette, ids = self.model_ids(name, step, *picture)
         side = model.config.image_size
-        pixel = _parse_pixel(pixel_text, side)
+        pixel = chosen_pixel(pixel_text, side)
         view = palette.decode(ids[None], side)[0]
         return model, palette, ids, view, pixel, None if pixel is None else pixel[0] * side + pixel[1]
 

@@ -1,27 +1,48 @@
-"""igpt_core: Image GPT ("Generative Pretraining from Pixels", Chen et al., ICML 2020) in PyTorch."""
+"""igpt_core: Image GPT ("Generative Pretraining from Pixels", Chen et al., ICML 2020) in PyTorch.
 
-from .data import DATASETS, Dataset, DatasetStream, load_dataset, open_dataset
+This file is the library's public surface: the apps, the CLI and the notebooks import from here.
+Drawing helpers stay in their module (`from igpt_core import render`), as do the inside views
+(`explain`) and the representation analyses (`analysis`).
+"""
+
+from . import analysis, explain, render
+from .data import (DATASETS, SPLITS, Dataset, DatasetStream, Shards, builtin_photos, check_token_palette,
+                   load_dataset, open_dataset, open_shards, shards_path)
 from .decoder import Decoder
+from .device import pick_device, resolve_precision
 from .errors import CheckpointError, ConfigError, DatasetError, IgptError, ImageError, RunError
-from .images import load_image, resize, to_rgb
-from .likelihood import pixel_nll, score, surprise_map
+from .images import (center_box, center_square, crop, load_image, painted_cells, parse_pixel, resize, square_from_drag,
+                     square_inside, to_rgb)
+from .likelihood import bits_per_dim, likelihood_kind, pixel_nll, score, surprise_map
 from .model import IGPT, PRESETS, ModelConfig, preset
 from .palette import Palette
-from .runs import Run, list_runs, load_checkpoint, open_run, save_checkpoint
+from .pretrained import (OPENAI_MODELS, OPENAI_STEPS, export_hf, find_imported, hub_offline, import_hf, import_once,
+                         import_openai, imported_label, in_hub_cache)
+from .probe import ProbeTable, fit_probe, load_probe_results, probe_run, spearman
+from .runs import (ModelCache, Run, list_runs, load_checkpoint, open_run, runs_root, save_checkpoint,
+                   scan_runs)
 from .sample import complete, complete_stream, inpaint, inpaint_stream, unconditional
-from .data import Shards, open_shards
-from .tokenizer import tokenize
-from .training import TrainConfig, start_run, train
+from .tokenizer import fit_palette, tokenize
+from .training import (TrainConfig, Trainer, check_resume, classify, finetune, parse_save_every, start_run, train,
+                       unigram_loss)
 
 __all__ = [
-    "DATASETS", "Dataset", "DatasetStream", "load_dataset", "open_dataset",
+    "analysis", "explain", "render",
+    "DATASETS", "SPLITS", "Dataset", "DatasetStream", "Shards", "builtin_photos", "check_token_palette",
+    "load_dataset", "open_dataset", "open_shards", "shards_path",
+    "Decoder", "pick_device", "resolve_precision",
     "CheckpointError", "ConfigError", "DatasetError", "IgptError", "ImageError", "RunError",
-    "load_image", "resize", "to_rgb",
-    "pixel_nll", "score", "surprise_map",
-    "Decoder", "IGPT", "PRESETS", "ModelConfig", "preset",
-    "Palette",
-    "Run", "list_runs", "load_checkpoint", "open_run", "save_checkpoint",
-    "Shards", "open_shards", "tokenize",
+    "center_box", "center_square", "crop", "load_image", "painted_cells", "parse_pixel", "resize",
+    "square_from_drag", "square_inside", "to_rgb",
+    "bits_per_dim", "likelihood_kind", "pixel_nll", "score", "surprise_map",
+    "IGPT", "PRESETS", "ModelConfig", "preset", "Palette",
+    "OPENAI_MODELS", "OPENAI_STEPS", "export_hf", "find_imported", "hub_offline", "import_hf", "import_once",
+    "import_openai", "imported_label", "in_hub_cache",
+    "ProbeTable", "fit_probe", "load_probe_results", "probe_run", "spearman",
+    "ModelCache", "Run", "list_runs", "load_checkpoint", "open_run", "runs_root", "save_checkpoint",
+    "scan_runs",
     "complete", "complete_stream", "inpaint", "inpaint_stream", "unconditional",
-    "TrainConfig", "start_run", "train",
+    "fit_palette", "tokenize",
+    "TrainConfig", "Trainer", "check_resume", "classify", "finetune", "parse_save_every", "start_run", "train",
+    "unigram_loss",
 ]

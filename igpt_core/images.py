@@ -192,3 +192,15 @@ def painted_cells(painted: np.ndarray | None, size: int) -> np.ndarray | None:
         return None
     cover = np.asarray(Image.fromarray(painted.astype(np.uint8) * 255).resize((size, size), Image.BOX)) / 255
     return cover >= 0.25 if (cover >= 0.25).any() else cover > 0
+
+
+def parse_pixel(text: str, side: int) -> tuple[int, int]:
+    """A pixel typed as "ROW,COL", counted from 1 at the top left (the way people count rows and
+    columns), -> its 0-based (row, col) in a side × side image; a readable ImageError otherwise."""
+    try:
+        row, col = (int(part) for part in str(text).replace(";", ",").split(","))
+    except ValueError:
+        raise ImageError(f"a pixel is ROW,COL counted from 1 at the top left (e.g. 3,4), got {text!r}") from None
+    if not (1 <= row <= side and 1 <= col <= side):
+        raise ImageError(f"pixel ({row}, {col}) is outside the {side}×{side} image: rows and columns run 1..{side}")
+    return row - 1, col - 1

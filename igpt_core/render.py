@@ -90,6 +90,15 @@ def heatmap(values: np.ndarray, vmax: float | None = None) -> np.ndarray:
     return np.rint(_RAMP[low] * (1 - frac) + _RAMP[low + 1] * frac).astype(np.uint8)
 
 
+def surprise_picture(view: np.ndarray, nll: np.ndarray, pixel: int | None = None) -> np.ndarray:
+    """The model's view beside its surprise map (negative log-likelihood per pixel, nats): from dark
+    (0 nats: a colour the model was certain of) to bright (this picture's most surprising pixel),
+    so 0 always means the same and the brightest pixel is the one to look at."""
+    high = max(float(np.max(nll)), 1e-6)
+    return grid([[view, heatmap(nll, vmax=high)]], labels=["model's view", f"surprise (0..{high:.1f} nats)"],
+                pixel=pixel)
+
+
 def save_png(image: np.ndarray, path) -> None:
     """Write a PNG atomically (lossless, so every palette colour survives)."""
     atomic_write(Path(path), lambda tmp: Image.fromarray(np.asarray(image)).save(tmp, format="PNG"))

@@ -292,6 +292,23 @@ def list_runs(runs_dir: Path | None = None) -> list[Run]:
     return [Run(p) for p in sorted(runs_dir.iterdir()) if (p / "run.json").is_file()]
 
 
+def scan_runs(runs_dir: Path | None = None) -> tuple[list[Run], dict[str, str]]:
+    """The runs under runs_dir split into those that can be read and those that cannot:
+    (readable runs, {name: the one-line reason another run cannot be read}), both sorted by name.
+
+    Only run.json is read (not the metrics), so listing many runs stays quick; the reasons are the
+    library's own messages, which say what to do."""
+    readable, problems = [], {}
+    for run in list_runs(runs_dir):
+        try:
+            run.info  # checks run.json and its model config
+        except IgptError as err:
+            problems[run.name] = str(err)
+        else:
+            readable.append(run)
+    return readable, problems
+
+
 def create_run(runs_dir: Path | None, name: str, info: dict, palette: Palette, *, overwrite: bool = False,
                fill=None) -> Run:
     """Make a run folder with run.json and palette.json, atomically: a failure leaves nothing.

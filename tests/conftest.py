@@ -2,10 +2,13 @@
 the Chromium that browser tests drive."""
 
 import contextlib
+import importlib
+import importlib.util
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -20,6 +23,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach t
 from igpt_core.training import TrainConfig, start_run, train  # noqa: E402
 
 TINY = dict(n_layer=2, n_embd=32, n_head=2)
+
+
+APPS = Path(__file__).resolve().parents[1] / "apps"
+
+
+def app_module(name: str):
+    """apps/NAME.py of this checkout, imported as igpt_apps.NAME, as the installed package is (so its
+    siblings are imported as a package's are); importing it must do nothing by itself. igpt_apps is
+    bound to this checkout's apps/ first: an editable install elsewhere may map the name to another."""
+    package = sys.modules.get("igpt_apps")
+    if package is None or Path(package.__file__).parent != APPS:
+        for loaded in [key for key in sys.modules if key.startswith("igpt_apps.")]:
+            del sys.modules[loaded]
+        spec = importlib.util.spec_from_file_location("igpt_apps", APPS / "__init__.py",
+                                                      submodule_search_locations=[str(APPS)])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["igpt_apps"] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(f"igpt_apps.{name}")
 
 
 def make_run(runs_dir, name="tiny", objective="ar", steps=40, **train_options):

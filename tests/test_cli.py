@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,19 @@ def test_every_subcommand_has_help(tmp_path, capsys):
         assert help_text.startswith("usage: igpt " + name) and "--help" in help_text
 
 
+def test_precision_is_chosen_on_the_commands_that_run_the_model(capsys):
+    parser = cli.build_parser()
+    for command in (["probe", "r"], ["score", "r"], ["surprise", "r", "--image", "x.png"],
+                    ["inside", "r", "--image", "x.png", "--pixel", "1,1"]):
+        assert parser.parse_args(command).precision == "auto"
+        assert parser.parse_args([*command, "--precision", "bf16"]).precision == "bf16"
+        with pytest.raises(SystemExit):
+            parser.parse_args([*command, "--precision", "fp16"])
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err
+    assert parser.parse_args(["demo", "--model-memory", "4GB"]).model_memory == "4GB"
+    assert parser.parse_args(["demo"]).model_memory is None  # the library's budget
+
+
 def test_train_writes_a_run_that_runs_lists(workdir):
     rows = json.loads(igpt("runs", "--json", cwd=workdir).stdout)
     assert [r["name"] for r in rows] == ["t"]
@@ -71,6 +85,20 @@ def test_runs_lists_an_unreadable_run_in_one_line(tmp_path):
     assert [(r["name"], "error" in r) for r in rows] == [("odd", True), ("old", True)]
     result = igpt("probe", "old", cwd=tmp_path, check=False)
     assert result.returncode == 2 and "cannot read" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_scan_runs_splits_readable_runs_from_unreadable_ones(workdir, tmp_path):
+    from igpt_core.runs import scan_runs
+
+    runs = tmp_path / "runs"
+    shutil.copytree(workdir / "runs" / "t", runs / "t")
+    (runs / "broken").mkdir()
+    (runs / "broken" / "run.json").write_text("{not json")
+    (runs / "half").mkdir()  # no run.json: not a run at all
+    readable, problems = scan_runs(runs)
+    assert [run.name for run in readable] == ["t"] and list(problems) == ["broken"]
+    assert "run.json is damaged" in problems["broken"] and "\n" not in problems["broken"]
+    assert scan_runs(tmp_path / "nowhere") == ([], {})
 
 
 def test_sample_score_surprise(workdir):
@@ -125,8 +153,6 @@ def test_bad_input_gets_one_clear_line(workdir, args, message):
 
 
 def test_corrupt_checkpoint_is_reported(workdir, tmp_path):
-    import shutil
-
     shutil.copytree(workdir / "runs" / "t", tmp_path / "runs" / "t")
     last = sorted((tmp_path / "runs" / "t" / "checkpoints").iterdir())[-1]
     last.write_bytes(last.read_bytes()[:200])

@@ -9,7 +9,6 @@ the grid stream, press Stop, paint a mask with the brush and fill it in.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import re
@@ -24,7 +23,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import browser_page, keep_screenshot, make_run
+from conftest import app_module, browser_page, keep_screenshot, make_run
 from PIL import Image
 
 from igpt_core import load_dataset, open_run, surprise_map
@@ -39,18 +38,14 @@ from gradio_client.exceptions import AppError  # noqa: E402
 from playwright.sync_api import TimeoutError as PlaywrightTimeout  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-APP = ROOT / "apps" / "demo.py"
 SIZE = 8  # digits runs are 8×8
 GREY = (128, 128, 128)  # pixels not generated yet
 WHOLE = ("",)  # the square the model sees, "x, y, side"; empty = the picture's centre square
 
 
 def load_app():
-    """apps/demo.py as a module (apps/ is not a package); importing it must do nothing by itself."""
-    spec = importlib.util.spec_from_file_location("igpt_demo_app", APP)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """apps/demo.py as the installed package's igpt_apps.demo; importing it must do nothing by itself."""
+    return app_module("demo")
 
 
 def free_port() -> int:

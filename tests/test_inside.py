@@ -38,7 +38,7 @@ def digit(tmp_path_factory):
 @pytest.mark.parametrize("run_fixture", ["tiny_run", "bert_run"])
 def test_inside_writes_the_picture_and_the_numbers(request, digit, run_fixture, monkeypatch, capsys):
     run = request.getfixturevalue(run_fixture)
-    args = ["inside", run.name, "--runs-dir", run.path.parent, "--image", "digit.png", "--pixel", "4,3",
+    args = ["inside", run.name, "--runs-dir", run.path.parent, "--image", "digit.png", "--pixel", "5,4",
             "--out", "inside.png", "--json"]
     if run_fixture == "tiny_run":  # once as a user runs it, in a process of its own
         out = igpt(*args, cwd=digit).stdout
@@ -49,11 +49,12 @@ def test_inside_writes_the_picture_and_the_numbers(request, digit, run_fixture, 
 
     model, palette, _ = run.load()
     ids = palette.encode(load_image(digit / "digit.png")[None], 8)[0]
-    t = 4 * 8 + 3
+    t = 4 * 8 + 3  # --pixel 5,4 counts from 1: row 5, column 4 is 0-based (4, 3)
     probabilities = explain.next_pixel(model, ids, t)
     assert result["top_ids"] == probabilities.topk(8).indices.tolist()
     np.testing.assert_allclose(result["top_probabilities"], probabilities.topk(8).values, rtol=1e-5)
     assert result["true_id"] == int(ids[t]) and result["step"] == max(run.checkpoints())
+    assert result["pixel"] == [5, 4]
     assert result["true_probability"] == pytest.approx(float(probabilities[ids[t]]), rel=1e-5)
     if run_fixture == "tiny_run":  # BERT's layer readings hide a masking group, next_pixel the pixel alone
         assert result["layer_true_probability"][-1] == pytest.approx(result["true_probability"], rel=1e-4)
@@ -73,9 +74,10 @@ def test_inside_writes_the_picture_and_the_numbers(request, digit, run_fixture, 
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--pixel", "8,0"], "pixel (8, 0) is outside the 8×8 image"),
-    (["--pixel", "three"], "--pixel takes ROW,COL"),
-    (["--pixel", "1,2,3"], "--pixel takes ROW,COL"),
+    (["--pixel", "9,1"], "pixel (9, 1) is outside the 8×8 image: rows and columns run 1..8"),
+    (["--pixel", "0,1"], "pixel (0, 1) is outside the 8×8 image"),
+    (["--pixel", "three"], "a pixel is ROW,COL counted from 1"),
+    (["--pixel", "1,2,3"], "a pixel is ROW,COL counted from 1"),
     (["--pixel", "1,1", "--step", "999"], "no checkpoint at step 999"),
     (["--pixel", "1,1", "--image", "broken.png"], "broken.png"),
     (["--pixel", "1,1", "--image", "missing.png"], "no image at"),
@@ -93,3 +95,26 @@ def test_inside_has_help(tmp_path, monkeypatch, capsys):
     status, text, _ = igpt_here("inside", "--help", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert status == 0
     assert "usage: igpt inside" in text and "--pixel ROW,COL" in text and "logit lens" in text
+
+
+def test_parse_pixel_counts_from_one_at_the_top_left():
+    from igpt_core.errors import IgptError
+    from igpt_core.images import parse_pixel
+
+    assert parse_pixel("1,1", 8) == (0, 0) and parse_pixel("8, 3", 8) == (7, 2) and parse_pixel(" 2; 5 ", 8) == (1, 4)
+    for text in ("0,1", "9,1", "1,9", "x,y", "1", ""):
+        with pytest.raises(IgptError):
+            parse_pixel(text, 8)
+
+
+def test_surprise_picture_runs_from_zero_to_the_pictures_most_surprising_pixel():
+    from igpt_core.render import heatmap, surprise_picture
+
+    view = np.zeros((4, 4, 3), np.uint8)
+    nll = np.arange(16, dtype=np.float64).reshape(4, 4) / 4  # 0 .. 3.75 nats
+    picture = surprise_picture(view, nll, pixel=1)
+    colours = {tuple(c) for c in picture.reshape(-1, 3)}
+    assert tuple(heatmap(np.array([[0.0]]), vmax=3.75)[0, 0]) in colours  # 0 nats: the dark end
+    assert tuple(heatmap(np.array([[3.75]]), vmax=3.75)[0, 0]) in colours  # the maximum: the bright end
+    doubled = surprise_picture(view, nll * 2, pixel=1)  # the scale follows the picture's own maximum
+    assert np.array_equal(doubled[20:], picture[20:])

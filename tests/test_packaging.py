@@ -40,7 +40,7 @@ def build_wheel(tmp_path: Path) -> Path:
 def test_the_wheel_ships_the_apps_and_igpt_demo_runs_from_the_installed_package(tmp_path):
     wheel = build_wheel(tmp_path)
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"igpt_apps/demo.py", "igpt_apps/dashboard.py", "igpt_core/cli.py"} <= names, sorted(names)
+    assert {"igpt_apps/demo.py", "igpt_apps/dashboard.py", "igpt_core/cli/__init__.py"} <= names, sorted(names)
     assert not any(name.startswith(("apps/", "tests/")) for name in names)
 
     site = tmp_path / "site"
