@@ -25,3 +25,11 @@ __all__ = [
     "complete", "complete_stream", "inpaint", "inpaint_stream", "unconditional",
     "TrainConfig", "start_run", "train",
 ]
+
+# TODO(lead): temporary (branch course), so the notebooks can import these from the top-level package;
+# replace with the exports from their new homes (training/, probe/, pretrained/) at merge.
+from .finetune import classify, finetune  # noqa: E402
+from .hf import export_hf, import_hf  # noqa: E402
+from .images import center_square  # noqa: E402
+from .probe import fit_probe, load_probe_results, probe_run, spearman  # noqa: E402
+from .train import unigram_loss  # noqa: E402
