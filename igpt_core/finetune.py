@@ -142,9 +142,9 @@ def finetune(run_name, dataset: str | None = None, *, name: str | None = None, s
     base = as_run(run_name, runs_dir)
     info = base.info
     dataset = dataset or info["dataset"]
-    runs_root = runs_root(runs_dir)
+    root = runs_root(runs_dir)
     name = name or f"{base.name}-ft-{dataset}".replace(":", "_").replace("/", "_")
-    _check_request(base, name, runs_root, overwrite, steps=steps, batch_size=batch_size, patience=patience,
+    _check_request(base, name, root, overwrite, steps=steps, batch_size=batch_size, patience=patience,
                    gen_weight=gen_weight)
     base_step = base.resolve_step(step)
     base_tc = TrainConfig.from_dict(info.get("train_config") or {})
@@ -184,7 +184,7 @@ def finetune(run_name, dataset: str | None = None, *, name: str | None = None, s
                 "eval_every": tc.eval_every, "augment": bool(augment), "seed": seed, "base_step": base_step,
                 "max_train": max_train, "warmup": tc.warmup, "beta2": tc.beta2, "grad_clip": tc.grad_clip}
     run_info = _classifier_info(base, dataset, data_dir, model.config, classes, settings, result, test_acc, note)
-    path = _save_classifier(runs_root, name, run_info, palette, clf, classes, result["metrics"], result["best_step"],
+    path = _save_classifier(root, name, run_info, palette, clf, classes, result["metrics"], result["best_step"],
                             overwrite)
     return {
         "run": name, "path": str(path), "base_run": base.name, "base_step": base_step, "dataset": dataset,
