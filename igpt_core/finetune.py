@@ -37,7 +37,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from .errors import IgptError, RunError
 from .images import center_square, load_image, to_rgb
 from .files import atomic_write, write_jsonl
-from .probe import _load_probe_data
+from .probe import load_probe_data as _load_probe_data
 from .progress import progress_bar
 from .runs import Run, as_run, create_run, runs_root, save_checkpoint
 from .device import pick_device
