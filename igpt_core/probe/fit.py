@@ -31,7 +31,8 @@ DEFAULT_CS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
 FIT_THREADS = 1
 
 
-def fit_probe(train_x, train_y, val_x, val_y, test_x, test_y, *, Cs=DEFAULT_CS, max_iter: int = 1000) -> dict:
+def fit_probe(train_x, train_y, val_x, val_y, test_x, test_y, *, Cs=DEFAULT_CS, max_iter: int = 1000,
+              classes=None) -> dict:
     """Logistic regression on standardised features; C chosen by validation accuracy.
 
     The scaler is fitted on the training features only. Each C (ascending) is fitted on the training
@@ -42,8 +43,11 @@ def fit_probe(train_x, train_y, val_x, val_y, test_x, test_y, *, Cs=DEFAULT_CS, 
     Runs on FIT_THREADS BLAS/OpenMP threads whatever the process's settings, so the result does not
     depend on them.
 
-    Returns {"C", "val_acc", "test_acc", "train_acc", "val_accs": {C: acc}, "iterations": {C: L-BFGS
-    iterations}, "converged"} ("converged": whether the chosen C's fit converged within max_iter).
+    Returns {"C", "val_acc", "test_acc", "train_acc", "confusion", "val_accs": {C: acc}, "iterations":
+    {C: L-BFGS iterations}, "converged"} ("converged": whether the chosen C's fit converged within
+    max_iter). "confusion" is the chosen C's test confusion matrix as lists of counts: row i holds the
+    test images of class classes[i], column j the ones predicted as classes[j]; `classes` are the
+    label values (default: every label seen in the three splits, ascending).
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -55,6 +59,7 @@ def fit_probe(train_x, train_y, val_x, val_y, test_x, test_y, *, Cs=DEFAULT_CS, 
         raise IgptError("the probe's training split holds a single class: use more training images (max_train)")
     if not Cs:
         raise IgptError("fit_probe needs at least one value of C")
+    classes = np.unique(np.concatenate([train_y, val_y, test_y])) if classes is None else np.asarray(classes)
     with threadpool_limits(limits=FIT_THREADS):
         scaler = StandardScaler().fit(np.asarray(train_x, dtype=np.float64))
         tx, vx, sx = (scaler.transform(np.asarray(x, dtype=np.float64)) for x in (train_x, val_x, test_x))
@@ -69,14 +74,30 @@ def fit_probe(train_x, train_y, val_x, val_y, test_x, test_y, *, Cs=DEFAULT_CS, 
             val_acc = float((clf.predict(vx) == val_y).mean())
             val_accs[C], iterations[C] = val_acc, int(clf.n_iter_.max())
             if best is None or val_acc > best["val_acc"]:
+                predicted = clf.predict(sx)
                 best = {
                     "C": C,
                     "val_acc": val_acc,
-                    "test_acc": float((clf.predict(sx) == test_y).mean()),
+                    "test_acc": float((predicted == test_y).mean()),
                     "train_acc": float((clf.predict(tx) == train_y).mean()),
+                    "confusion": confusion_matrix(test_y, predicted, classes).tolist(),
                 }
                 converged = this_converged
     return {**best, "val_accs": val_accs, "iterations": iterations, "converged": converged}
+
+
+def confusion_matrix(true, predicted, classes) -> np.ndarray:
+    """Counts (len(classes), len(classes)) int64: row i = true class classes[i], column j = predicted
+    class classes[j]. Every label must be one of `classes`."""
+    index = {label: i for i, label in enumerate(np.asarray(classes).tolist())}
+    try:
+        rows = [index[label] for label in np.asarray(true).tolist()]
+        cols = [index[label] for label in np.asarray(predicted).tolist()]
+    except KeyError as err:
+        raise IgptError(f"label {err.args[0]!r} is not one of the classes {list(index)}") from None
+    counts = np.zeros((len(index), len(index)), dtype=np.int64)
+    np.add.at(counts, (rows, cols), 1)
+    return counts
 
 
 def fit_workers() -> int:
@@ -87,9 +108,10 @@ def fit_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def fit_probes(jobs, *, Cs=DEFAULT_CS, workers: int | None = None, on_fit=None) -> dict:
+def fit_probes(jobs, *, Cs=DEFAULT_CS, classes=None, workers: int | None = None, on_fit=None) -> dict:
     """`fit_probe` on many feature sets: {key: result} for jobs [(key, (train_x, train_y, val_x,
-    val_y, test_x, test_y)), ...], fitted in `workers` processes (default: one per core).
+    val_y, test_x, test_y)), ...], fitted in `workers` processes (default: one per core); `classes`
+    orders every fit's confusion matrix (see fit_probe).
 
     Each fit is single-threaded (FIT_THREADS), so the results do not depend on `workers`: on two
     cores, two single-threaded fits at once take about half the time of one after the other, where
@@ -108,10 +130,10 @@ def fit_probes(jobs, *, Cs=DEFAULT_CS, workers: int | None = None, on_fit=None) 
 
     if workers <= 1:
         for key, arrays in jobs:
-            finish(key, fit_probe(*arrays, Cs=Cs))
+            finish(key, fit_probe(*arrays, Cs=Cs, classes=classes))
         return results
     with ProcessPoolExecutor(workers, mp_context=_worker_context(), initializer=_stop_with_parent) as pool:
-        pending = {pool.submit(_fit_job, arrays, tuple(Cs)): key for key, arrays in jobs}
+        pending = {pool.submit(_fit_job, arrays, tuple(Cs), classes): key for key, arrays in jobs}
         try:
             for future in as_completed(pending):
                 finish(pending[future], future.result())
@@ -122,9 +144,9 @@ def fit_probes(jobs, *, Cs=DEFAULT_CS, workers: int | None = None, on_fit=None) 
     return results
 
 
-def _fit_job(arrays, Cs) -> dict:
+def _fit_job(arrays, Cs, classes) -> dict:
     """What a fit_probes worker process runs (a module-level function, so it can be pickled)."""
-    return fit_probe(*arrays, Cs=Cs)
+    return fit_probe(*arrays, Cs=Cs, classes=classes)
 
 
 def _stop_with_parent() -> None:

@@ -28,7 +28,8 @@ from ..files import atomic_write_json
 from ..model import IGPT
 from ..progress import progress_bar
 from ..runs import Run, as_run
-from .features import FeatureSource, Ranks, checkpoint_key, fingerprint
+from .cache import FeatureCache, FeatureSource, Ranks, checkpoint_key, fingerprint
+from .features import feature_precision
 from .fit import DEFAULT_CS, fit_probes, warm_up_workers
 from .table import ProbeTable, load_probe_results, results_path
 
@@ -148,7 +149,8 @@ class _Inputs:
     note: str | None
 
 
-def _probe_inputs(run: Run, dataset: str, data_dir, max_train, seed: int, bert_masks: int, Cs) -> _Inputs:
+def _probe_inputs(run: Run, dataset: str, data_dir, max_train, seed: int, bert_masks: int, Cs,
+                  precision: str) -> _Inputs:
     size, palette = run.model_config.image_size, run.palette
     data, classes, note = load_probe_data(run, dataset, size, data_dir, max_train, seed)
     ids = {split: palette.encode(images, size) for split, (images, _) in data.items()}
@@ -160,6 +162,8 @@ def _probe_inputs(run: Run, dataset: str, data_dir, max_train, seed: int, bert_m
         "resolution": size, "max_train": max_train, "bert_masks": bert_masks, "seed": seed,
         "Cs": sorted(float(c) for c in Cs), "classes": classes,
     }
+    if precision != "fp32":  # tables made in fp32 before the setting existed keep matching
+        settings["precision"] = precision
     return _Inputs(data, ids, {split: y for split, (_, y) in data.items()}, hashes, settings, note)
 
 
@@ -206,7 +210,7 @@ def _splits(feats: dict, labels: dict, layers) -> tuple:
 def probe_run(run_name, dataset: str | None = None, *, checkpoints="all", layers="all", concat=None, runs_dir=None,
               data_dir=None, bert_masks: int = 4, max_train: int | None = None, progress: bool = True, seed: int = 0,
               Cs=DEFAULT_CS, batch_size: int = 256, device: str = "auto", references: bool = True,
-              on_progress=None, workers: int | None = None) -> ProbeTable | None:
+              on_progress=None, workers: int | None = None, precision: str = "auto") -> ProbeTable | None:
     """Linear-probe every requested (checkpoint, layer) of a run on a labelled dataset.
 
     dataset: default the run's own. checkpoints: "all", "last" or a list of steps. layers: "all" or
@@ -221,7 +225,9 @@ def probe_run(run_name, dataset: str | None = None, *, checkpoints="all", layers
     References (stored once per settings): the same probe on raw pixels, and on a randomly
     initialised model of the same shape (torch.manual_seed(seed)) at the requested layers.
     Once the features are extracted, the fits run in `workers` processes (default: one per core);
-    the numbers do not depend on `workers` or on thread settings.
+    the numbers do not depend on `workers` or on thread settings. precision: "auto" (bf16 where the
+    hardware computes it natively: CUDA, CPUs with AVX512-BF16 or AMX), "fp32" or "bf16"; it is one
+    of the table's settings, and each row stores the test confusion matrix of its probe.
     on_progress(done, total) is called after each fit (references included), e.g. for a progress bar in an app.
     Under torchrun every rank extracts its share of the images; rank 0 fits, writes and returns the
     table, the other ranks return None.
@@ -230,7 +236,9 @@ def probe_run(run_name, dataset: str | None = None, *, checkpoints="all", layers
     ranks = Ranks()
     request = _resolve_request(run, checkpoints, layers, concat, bert_masks, max_train)
     dataset = dataset or run.info["dataset"]
-    inputs = _probe_inputs(run, dataset, data_dir, max_train, seed, request.bert_masks, Cs)
+    device = pick_device(device)
+    precision = feature_precision(precision, device, run.model_config.n_embd)
+    inputs = _probe_inputs(run, dataset, data_dir, max_train, seed, request.bert_masks, Cs, precision)
     notes = [inputs.note] if inputs.note else []
     stored = _stored(run, dataset, inputs.settings, notes) if ranks.rank == 0 else None
     random_todo = ranks.share([layer for layer in request.layers if layer not in stored["random_init"]]
@@ -240,7 +248,8 @@ def probe_run(run_name, dataset: str | None = None, *, checkpoints="all", layers
         warm_up_workers(workers)
     jobs = []  # (key, fit_probe's arrays): every fit waits until all features are extracted, so that the
     # fitting processes never compete for cores with torch's threads (which then wait spinning)
-    for key, source, wanted in _sources(run, request, random_todo, inputs, dataset, seed, batch_size, device, progress):
+    for key, source, wanted in _sources(run, request, random_todo, inputs, dataset, seed, batch_size, device,
+                                        precision, progress):
         feats = source.get(wanted, inputs.hashes, ranks)
         if feats is None:
             continue  # not rank 0: it only helps extract
@@ -251,7 +260,8 @@ def probe_run(run_name, dataset: str | None = None, *, checkpoints="all", layers
     if references and ranks.rank == 0 and stored["raw_pixels"] is None:
         jobs.insert(0, (("raw_pixels",), _raw_pixel_splits(inputs, seed)))  # the largest: first, for balance
     with _FitProgress(progress, len(jobs), f"probing {run.name} on {dataset}", on_progress) as tracker:
-        results = fit_probes(jobs, Cs=Cs, workers=workers, on_fit=tracker.update)
+        classes = range(len(inputs.settings["classes"])) if inputs.settings["classes"] else None
+        results = fit_probes(jobs, Cs=Cs, classes=classes, workers=workers, on_fit=tracker.update)
     if ranks.rank != 0:
         return None
     table = _merged_table(run, dataset, stored, results, inputs, notes)
@@ -260,25 +270,25 @@ def probe_run(run_name, dataset: str | None = None, *, checkpoints="all", layers
 
 
 def _sources(run: Run, request: _Request, random_todo: list[int], inputs: _Inputs, dataset: str, seed: int,
-             batch_size: int, device: str, progress: bool):
+             batch_size: int, device: torch.device, precision: str, progress: bool):
     """(fit key prefix, FeatureSource, layers to extract) for each checkpoint, then the random init."""
-    dev = pick_device(device)
-    common = dict(ids=inputs.ids, dataset=dataset, bert_masks=request.bert_masks, seed=seed, batch_size=batch_size,
-                  progress=progress)
+    def source(tag, key, load_model):
+        cache = FeatureCache(run, tag, key, dataset, request.bert_masks, seed, precision)
+        return FeatureSource(cache, load_model, inputs.ids, inputs.labels, batch_size, progress)
+
     for step in request.steps:
-        yield ("step", step), FeatureSource(run, f"step_{step:07d}", checkpoint_key(run, step),
-                                             lambda step=step: run.load(step, device=dev)[0], **common), \
-            request.extracted
+        model = source(f"step_{step:07d}", checkpoint_key(run, step), lambda step=step: run.load(step, device=device)[0])
+        yield ("step", step), model, request.extracted
     if random_todo:
         config = run.model_config
 
         def random_model():
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                return IGPT(config).to(dev).eval()
+                return IGPT(config).to(device).eval()
 
         key = fingerprint("random_init", config.to_dict(), seed)
-        yield ("random_init",), FeatureSource(run, "random_init", key, random_model, **common), random_todo
+        yield ("random_init",), source("random_init", key, random_model), random_todo
 
 
 def _merged_table(run: Run, dataset: str, stored: dict, results: dict, inputs: _Inputs, notes: list[str]) -> ProbeTable:
@@ -287,7 +297,7 @@ def _merged_table(run: Run, dataset: str, stored: dict, results: dict, inputs: _
     rows, joined, random_init = dict(stored["rows"]), dict(stored["concat"]), dict(stored["random_init"])
     raw_pixels = stored["raw_pixels"]
     for key, result in results.items():
-        scores = {"val_acc": result["val_acc"], "test_acc": result["test_acc"], "C": result["C"]}
+        scores = {name: result[name] for name in ("val_acc", "test_acc", "C", "confusion")}
         if key[0] == "step":
             step, what = key[1], key[2]
             loss = val_losses.get(step)
@@ -311,6 +321,7 @@ def _merged_table(run: Run, dataset: str, stored: dict, results: dict, inputs: _
         settings=inputs.settings,
         created=time.strftime("%Y-%m-%dT%H:%M:%S"),
         concat=[joined[key] for key in sorted(joined)],
+        data_hashes=inputs.hashes,
     )
 
 

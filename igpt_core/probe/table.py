@@ -24,8 +24,10 @@ class ProbeTable:
     """The stored probe results of one run on one dataset, after the latest `probe_run`."""
 
     dataset: str
-    rows: list[dict]  # {"step", "val_loss", "layer", "val_acc", "test_acc", "C"}, sorted by (step, layer)
-    references: dict  # {"raw_pixels": {...} | None, "random_init": [{"layer", ...}]}
+    # {"step", "val_loss", "layer", "val_acc", "test_acc", "C", "confusion"}, sorted by (step, layer);
+    # "confusion" (test counts, rows = true class) is absent from rows stored before it was kept
+    rows: list[dict]
+    references: dict  # {"raw_pixels": {...} | None, "random_init": [{"layer", ...}]}, with the same scores
     objective: str
     n_layer: int
     path: Path
@@ -35,6 +37,7 @@ class ProbeTable:
     # Probes of several layers' features joined end to end (the paper's best ImageNet probe, 72.0%,
     # joins five layers of iGPT-XL): {"step", "val_loss", "layers": [...], "val_acc", "test_acc", "C"}.
     concat: list[dict] = field(default_factory=list)
+    data_hashes: dict = field(default_factory=dict)  # {split: hash of its exact images}: names the feature cache
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -55,6 +58,38 @@ class ProbeTable:
         """
         rows = [r for r in self.rows if step is None or r["step"] == step]
         return max(rows, key=lambda r: (r["val_acc"], -r["step"], -r["layer"]), default=None)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The dataset's class names, index = label = the confusion matrices' row and column."""
+        return self.settings.get("classes")
+
+    def confusion(self, step: int, layer: int) -> np.ndarray | None:
+        """The test confusion matrix of the probe of `layer` at checkpoint `step`: int64 counts
+        (classes, classes), row = true class, column = predicted class. None for a row stored before
+        confusion matrices were kept; KeyError if that (step, layer) was never probed."""
+        row = next((r for r in self.rows if r["step"] == step and r["layer"] == layer), None)
+        if row is None:
+            raise KeyError(f"no probe of layer {layer} at step {step} in {self.path.name}")
+        return _as_counts(row.get("confusion"))
+
+    def reference_confusion(self, name: str, layer: int | None = None) -> np.ndarray | None:
+        """The test confusion matrix of a reference: name "raw_pixels", or "random_init" with a layer.
+        None where it is not stored."""
+        if name == "raw_pixels":
+            return _as_counts((self.references.get("raw_pixels") or {}).get("confusion"))
+        row = next((r for r in self.references.get("random_init", []) if r["layer"] == layer), {})
+        return _as_counts(row.get("confusion"))
+
+    def per_class_accuracy(self, step: int, layer: int) -> np.ndarray | None:
+        """Test accuracy of each class (the confusion matrix's diagonal over its row sums; NaN for a
+        class without test images), or None where no confusion matrix is stored."""
+        counts = self.confusion(step, layer)
+        if counts is None:
+            return None
+        totals = counts.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(totals > 0, np.diag(counts) / totals, np.nan)
 
     def best_by_step(self) -> list[dict]:
         """Each checkpoint's best-layer row, by step."""
@@ -80,6 +115,7 @@ class ProbeTable:
             "references": self.references,
             "concat": self.concat,
             "created": self.created,
+            "data_hashes": self.data_hashes,
         }
 
 
@@ -104,8 +140,25 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
     return (sums / counts)[inverse]
 
 
+def _as_counts(confusion) -> np.ndarray | None:
+    return None if confusion is None else np.asarray(confusion, dtype=np.int64)
+
+
 def results_path(run: Run, dataset: str) -> Path:
     return run.path / "probes" / f"{safe_name(dataset, '_') or 'dataset'}.json"
+
+
+def _is_confusion(x) -> bool:
+    """A square matrix of counts, as lists (or absent: None)."""
+    return x is None or (isinstance(x, list) and all(
+        isinstance(row, list) and len(row) == len(x)
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in row) for row in x))
+
+
+def _is_scores(x) -> bool:
+    """Accuracies in [0, 1] and, where stored, a confusion matrix."""
+    return isinstance(x, dict) and _is_acc(x.get("val_acc")) and _is_acc(x.get("test_acc")) \
+        and _is_confusion(x.get("confusion"))
 
 
 def _is_acc(x) -> bool:
@@ -116,7 +169,7 @@ def _are_concat_rows(rows, n_layer: int) -> bool:
     return isinstance(rows, list) and all(
         isinstance(r, dict) and isinstance(r.get("step"), int) and isinstance(r.get("layers"), list)
         and all(isinstance(layer, int) and 0 <= layer <= n_layer for layer in r["layers"])
-        and _is_acc(r.get("val_acc")) and _is_acc(r.get("test_acc"))
+        and _is_scores(r)
         for r in rows
     )
 
@@ -151,7 +204,7 @@ def load_probe_results(run, dataset: str | None = None, *, runs_dir=None) -> Pro
     return ProbeTable(dataset=str(value["dataset"]), rows=value["rows"], references=value["references"],
                       objective=value["objective"], n_layer=value["n_layer"], path=path,
                       settings=value.get("settings") or {}, created=value.get("created"),
-                      concat=value.get("concat", []))
+                      concat=value.get("concat", []), data_hashes=value.get("data_hashes") or {})
 
 
 def _table_problem(value: dict) -> str | None:
@@ -172,13 +225,11 @@ def _table_problem(value: dict) -> str | None:
     if not isinstance(refs, dict):
         return "'references' is not an object"
     raw = refs.get("raw_pixels")
-    if raw is not None and not (isinstance(raw, dict) and _is_acc(raw.get("val_acc")) and _is_acc(raw.get("test_acc"))):
+    if raw is not None and not _is_scores(raw):
         return "'references.raw_pixels' is malformed"
     rand = refs.get("random_init", [])
-    if not isinstance(rand, list) or not all(
-        isinstance(r, dict) and isinstance(r.get("layer"), int) and _is_acc(r.get("val_acc")) and _is_acc(r.get("test_acc"))
-        for r in rand
-    ):
+    if not isinstance(rand, list) or not all(isinstance(r, dict) and isinstance(r.get("layer"), int) and _is_scores(r)
+                                             for r in rand):
         return "'references.random_init' is malformed"
     if not _are_concat_rows(value.get("concat", []), n_layer):
         return "'concat' is malformed"
@@ -196,6 +247,8 @@ def _row_problem(row, n_layer: int) -> str | None:
         return "has a bad step or layer"
     if not (_is_acc(row["val_acc"]) and _is_acc(row["test_acc"])):
         return "has accuracies outside [0, 1]"
+    if not _is_confusion(row.get("confusion")):
+        return "has a malformed confusion matrix"
     if row["val_loss"] is not None and not isinstance(row["val_loss"], (int, float)):
         return "has a non-numeric val_loss"
     return None
