@@ -89,6 +89,74 @@ def test_results_file_format(table, ar_run):
     assert load_probe_results(ar_run, "mnist") is None  # never probed on it
 
 
+def test_confusion_matrices_agree_with_the_stored_accuracies(table):
+    n_test = table.settings["n_test"]
+    assert table.class_names == list("0123456789")
+    scored = [(table.confusion(r["step"], r["layer"]), r["test_acc"]) for r in table.rows]
+    scored += [(table.reference_confusion("raw_pixels"), table.references["raw_pixels"]["test_acc"])]
+    scored += [(table.reference_confusion("random_init", r["layer"]), r["test_acc"])
+               for r in table.references["random_init"]]
+    for counts, test_acc in scored:
+        assert counts.shape == (10, 10) and counts.dtype == np.int64 and counts.min() >= 0
+        assert counts.sum() == n_test
+        assert np.trace(counts) / counts.sum() == pytest.approx(test_acc, abs=1e-12)
+    # rows are true classes: each row sums to that class's test count
+    labels = load_dataset("digits", "test").labels
+    np.testing.assert_array_equal(scored[0][0].sum(axis=1), np.bincount(labels, minlength=10))
+    row = table.rows[-1]
+    per_class = table.per_class_accuracy(row["step"], row["layer"])
+    counts = table.confusion(row["step"], row["layer"])
+    np.testing.assert_allclose(per_class, np.diag(counts) / counts.sum(axis=1))
+    with pytest.raises(KeyError):
+        table.confusion(999, 0)
+
+
+def test_confusion_matrix_orders_rows_by_true_class():
+    counts = probe_mod.confusion_matrix([2, 2, 0, 1], [2, 0, 0, 2], classes=[0, 1, 2])
+    np.testing.assert_array_equal(counts, [[1, 0, 0], [0, 0, 1], [1, 0, 1]])
+    with pytest.raises(IgptError, match="not one of the classes"):
+        probe_mod.confusion_matrix([3], [0], classes=[0, 1, 2])
+
+
+def test_results_without_confusion_matrices_still_load(table, ar_run, tmp_path):
+    copy = shutil.copytree(ar_run.path, tmp_path / "tiny-ar")
+    path = copy / "probes" / "digits.json"
+    value = json.loads(path.read_text())
+    for row in value["rows"] + value["references"]["random_init"] + [value["references"]["raw_pixels"]]:
+        del row["confusion"]
+    del value["data_hashes"]
+    path.write_text(json.dumps(value))
+    old = load_probe_results(open_run("tiny-ar", tmp_path))
+    assert [r["test_acc"] for r in old.rows] == [r["test_acc"] for r in table.rows]
+    assert old.confusion(30, 1) is None and old.per_class_accuracy(30, 1) is None
+    assert old.reference_confusion("raw_pixels") is None
+    assert probe_mod.cached_features("tiny-ar", None, 30, runs_dir=tmp_path) is None  # no data hashes stored
+    value["rows"][0]["confusion"] = [[1, 2], [3]]
+    path.write_text(json.dumps(value))
+    with pytest.raises(IgptError, match="confusion"):
+        load_probe_results(open_run("tiny-ar", tmp_path))
+
+
+def test_cached_features_read_back_without_the_model(table, ar_run, runs_dir, monkeypatch):
+    calls = []
+    original = IGPT.features
+    monkeypatch.setattr(IGPT, "features", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    layers, labels = probe_mod.cached_features("tiny-ar", "digits", 30, runs_dir=runs_dir)
+    assert calls == []
+    test = load_dataset("digits", "test")
+    np.testing.assert_array_equal(labels, test.labels)
+    assert sorted(layers) == [0, 1, 2]
+    model, palette, _ = ar_run.load(30)
+    expected = extract_features(model, palette.encode(test.images, 8), [0, 1, 2])  # same precision as the probe
+    for layer in (0, 1, 2):
+        assert layers[layer].dtype == np.float32
+        np.testing.assert_array_equal(layers[layer], expected[layer])
+    train_layers, train_labels = probe_mod.cached_features(ar_run, None, 10, split="train", runs_dir=runs_dir)
+    assert len(train_labels) == table.settings["n_train"] == len(train_layers[1])
+    assert probe_mod.cached_features(ar_run, "digits", 20, runs_dir=runs_dir) is None  # no such checkpoint
+    assert probe_mod.cached_features(ar_run, "mnist", 30, runs_dir=runs_dir) is None  # never probed on it
+
+
 def test_spearman_matches_scipy_with_ties():
     rng = np.random.default_rng(0)
     for n in (3, 7, 40):
@@ -168,7 +236,7 @@ def test_damaged_results_file_is_reported(ar_run, tmp_path):
 
 def test_layer0_features_match_a_hand_computation(digits_ids):
     model, ids = digits_ids
-    feats = extract_features(model, ids, [0])
+    feats = extract_features(model, ids, [0], precision="fp32")
     with torch.no_grad():  # the AR input: SOS, then pixels 1..T-1; the probe feature: mean of block 0's ln_1
         inputs = torch.cat([torch.full_like(ids[:, :1], model.config.sos_id), ids[:, :-1]], dim=1)
         x = model.wte(inputs) + model.wpe(torch.arange(ids.shape[1]))
@@ -182,10 +250,11 @@ def test_all_layers_in_one_call_equal_per_layer_calls(digits_ids, monkeypatch):
     calls = []
     original = IGPT.features
     monkeypatch.setattr(IGPT, "features", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
-    together = extract_features(model, ids, [2, 0, 1], batch_size=16)
+    together = extract_features(model, ids, [2, 0, 1], batch_size=16, precision="fp32")
     assert len(calls) == 3  # one forward pass per batch of 16 (40 images), for all three layers
     for i, layer in enumerate([2, 0, 1]):
-        np.testing.assert_allclose(together[i], extract_features(model, ids, [layer])[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(together[i], extract_features(model, ids, [layer], precision="fp32")[0], rtol=1e-5,
+                                   atol=1e-6)
 
 
 def test_fit_probe_separable():
@@ -306,11 +375,11 @@ def test_bert_feature_averaging(runs_dir):
     train(run, progress=False)
     model, palette, _ = run.load()
     ids = torch.from_numpy(palette.encode(load_dataset("digits", "val").images[:20], 8))
-    plain = extract_features(model, ids, [1, 2], bert_masks=0)
-    averaged = extract_features(model, ids, [1, 2], bert_masks=2, batch_size=256)
+    plain = extract_features(model, ids, [1, 2], bert_masks=0, precision="fp32")
+    averaged = extract_features(model, ids, [1, 2], bert_masks=2, batch_size=256, precision="fp32")
     assert not np.allclose(plain, averaged)
     # Masks are seeded per image, so the batch size does not change the result.
-    np.testing.assert_allclose(averaged, extract_features(model, ids, [1, 2], bert_masks=2, batch_size=7),
+    np.testing.assert_allclose(averaged, extract_features(model, ids, [1, 2], bert_masks=2, batch_size=7, precision="fp32"),
                                rtol=1e-5, atol=1e-6)
     result = probe_run("tiny-bert", runs_dir=runs_dir, bert_masks=2, layers=[1], max_train=300,
                        references=False, progress=False)
