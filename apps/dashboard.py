@@ -25,7 +25,7 @@ import pandas as pd
 import streamlit as st
 
 from igpt_core import IgptError, Run
-from igpt_core import load_distances
+from igpt_core.explain import load_distances
 from igpt_core import load_probe_results
 from igpt_core import runs_root, scan_runs
 

@@ -11,6 +11,7 @@ from .data import (DATASETS, SPLITS, Dataset, DatasetStream, Shards, builtin_pho
 from .decoder import Decoder
 from .device import pick_device, resolve_precision
 from .errors import CheckpointError, ConfigError, DatasetError, IgptError, ImageError, RunError
+from .files import safe_name
 from .images import (center_box, center_square, crop, load_image, painted_cells, parse_pixel, resize, square_from_drag,
                      square_inside, to_rgb)
 from .likelihood import bits_per_dim, likelihood_kind, pixel_nll, score, surprise_map
@@ -31,7 +32,7 @@ __all__ = [
     "DATASETS", "SPLITS", "Dataset", "DatasetStream", "Shards", "builtin_photos", "check_token_palette",
     "load_dataset", "open_dataset", "open_shards", "shards_path",
     "Decoder", "pick_device", "resolve_precision",
-    "CheckpointError", "ConfigError", "DatasetError", "IgptError", "ImageError", "RunError",
+    "CheckpointError", "ConfigError", "DatasetError", "IgptError", "ImageError", "RunError", "safe_name",
     "center_box", "center_square", "crop", "load_image", "painted_cells", "parse_pixel", "resize",
     "square_from_drag", "square_inside", "to_rgb",
     "bits_per_dim", "likelihood_kind", "pixel_nll", "score", "surprise_map",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from igpt_core.errors import IgptError
+from igpt_core import IgptError
 
 from . import apps, data, pretrained, probe, runs, sample, train
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from igpt_core.errors import IgptError
+from igpt_core import IgptError
 
 from .common import command, runs_dir
 

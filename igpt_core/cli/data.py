@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from igpt_core.errors import IgptError
-from igpt_core.files import safe_name
+from igpt_core import IgptError
+from igpt_core import safe_name
 
 from .common import add_data_dir, add_json, command, emit, runs_dir
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from igpt_core.errors import IgptError
+from igpt_core import IgptError
 
 from .common import add_data_dir, add_int8, add_model, add_precision, command, emit, load_model
 

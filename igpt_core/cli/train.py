@@ -8,8 +8,8 @@ import os
 import sys
 from dataclasses import fields
 
-from igpt_core.errors import IgptError
-from igpt_core.files import safe_name
+from igpt_core import IgptError
+from igpt_core import safe_name
 
 from .common import add_data_dir, add_json, command, emit, int_list, runs_dir
 

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..data import SPLITS
-from ..training.distributed import init_from_env, patient_group
+from ..distributed import init_from_env, patient_group
 from ..files import atomic_write, safe_name
 from ..runs import Run, as_run
 from .features import extract_features

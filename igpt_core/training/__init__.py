@@ -11,7 +11,7 @@
 """
 
 from .config import RUNTIME_SETTINGS, TrainConfig, check_processes, check_resume
-from .distributed import StopSignals, init_from_env, is_peer_failure, lost_peers_message, patient_group
+from ..distributed import StopSignals, init_from_env, is_peer_failure, lost_peers_message, patient_group
 from .finetune import augment_batch, classifier_loss, classify, finetune, load_classifier
 from .loop import Callback, Trainer, copy_state, forward_backward, generative_loss, make_optimizer, optimizer_update
 from .metrics import evaluate, model_flops_per_token

@@ -39,7 +39,7 @@ from ..device import pick_device
 from ..errors import IgptError, RunError
 from ..files import atomic_write, write_jsonl
 from ..images import center_square, load_image, to_rgb
-from .. import probe as probes  # the module, not its names: probe imports training (torchrun set-up) too
+from ..probe import load_probe_data
 from ..progress import progress_bar
 from ..runs import Run, as_run, create_run, runs_root, save_checkpoint
 from .config import TrainConfig
@@ -155,7 +155,7 @@ def finetune(run_name, dataset: str | None = None, *, name: str | None = None, s
     dev = pick_device(device)
     model, palette, _ = base.load(base_step, device=dev)
     size = model.config.image_size
-    data, classes, note = probes.load_probe_data(base, dataset, size, data_dir, max_train, seed)
+    data, classes, note = load_probe_data(base, dataset, size, data_dir, max_train, seed)
     if augment is None:
         augment = size == 32 and dataset.lower().replace("_", "-") not in _NO_FLIP
     batches = _Batches(data["train"], palette, size, batch_size, bool(augment), seed)

@@ -35,7 +35,7 @@ from ..palette import Palette
 from ..runs import Run, create_run, open_run, save_checkpoint
 from ..data.shards import open_shards, shards_path
 from .config import RUNTIME_SETTINGS, TrainConfig, check_processes
-from .distributed import (StopSignals, full_state_dict, init_from_env, is_peer_failure, lost_peers_message,
+from ..distributed import (StopSignals, full_state_dict, init_from_env, is_peer_failure, lost_peers_message,
                           patient_group, place_model)
 from .loop import Callback, Trainer, make_optimizer
 from .metrics import MetricsLog, ProgressBar, evaluate

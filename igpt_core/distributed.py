@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from ..errors import ConfigError, first_line
+from .errors import ConfigError, first_line
 
 DEFAULT_TIMEOUT = 600  # seconds; override with $IGPT_DIST_TIMEOUT
 
