@@ -29,9 +29,14 @@ time of the whole grid projected from the iterations the default-sized grid took
 here to test a GPU fit on, and an L-BFGS in torch would not take scipy's steps, so its predictions
 would not equal the CPU probe's.
 
-    OMP_NUM_THREADS=1 python benchmarks/probe.py [--images 256] [--batch 16] [--naive-images 16]
+And an iGPT-S row (random weights at iGPT-S's shapes: 24 layers × 512, 8 heads, 32×32, all 25
+layers' features of --s-images images): ours in fp32, ours with precision "auto" (bf16 where the
+hardware computes it natively: CUDA, CPUs with AVX512-BF16 or AMX), and HF's output_hidden_states
+(fp32, as a user would call it) on identical inputs, with how close auto's features are to fp32's.
 
-Prints one JSON object. Shapes default to n_layer=8, n_embd=256, 32×32 (iGPT-S is too slow here).
+    OMP_NUM_THREADS=1 python benchmarks/probe.py [--images 256] [--batch 16] [--naive-images 16] [--s-images 8]
+
+Prints one JSON object. The main comparison, in fp32, defaults to n_layer=8, n_embd=256, 32×32.
 """
 
 from __future__ import annotations
@@ -79,6 +84,40 @@ def hf_features(hf, ids: torch.Tensor, sos: int, batch_size: int) -> np.ndarray:
     return np.concatenate(out, axis=1)
 
 
+def s_row(args) -> dict:
+    """iGPT-S shapes: all-layer features in fp32, in precision "auto", and from HF, images per second."""
+    from igpt_core.device import resolve_precision
+
+    layers_, width, heads, size = (int(v) for v in args.s_shape.split(","))
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=513, n_positions=size**2, n_layer=layers_, n_head=heads, n_embd=width)
+    model = IGPT(config).eval()
+    hf = hf_model_from_ours(model)
+    ids = torch.randint(0, config.n_colors, (args.s_images, config.n_positions),
+                        generator=torch.Generator().manual_seed(2))
+    layers = list(range(config.n_layer + 1))
+    for precision in ("fp32", "auto"):  # warm-up: first calls allocate and pick kernels
+        extract_features(model, ids[:1], layers, precision=precision)
+    hf_features(hf, ids[:1], config.sos_id, 1)
+    t_fp32, fp32 = timed(lambda: extract_features(model, ids, layers, batch_size=args.s_batch, precision="fp32"))
+    t_auto, auto = timed(lambda: extract_features(model, ids, layers, batch_size=args.s_batch, precision="auto"))
+    t_hf, theirs = timed(lambda: hf_features(hf, ids, config.sos_id, args.s_batch))
+    cosine = (auto * fp32).sum(-1) / (np.linalg.norm(auto, axis=-1) * np.linalg.norm(fp32, axis=-1))
+    return {
+        "shapes": {"n_layer": config.n_layer, "n_embd": config.n_embd, "n_head": config.n_head,
+                   "image": f"{size}x{size}", "images": args.s_images, "batch": args.s_batch,
+                   "layers_extracted": len(layers)},
+        "auto_resolves_to": resolve_precision("auto", "cpu"),
+        "images_per_second": {"ours_fp32": round(args.s_images / t_fp32, 3), "ours_auto": round(args.s_images / t_auto, 3),
+                              "hf_fp32": round(args.s_images / t_hf, 3)},
+        "ratios": {"hf_over_ours_fp32": round(t_hf / t_fp32, 3), "hf_over_ours_auto": round(t_hf / t_auto, 3),
+                   "fp32_over_auto": round(t_fp32 / t_auto, 3)},
+        "agreement": {"fp32_max_abs_diff_vs_hf": float(np.abs(fp32 - theirs).max()),
+                      "auto_min_cosine_vs_fp32": float(cosine.min()),
+                      "auto_per_layer_min_cosine": [round(float(c), 5) for c in cosine.min(axis=1)]},
+    }
+
+
 def timed(fn, repeats: int = 1):
     best, value = float("inf"), None
     for _ in range(repeats):
@@ -101,7 +140,7 @@ def grid_jobs(checkpoints: int, layers: int, width: int) -> list:
     for seed in range(checkpoints + 1):
         torch.manual_seed(seed)
         model = IGPT(config).eval()
-        feats = {split: extract_features(model, x, list(range(layers))) for split, x in ids.items()}
+        feats = {split: extract_features(model, x, list(range(layers)), precision="fp32") for split, x in ids.items()}
         jobs += [((seed, layer), tuple(a for split in ("train", "val", "test") for a in
                                        (feats[split][layer], data[split].labels))) for layer in range(layers)]
     return jobs
@@ -184,6 +223,9 @@ def main() -> None:
     parser.add_argument("--paper-rows", type=int, default=50_000)
     parser.add_argument("--paper-width", type=int, default=1536)
     parser.add_argument("--paper-iters", type=int, default=10, help="L-BFGS iterations timed at paper size")
+    parser.add_argument("--s-images", type=int, default=8, help="iGPT-S row: images (0: leave the row out)")
+    parser.add_argument("--s-batch", type=int, default=8, help="iGPT-S row: images per forward pass")
+    parser.add_argument("--s-shape", default="24,512,8,32", help="iGPT-S row: layers,width,heads,image side")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -195,14 +237,15 @@ def main() -> None:
     layers = list(range(config.n_layer + 1))
 
     # warm-up both (first calls allocate and pick kernels)
-    extract_features(model, ids[:2], layers)
+    extract_features(model, ids[:2], layers, precision="fp32")
     hf_features(hf, ids[:2], config.sos_id, 2)
 
-    t_ours, ours = timed(lambda: extract_features(model, ids, layers, batch_size=args.batch))
+    # fp32, as HF's: the features must agree to 1e-4 (the bf16 comparison is the iGPT-S row's)
+    t_ours, ours = timed(lambda: extract_features(model, ids, layers, batch_size=args.batch, precision="fp32"))
     t_hf, theirs = timed(lambda: hf_features(hf, ids, config.sos_id, args.batch))
     naive_ids = ids[: args.naive_images]
-    t_naive, naive = timed(lambda: np.stack([extract_features(model, naive_ids, [layer], batch_size=args.batch)[0]
-                                             for layer in layers]))
+    t_naive, naive = timed(lambda: np.stack([extract_features(model, naive_ids, [layer], batch_size=args.batch,
+                                                              precision="fp32")[0] for layer in layers]))
     t_ours_small = t_ours * args.naive_images / args.images  # per-image rate of the one-pass method
 
     diff = np.abs(ours - theirs)
@@ -220,6 +263,7 @@ def main() -> None:
 
     t_fit, _ = timed(fit_all)
 
+    s_shapes = s_row(args) if args.s_images > 0 else None
     grid = grid_report(args)
     paper = paper_report(args, grid["lbfgs_iterations_per_fit"]["mean"])
 
@@ -252,6 +296,7 @@ def main() -> None:
             "naive_equals_one_pass": bool(np.allclose(naive, ours[:, : args.naive_images], rtol=1e-5, atol=1e-6)),
             "allclose_atol_1e-4": bool(np.allclose(ours, theirs, rtol=0, atol=1e-4)),
         },
+        "igpt_s": s_shapes,
         "probe_grid": grid,
         "paper_sized": paper,
     }, indent=2))

@@ -6,6 +6,8 @@ it sees pixels < t. A BERT model predicts pixel t with that pixel masked (its co
 zeroed, as in training) and every other pixel visible.
 
 Everything runs on the model's device under `torch.inference_mode()` and returns CPU tensors.
+`precision` ("fp32", the default; "bf16"; or "auto": bf16 where the hardware computes it natively)
+sets the number format of the matrix products; results come back float32 either way.
 The model's forward pass keeps its fused attention; the weights are formed only here, through
 `IGPT.attention_weights`. `run_distances` measures the attention distance of a run's checkpoints
 and stores it in the run folder, as probe results are (`load_distances` reads it back).
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from .data import load_dataset
+from .device import PRECISIONS, autocast
 from .errors import IgptError
 from .files import atomic_write_json
 from .likelihood import masking_groups
@@ -60,6 +63,13 @@ def _pixel(model: IGPT, pixel: int) -> int:
     return int(pixel)
 
 
+def _in_precision(model: IGPT, precision: str):
+    """The context running the model's matrix products in `precision` (see device.autocast)."""
+    if precision not in PRECISIONS:
+        raise IgptError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return autocast(next(model.parameters()).device, precision)
+
+
 def _query(model: IGPT, ids: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The input and mask that predict pixel t. AR: the prefix up to t (nothing later matters);
     BERT: the whole image with pixel t masked."""
@@ -71,23 +81,26 @@ def _query(model: IGPT, ids: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.
 
 
 @torch.inference_mode()
-def next_pixel(model: IGPT, ids, pixel: int, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
+def next_pixel(model: IGPT, ids, pixel: int, temperature: float = 1.0, top_k: int | None = None,
+               precision: str = "fp32") -> torch.Tensor:
     """The probabilities (n_colors,) of every palette colour for `pixel`, reshaped by temperature
     and top-k exactly as sampling reshapes them (AR: given the pixels before it; BERT: given all
     the others)."""
     check_sampling(temperature, top_k, None, 1)
     t = _pixel(model, pixel)
     inputs, mask = _query(model, _image(model, ids), t)
-    logits, _ = model(inputs, mask=mask)
-    return sampling_probabilities(logits[0, t], temperature, top_k).cpu()
+    with _in_precision(model, precision):
+        logits, _ = model(inputs, mask=mask)
+    return sampling_probabilities(logits[0, t].float(), temperature, top_k).cpu()
 
 
 @torch.inference_mode()
-def attention_maps(model: IGPT, ids, pixel: int) -> Attention:
+def attention_maps(model: IGPT, ids, pixel: int, precision: str = "fp32") -> Attention:
     """The attention of the query that predicts `pixel`, in every layer and head, over the image."""
     t = _pixel(model, pixel)
     inputs, mask = _query(model, _image(model, ids), t)
-    rows = torch.stack([weights[0, :, t] for weights in model.attention_weights(inputs, mask)]).float().cpu()
+    with _in_precision(model, precision):
+        rows = torch.stack([weights[0, :, t] for weights in model.attention_weights(inputs, mask)]).float().cpu()
     L, nh, side = model.config.n_layer, model.config.n_head, model.config.image_size
     if model.config.objective == "bert":
         return Attention(rows.reshape(L, nh, side, side), None)
@@ -116,7 +129,7 @@ def _log_probs(model: IGPT, ids: torch.Tensor, every_layer: bool) -> torch.Tenso
 
 
 @torch.inference_mode()
-def layer_predictions(model: IGPT, ids) -> torch.Tensor:
+def layer_predictions(model: IGPT, ids, precision: str = "fp32") -> torch.Tensor:
     """The "logit lens": log-probabilities (n_layer + 1, T, n_colors) of every pixel read out of
     the residual stream after the embeddings (0) and after each block (1..n_layer) through the
     final norm and the head. The last entry is the model's own prediction.
@@ -124,14 +137,16 @@ def layer_predictions(model: IGPT, ids) -> torch.Tensor:
     BERT reads all pixels in 1/mask_prob passes, each hiding one interleaved group (as
     `likelihood.pixel_nll` does), so a pixel is read with ~mask_prob of the image hidden, where
     `next_pixel` hides that pixel alone."""
-    return _log_probs(model, _image(model, ids), every_layer=True)[:, 0].cpu()
+    with _in_precision(model, precision):
+        return _log_probs(model, _image(model, ids), every_layer=True)[:, 0].cpu()
 
 
 @torch.inference_mode()
-def entropy_map(model: IGPT, ids) -> np.ndarray:
+def entropy_map(model: IGPT, ids, precision: str = "fp32") -> np.ndarray:
     """The entropy in nats of every pixel's predicted distribution, (side, side): where the model
     was unsure (0 = certain, log n_colors = no idea), beside `likelihood.surprise_map`."""
-    log_probs = _log_probs(model, _image(model, ids), every_layer=False)[0, 0]
+    with _in_precision(model, precision):
+        log_probs = _log_probs(model, _image(model, ids), every_layer=False)[0, 0]
     side = model.config.image_size
     return (-(log_probs.exp() * log_probs).sum(-1)).reshape(side, side).cpu().numpy()
 
@@ -161,7 +176,7 @@ def _batch_distances(model: IGPT, batch: torch.Tensor, distances: torch.Tensor) 
 
 
 @torch.inference_mode()
-def attention_distance(model: IGPT, ids, batch_size: int = 8) -> torch.Tensor:
+def attention_distance(model: IGPT, ids, batch_size: int = 8, precision: str = "fp32") -> torch.Tensor:
     """Mean attention distance (n_layer, n_head): the Euclidean distance in pixels between each
     query pixel and the pixels it attends to, weighted by attention, averaged over queries and
     images — the "attention distance" of vision-transformer papers (Dosovitskiy et al. 2021, Fig. 7).
@@ -176,8 +191,9 @@ def attention_distance(model: IGPT, ids, batch_size: int = 8) -> torch.Tensor:
         raise IgptError(f"attention distance needs images of {model.config.n_positions} pixels, got shape {tuple(ids.shape)}")
     distances = _grid_distances(model.config.image_size, device)
     total = torch.zeros(model.config.n_layer, model.config.n_head, device=device)
-    for batch in ids.split(batch_size):
-        total += _batch_distances(model, batch.to(device), distances)
+    with _in_precision(model, precision):
+        for batch in ids.split(batch_size):
+            total += _batch_distances(model, batch.to(device), distances).float()
     queries = ids.shape[1] - 1 if model.config.objective == "ar" else ids.shape[1]
     return (total / (len(ids) * queries)).cpu()
 

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from .decoder import Decoder, check_precision
+from .device import PRECISIONS, autocast, resolve_precision
+from .errors import IgptError
 from .model import IGPT, ModelConfig
 
 LOSSY_NOTE = ("bits/dim are per palette token (and /3 per RGB sub-pixel); the palette is lossy, so they are "
@@ -38,30 +40,37 @@ def _int8_logits(model: IGPT, batch: torch.Tensor) -> torch.Tensor:
 def pixel_nll(model: IGPT, ids: torch.Tensor, batch_size: int = 64, precision: str = "fp32") -> torch.Tensor:
     """Negative log-likelihood in nats of every pixel, (N, T).
 
+    precision: "fp32", "bf16" or "auto" (bf16 where the hardware computes it natively: CUDA, CPUs
+    with AVX512-BF16 or AMX) for the matrix products, or "int8" (AR only, see below).
+
     AR: the exact -log p(x_t | x_<t) (with precision="int8", of the int8 decoder's approximation of
     the model, see `decoder.Decoder`). BERT models have no such factorisation: each pixel is scored
     hidden together with about mask_prob of the others (positions split into round(1/mask_prob)
     interleaved groups, each hidden in turn) — a pseudo-likelihood, useful for comparing BERT runs
     with each other only.
     """
-    check_precision(model.config, precision)
+    if precision not in (*PRECISIONS, "int8"):
+        raise IgptError(f"precision must be one of {', '.join(PRECISIONS)}, int8; got {precision!r}")
+    if precision == "int8":
+        check_precision(model.config, precision)
     device = next(model.parameters()).device
     ids = torch.as_tensor(ids).long()
-    out = []
-    for batch in ids.split(batch_size):
-        batch = batch.to(device)
-        if model.config.objective == "ar":
-            logits = _int8_logits(model, batch) if precision == "int8" else model(batch)[0]
-            out.append(F.cross_entropy(logits.float().transpose(1, 2), batch, reduction="none").cpu())
-            continue
-        nll = torch.zeros(batch.shape, dtype=torch.float32)
-        for group in masking_groups(model.config, batch.shape[1], device):
-            mask = group.expand(batch.shape)
-            logits, _ = model(batch, mask=mask)
-            full = F.cross_entropy(logits.float().transpose(1, 2), batch, reduction="none").cpu()
-            nll[mask.cpu()] = full[mask.cpu()]
-        out.append(nll)
-    return torch.cat(out)
+    with autocast(device, "fp32" if precision == "int8" else precision):
+        return torch.cat([_batch_nll(model, batch.to(device), precision) for batch in ids.split(batch_size)])
+
+
+def _batch_nll(model: IGPT, batch: torch.Tensor, precision: str) -> torch.Tensor:
+    """pixel_nll of one batch (B, T) on the model's device, as a CPU tensor."""
+    if model.config.objective == "ar":
+        logits = _int8_logits(model, batch) if precision == "int8" else model(batch)[0]
+        return F.cross_entropy(logits.float().transpose(1, 2), batch, reduction="none").cpu()
+    nll = torch.zeros(batch.shape, dtype=torch.float32)
+    for group in masking_groups(model.config, batch.shape[1], batch.device):
+        mask = group.expand(batch.shape)
+        logits, _ = model(batch, mask=mask)
+        full = F.cross_entropy(logits.float().transpose(1, 2), batch, reduction="none").cpu()
+        nll[mask.cpu()] = full[mask.cpu()]
+    return nll
 
 
 def _bert_groups(config: ModelConfig) -> int:
@@ -95,12 +104,16 @@ def summarize(nll: torch.Tensor, config: ModelConfig) -> dict:
 
 
 def score(model: IGPT, ids: torch.Tensor, batch_size: int = 64, precision: str = "fp32") -> dict:
-    """Mean likelihood of images given as ids (N, T), in nats/token and bits/dim."""
-    return {**summarize(pixel_nll(model, ids, batch_size, precision), model.config), "precision": precision}
+    """Mean likelihood of images given as ids (N, T), in nats/token and bits/dim. "precision" in the
+    result is the one that ran ("auto" resolved to "bf16" or "fp32")."""
+    nll = pixel_nll(model, ids, batch_size, precision)
+    if precision != "int8":
+        precision = resolve_precision(precision, next(model.parameters()).device)
+    return {**summarize(nll, model.config), "precision": precision}
 
 
-def surprise_map(model: IGPT, ids) -> np.ndarray:
+def surprise_map(model: IGPT, ids, precision: str = "fp32") -> np.ndarray:
     """Per-pixel NLL (nats) of one image as an (H, W) array: where the model was surprised."""
     ids = torch.as_tensor(ids).reshape(1, -1)
     side = model.config.image_size
-    return pixel_nll(model, ids)[0].reshape(side, side).numpy()
+    return pixel_nll(model, ids, precision=precision)[0].reshape(side, side).numpy()

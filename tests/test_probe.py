@@ -23,8 +23,8 @@ from igpt_core.data import load_dataset
 from igpt_core.errors import IgptError
 from igpt_core.training import classify, finetune
 from igpt_core.model import IGPT
-from igpt_core.probe import (ProbeTable, extract_features, fit_probe, fit_probes, load_probe_results, probe_run,
-                             spearman)
+from igpt_core.probe import (ProbeTable, extract_features, feature_precision, fit_probe, fit_probes, load_probe_results,
+                             probe_run, spearman)
 from igpt_core.runs import open_run
 from igpt_core.training import TrainConfig, start_run, train
 
@@ -255,6 +255,37 @@ def test_all_layers_in_one_call_equal_per_layer_calls(digits_ids, monkeypatch):
     for i, layer in enumerate([2, 0, 1]):
         np.testing.assert_allclose(together[i], extract_features(model, ids, [layer], precision="fp32")[0], rtol=1e-5,
                                    atol=1e-6)
+
+
+def test_bf16_features_stay_close_to_fp32(digits_ids):
+    model, ids = digits_ids
+    fp32 = extract_features(model, ids, [0, 1, 2], precision="fp32")
+    bf16 = extract_features(model, ids, [0, 1, 2], precision="bf16")
+    assert bf16.dtype == np.float32 and bf16.shape == fp32.shape
+    assert not np.array_equal(bf16, fp32)  # the products really ran in bf16
+    cosine = (bf16 * fp32).sum(-1) / (np.linalg.norm(bf16, axis=-1) * np.linalg.norm(fp32, axis=-1))
+    assert cosine.min() > 0.99
+    auto = extract_features(model, ids, [0, 1, 2], precision="auto")
+    np.testing.assert_array_equal(auto, bf16 if feature_precision("auto", "cpu") == "bf16" else fp32)
+    with pytest.raises(IgptError, match="precision must be one of auto, fp32, bf16"):
+        extract_features(model, ids, [0], precision="fp16")
+
+
+def test_probe_table_records_the_precision(table, ar_run, runs_dir, tmp_path):
+    # the default "auto" is a setting only where it resolves to bf16: fp32 tables made before stay valid
+    assert table.settings.get("precision", "fp32") == feature_precision("auto", "cpu")
+    copy = shutil.copytree(ar_run.path, tmp_path / "tiny-ar")
+    result = probe_run("tiny-ar", runs_dir=tmp_path, checkpoints=[30], layers=[1], references=False,
+                       precision="bf16", progress=False)
+    assert result.settings["precision"] == "bf16"
+    fp32 = probe_run("tiny-ar", runs_dir=tmp_path, checkpoints=[30], layers=[1], references=False,
+                     precision="fp32", progress=False)
+    assert "precision" not in fp32.settings and "other settings" in fp32.note
+    layers, _ = probe_mod.cached_features("tiny-ar", None, 30, runs_dir=tmp_path)
+    model, palette, _ = ar_run.load(30)
+    expected = extract_features(model, palette.encode(load_dataset("digits", "test").images, 8), [1], precision="fp32")
+    np.testing.assert_array_equal(layers[1], expected[0])
+    assert len(list((copy / "probes" / "features").glob("step_0000030-digits-test-*.npz"))) >= 2
 
 
 def test_fit_probe_separable():

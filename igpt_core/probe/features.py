@@ -15,10 +15,11 @@ from ..model import IGPT
 from ..progress import progress_bar
 
 
-def feature_precision(precision: str, device, n_embd: int) -> str:
-    """"fp32" or "bf16": the number format probe features of a model of width n_embd are computed in
-    on `device`, for precision "auto", "fp32" or "bf16". "auto" is bf16 where the hardware computes it
-    natively (CUDA; CPUs with AVX512-BF16 or AMX), else fp32."""
+def feature_precision(precision: str, device) -> str:
+    """"fp32" or "bf16": the number format probe features are computed in on `device`, for precision
+    "auto", "fp32" or "bf16". "auto" is bf16 where the hardware computes it natively (CUDA; CPUs with
+    AVX512-BF16 or AMX), else fp32 — on such a CPU (2-core Zen 5) bf16 was faster at every width
+    tried, 64 to 512: features at 1.2× to 2.9× the fp32 speed."""
     if precision not in PRECISIONS:
         raise IgptError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     return resolve_precision(precision, device)
@@ -51,7 +52,7 @@ def extract_features(model: IGPT, ids, layers, *, batch_size: int = 256, bert_ma
         raise IgptError(f"ids must be (N, T) palette ids, got shape {tuple(ids.shape)}")
     N, T = ids.shape
     device = next(model.parameters()).device
-    precision = feature_precision(precision, device, model.config.n_embd)
+    precision = feature_precision(precision, device)
     was_training = model.training
     model.eval()
     k = bert_masks if model.config.objective == "bert" else 0

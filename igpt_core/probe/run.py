@@ -237,7 +237,7 @@ def probe_run(run_name, dataset: str | None = None, *, checkpoints="all", layers
     request = _resolve_request(run, checkpoints, layers, concat, bert_masks, max_train)
     dataset = dataset or run.info["dataset"]
     device = pick_device(device)
-    precision = feature_precision(precision, device, run.model_config.n_embd)
+    precision = feature_precision(precision, device)
     inputs = _probe_inputs(run, dataset, data_dir, max_train, seed, request.bert_masks, Cs, precision)
     notes = [inputs.note] if inputs.note else []
     stored = _stored(run, dataset, inputs.settings, notes) if ranks.rank == 0 else None
