@@ -4,6 +4,7 @@ here in OpenAI's layout with the fixtures' palette, as OpenAI's encoded CIFAR-10
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import os
@@ -77,6 +78,18 @@ def fresh_copy(work, tmp_path) -> Path:
     return tmp_path
 
 
+@pytest.fixture(scope="module")
+def painted(work, tmp_path_factory):
+    """A copy of `work` where `igpt paper tf --dataset openai:cifar10 --val-images 10` ran: (folder, its JSON)."""
+    folder = fresh_copy(work, tmp_path_factory.mktemp("painted"))
+    args = ["paper", "tf", "--dataset", DATASET, "--precision", "fp32", "--val-images", "10", "--runs-dir",
+            folder / "runs", "--data-dir", folder / "data", "--workers", "1", "--json"]
+    done = subprocess.run([sys.executable, "-m", "igpt_core.cli", *map(str, args)], cwd=folder, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    return folder, json.loads(done.stdout)
+
+
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -108,11 +121,9 @@ def test_a_run_with_another_palette_gets_one_line(work, tiny_run, runs_dir, caps
         assert "OpenAI's 16-colour palette" in err and "another" in err
 
 
-def test_paper_writes_csv_and_png_that_match_the_probe_table(work, tmp_path, capsys):
-    folder = fresh_copy(work, tmp_path)
+def test_paper_writes_csv_and_png_that_match_the_probe_table(work, painted):
     _, written = work
-    result = igpt_json(capsys, "paper", "tf", "--dataset", DATASET, "--precision", "fp32", "--val-images", "10",
-                       "--runs-dir", folder / "runs", "--data-dir", folder / "data", "--workers", "1")
+    folder, result = painted
     run = open_run("tf", folder / "runs")
     paper = run.path / "paper"
     assert sorted(result["files"]) == [str(paper / "openai_cifar10.csv"), str(paper / "openai_cifar10.png")]
@@ -164,3 +175,37 @@ def test_paper_resumes_after_sigkill_without_recomputing(work, tmp_path):
     rows = read_csv(csv_path)
     assert len(rows) == 6 and all(r["val_loss"] for r in rows)
     assert "checkpoints × 3 layers × 96 images" in out
+
+
+def test_dashboard_shows_the_same_charts(painted):
+    from streamlit.testing.v1 import AppTest
+
+    folder, result = painted
+    # The dashboard's section alone (apps/dashboard.py calls it with the runs chosen in its sidebar).
+    page = f"""
+import sys
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).parents[1] / "apps")!r})
+from dashboard_paper import paper_section
+paper_section(Path({str(folder / "runs")!r}), ["tf"])
+"""
+    at = AppTest.from_string(page, default_timeout=120).run()
+    assert not at.exception, [e.value for e in at.exception]
+    specs = [json.loads(element.proto.spec) for element in at.get("plotly_chart")]
+    specs = {spec["layout"]["title"]["text"]: spec for spec in specs}
+    rows = result["rows"]["tf"]
+    by_layer = {t["name"]: t for t in specs["tf: linear probe accuracy by layer"]["data"] if t.get("name")}
+    for step in (1, 2):
+        mine = [r for r in rows if r["step"] == step]
+        assert decoded(by_layer[f"step {step}"]["y"]) == pytest.approx([100 * r["test_acc"] for r in mine])
+    (line,) = [t for t in specs["better generative models learn better features"]["data"] if t.get("name") == "tf"]
+    best = [r for r in rows if r["best"]]
+    assert decoded(line["x"]) == pytest.approx([r["val_loss"] for r in best])
+    assert decoded(line["y"]) == pytest.approx([100 * r["test_acc"] for r in best])
+
+
+def decoded(value) -> list:
+    """A plotly array from a chart spec: a list, or plotly's base64 {"dtype", "bdata"} form."""
+    if isinstance(value, dict) and "bdata" in value:
+        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"])).tolist()
+    return list(value)
