@@ -91,8 +91,8 @@ class PaperPlan:
             n = {split: len(plan.inputs.ids[split]) for split in SPLIT_NAMES}
             lines.append(f"{plan.run.name}: {len(plan.steps)} checkpoints × {len(plan.layers)} layers × "
                          f"{sum(n.values())} images ({', '.join(f'{k} {v}' for k, v in n.items())}); features to "
-                         f"extract at {len(plan.pending)} checkpoint(s), the others are cached; validation loss "
-                         f"{plan.loss_source}, {len(plan.loss_todo)} to compute")
+                         f"extract at {len(plan.pending)} of {len(plan.steps)} checkpoints (the rest are cached); "
+                         f"validation loss {plan.loss_source}, {len(plan.loss_todo)} to compute")
             if plan.seconds_per_image:
                 lines.append(f"  measured {plan.seconds_per_image:.3g} s per image on a first batch "
                              f"({self.options['device']}, {self.options['precision']})")
