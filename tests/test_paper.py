@@ -209,3 +209,17 @@ def decoded(value) -> list:
     if isinstance(value, dict) and "bdata" in value:
         return np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"])).tolist()
     return list(value)
+
+
+def test_a_trained_run_takes_its_losses_from_the_metrics_log(tiny_run, tmp_path, capsys):
+    shutil.copytree(tiny_run.path, tmp_path / "runs" / "tiny")
+    cli.main(["paper", "tiny", "--checkpoints", "5,40", "--layers", "1,2", "--max-train", "200", "--precision", "fp32",
+              "--runs-dir", str(tmp_path / "runs"), "--workers", "1", "--json"])
+    out, plan = capsys.readouterr()  # with --json, the plan goes to stderr
+    result = json.loads(out)
+    assert "tiny: 2 checkpoints × 2 layers" in plan and "validation loss from the run's metrics log" in plan
+    logged = open_run("tiny", tmp_path / "runs").val_losses()
+    rows = result["rows"]["tiny"]
+    assert [(r["step"], r["layer"]) for r in rows] == [(5, 1), (5, 2), (40, 1), (40, 2)]
+    assert all(r["val_loss"] == logged[r["step"]] for r in rows) and result["dataset"] == "digits"
+    assert not (tmp_path / "runs" / "tiny" / "paper" / "val_loss.json").exists()  # nothing was scored
