@@ -223,3 +223,19 @@ def test_a_trained_run_takes_its_losses_from_the_metrics_log(tiny_run, tmp_path,
     assert [(r["step"], r["layer"]) for r in rows] == [(5, 1), (5, 2), (40, 1), (40, 2)]
     assert all(r["val_loss"] == logged[r["step"]] for r in rows) and result["dataset"] == "digits"
     assert not (tmp_path / "runs" / "tiny" / "paper" / "val_loss.json").exists()  # nothing was scored
+
+
+def test_without_matplotlib_the_csv_is_written_and_one_line_says_why(painted, tmp_path, monkeypatch, capsys):
+    source, _ = painted
+    shutil.copytree(source / "runs", tmp_path / "runs")
+    paper = tmp_path / "runs" / "tf" / "paper"
+    (paper / "openai_cifar10.png").unlink()
+    (paper / "openai_cifar10.csv").unlink()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as where it is not installed: importing it fails
+    cli.main(["paper", "tf", "--dataset", DATASET, "--precision", "fp32", "--val-images", "10", "--runs-dir",
+              str(tmp_path / "runs"), "--data-dir", str(source / "data"), "--workers", "1"])
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert notes == ["note: no PNG drawn: matplotlib is not installed (pip install matplotlib); "
+                     "the CSVs hold every number"]
+    assert len(read_csv(paper / "openai_cifar10.csv")) == 6 and not (paper / "openai_cifar10.png").exists()
