@@ -131,7 +131,7 @@ def paper_plan(runs, dataset: str | None = None, *, checkpoints="all", layers="a
         raise IgptError(f"run {opened[0].name!r} has no dataset of its own (it was imported): "
                         f"name the probe dataset, e.g. --dataset openai:cifar10")
     dev = pick_device(device)
-    options = dict(max_train=max_train, device=str(dev), runs_dir=runs_dir, data_dir=data_dir, batch_size=batch_size,
+    options = dict(max_train=max_train, device=str(dev), data_dir=data_dir, batch_size=batch_size,
                    seed=seed, precision=feature_precision(precision, dev, opened[0].model_config.n_embd))
     plans = [_run_plan(run, dataset, checkpoints, layers, loss_dataset or dataset, val_images, options)
              for run in opened]
