@@ -32,10 +32,12 @@ from igpt_core import runs_root, scan_runs
 if __package__:  # imported as the package igpt_apps
     from .dashboard_charts import (best_by_checkpoint, depth_chart, distance_chart, distance_frame, finetune_chart,
                                    layer_chart, loss_vs_accuracy_chart, metrics_frame, probe_frame, training_chart)
+    from .dashboard_paper import paper_section
     from .dashboard_probing import TRAIN_COMMAND, compute_distances, compute_probes
 else:  # run by path (`streamlit run apps/dashboard.py`, as `igpt dashboard` does): this folder is on sys.path
     from dashboard_charts import (best_by_checkpoint, depth_chart, distance_chart, distance_frame, finetune_chart,
                                   layer_chart, loss_vs_accuracy_chart, metrics_frame, probe_frame, training_chart)
+    from dashboard_paper import paper_section
     from dashboard_probing import TRAIN_COMMAND, compute_distances, compute_probes
 
 PROBE_COMMAND = "igpt probe digits"
@@ -390,6 +392,7 @@ def main() -> None:
     ar_vs_bert_and_finetuning(view)
     training_curves(view)
     where_the_heads_look(runs_dir, view.good)
+    paper_section(runs_dir, view.good)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def workdir(tmp_path_factory):
 
 def test_every_subcommand_has_help(tmp_path, capsys):
     out = igpt("--help", cwd=tmp_path).stdout  # a real process, once
-    commands = ["train", "runs", "data", "tokenize", "sample", "score", "surprise", "inside", "probe", "finetune",
+    commands = ["train", "runs", "data", "tokenize", "sample", "score", "surprise", "inside", "probe", "paper", "finetune",
                 "classify", "import-hf", "export-hf", "demo", "dashboard"]
     for name in commands:  # each sub-command's help in this process: a new one per command costs ~4 s of imports
         assert name in out
@@ -53,7 +53,7 @@ def test_every_subcommand_has_help(tmp_path, capsys):
 
 def test_precision_is_chosen_on_the_commands_that_run_the_model(capsys):
     parser = cli.build_parser()
-    for command in (["probe", "r"], ["score", "r"], ["surprise", "r", "--image", "x.png"],
+    for command in (["probe", "r"], ["paper", "r"], ["score", "r"], ["surprise", "r", "--image", "x.png"],
                     ["inside", "r", "--image", "x.png", "--pixel", "1,1"]):
         assert parser.parse_args(command).precision == "auto"
         assert parser.parse_args([*command, "--precision", "bf16"]).precision == "bf16"

@@ -16,7 +16,8 @@ from . import apps, data, pretrained, probe, runs, sample, train
 
 # In the order `igpt --help` lists them: from data to a trained model, to what it does and knows.
 BUILDERS = [train.add_train, runs.add_runs, data.add_data, data.add_tokenize, sample.add_sample, sample.add_score,
-            sample.add_surprise, sample.add_inside, probe.add_probe, probe.add_finetune, probe.add_classify,
+            sample.add_surprise, sample.add_inside, probe.add_probe, probe.add_paper,
+            probe.add_finetune, probe.add_classify,
             pretrained.add_import_hf, pretrained.add_import_openai, pretrained.add_export_hf, apps.add_demo, apps.add_dashboard]
 
 

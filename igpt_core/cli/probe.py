@@ -1,4 +1,5 @@
-"""What the layers know: `igpt probe` (linear probes), `igpt finetune` and `igpt classify`."""
+"""What the layers know: `igpt probe` (linear probes), `igpt paper` (the paper's probe figures from them),
+`igpt finetune` and `igpt classify`."""
 
 from __future__ import annotations
 
@@ -42,6 +43,26 @@ def cmd_probe(args) -> None:
     if table.concat:
         print_concat(table.concat)
     print(f"saved in {table.path}")
+
+
+def cmd_paper(args) -> None:
+    from igpt_core.probe import make_paper, paper_plan
+
+    plan = paper_plan(args.runs, args.dataset, checkpoints=args.checkpoints, layers=args.layers,
+                      max_train=args.max_train, precision=args.precision, device=args.device, runs_dir=runs_dir(args),
+                      data_dir=args.data_dir, loss_dataset=args.loss_dataset, val_images=args.val_images)
+    print(plan.describe(), file=sys.stderr if args.json else sys.stdout, flush=True)
+    result = make_paper(plan, progress=not args.json, workers=args.workers)
+    if result.note:
+        print(f"note: {result.note}", file=sys.stderr)
+    best = {name: [r for r in rows if r["best"]] for name, rows in result.rows.items()}
+    text = [f"best layer per checkpoint on {result.dataset} (test accuracy; validation loss in nats per token):"]
+    for name, rows in best.items():
+        text += [f"  {name} step {r['step']:>8}: layer {r['layer']:>3}  {r['test_acc'] * 100:5.1f}%  "
+                 f"val loss {'-' if r['val_loss'] is None else format(r['val_loss'], '.4f')}" for r in rows]
+    text += [f"wrote {path}" for path in result.files]
+    emit(args, {"dataset": result.dataset, "rows": result.rows, "files": [str(p) for p in result.files],
+                "note": result.note}, "\n".join(text))
 
 
 def print_probes(name: str, table) -> None:
@@ -124,6 +145,32 @@ def add_probe(sub) -> None:
     add_precision(p)
     add_data_dir(p)
     add_json(p, "print the table as JSON")
+
+
+def add_paper(sub) -> None:
+    p = command(sub, "paper", cmd_paper, "the paper's probe figures (Figure 3) for one or more runs: PNG + CSV",
+                "Draws (1) linear-probe accuracy by layer, one line per checkpoint, and (2) each checkpoint's "
+                "best-layer accuracy against its validation loss, one line per run, as iGPT-S/M/L in the paper's "
+                "Figure 3. The probes are `igpt probe`'s: features are cached per checkpoint, so a stopped call "
+                "resumes. Validation losses come from the run's metrics log, else are computed (first "
+                "--val-images images of the val split, stored in the run). Prints what it will compute and a time "
+                "estimate measured on a first batch before it starts. Writes RUN/paper/DATASET.csv and .png "
+                "(the PNG needs matplotlib); `igpt dashboard` shows the same charts.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run names (e.g. imported s, m and l)")
+    p.add_argument("--dataset", help="labelled probe dataset, e.g. openai:cifar10, cifar10, digits "
+                                     "(default: the first run's own)")
+    p.add_argument("--checkpoints", type=steps_or_all, default="all", help="all, last, or comma-separated steps")
+    p.add_argument("--layers", type=steps_or_all, default="all", help="all, or comma-separated layers (0 = embeddings)")
+    p.add_argument("--max-train", type=int, help="probe on at most N training images (a seeded subset)")
+    p.add_argument("--loss-dataset", help="where validation losses are computed when a run logged none "
+                                          "(default: the probe dataset; the paper's is its pre-training data, "
+                                          "e.g. openai:imagenet)")
+    p.add_argument("--val-images", type=int, default=256, help="images scored for a computed validation loss (default 256)")
+    p.add_argument("--workers", type=int, help="processes fitting probes at once (default: one per core)")
+    add_device(p)
+    add_precision(p)
+    add_data_dir(p)
+    add_json(p, "print the rows and files as JSON (the plan goes to stderr)")
 
 
 def add_finetune(sub) -> None:

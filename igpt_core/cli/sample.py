@@ -37,16 +37,18 @@ def cmd_sample(args) -> None:
 
 
 def cmd_score(args) -> None:
+    import numpy as np
     import torch
 
     from igpt_core import load_dataset, score
+    from igpt_core.data import palette_ids
 
     run, model, palette = load_model(args)
     size = model.config.image_size
     data = load_dataset(args.dataset or run.info["dataset"], args.split, data_dir=args.data_dir, resolution=size)
-    images = data.images[: args.limit] if args.limit else data.images
-    result = score(model, torch.from_numpy(palette.encode(images, size)),
-                   precision="int8" if args.int8 else args.precision)
+    rows = np.arange(min(args.limit, len(data))) if args.limit else None
+    ids = palette_ids(data, palette, size, rows)  # token datasets: their ids as they are
+    result = score(model, torch.from_numpy(ids), precision="int8" if args.int8 else args.precision)
     result.update(run=run.name, dataset=data.name, split=args.split)
     emit(args, result, f"{run.name} on {data.name} [{args.split}], {result['images']} images: "
                        f"{result['nats_per_token']:.4f} nats/token = {result['bits_per_dim']:.4f} bits/dim "
@@ -128,7 +130,8 @@ def add_sample(sub) -> None:
 def add_score(sub) -> None:
     p = command(sub, "score", cmd_score, "likelihood of a dataset split in nats/token and bits/dim")
     add_model(p)
-    p.add_argument("--dataset", help="dataset (default: the run's own)")
+    p.add_argument("--dataset", help="dataset (default: the run's own); OpenAI's encoded openai:imagenet and "
+                                     "openai:cifar10 are scored on their ids as they are, for runs with OpenAI's palette")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--limit", type=int, help="score only the first N images")
     add_data_dir(p)

@@ -22,7 +22,7 @@ Nothing here touches the network unless `download=True` is passed (download.py).
 from . import bundled, cifar, idx, stl10, imagenet, hf, shards, folder, openai  # noqa: F401  isort: skip
 from .bundled import builtin_photos
 from .core import Dataset, DatasetStream, ImageRows, LazyImages, default_data_dir, load_dataset, open_dataset
-from .openai import check_token_palette, openai_folder, openai_palette_centers
+from .openai import check_token_palette, openai_folder, openai_palette_centers, palette_ids
 from .registry import DATASETS, register
 from .shards import FORMAT, VERSION, Shards, ShardSplit, open_shards, palette_fingerprint, shards_path
 from .splits import SPLITS
@@ -30,5 +30,5 @@ from .splits import SPLITS
 __all__ = [
     "DATASETS", "FORMAT", "SPLITS", "VERSION", "Dataset", "DatasetStream", "ImageRows", "LazyImages", "ShardSplit",
     "Shards", "builtin_photos", "check_token_palette", "default_data_dir", "load_dataset", "open_dataset",
-    "open_shards", "openai_folder", "openai_palette_centers", "palette_fingerprint", "register", "shards_path",
+    "open_shards", "openai_folder", "openai_palette_centers", "palette_fingerprint", "palette_ids", "register", "shards_path",
 ]

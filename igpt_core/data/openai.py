@@ -80,6 +80,27 @@ def check_token_palette(dataset: Dataset | DatasetStream, palette: Palette) -> N
                        f"is another ({len(palette)} colours, not OpenAI's); {instead}")
 
 
+def palette_ids(dataset: Dataset | DatasetStream, palette: Palette, size: int, rows=None) -> np.ndarray:
+    """The palette ids (n, size²) a model with `palette` and side `size` reads for a dataset's images
+    at sorted positions `rows` (default: all of them).
+
+    A token dataset gives its stored ids as they are, after `check_token_palette`: re-quantising
+    decoded colours would cost time and could move an id where two colours round alike. Its ids
+    cannot be resized, so a model of another side is refused. Other datasets are encoded with
+    `palette` (resized to `size` first, as `Palette.encode` does).
+    """
+    rows = np.arange(len(dataset)) if rows is None else np.asarray(rows, dtype=np.int64)
+    if dataset.token_ids is None:
+        images = dataset.images[rows] if isinstance(dataset, Dataset) else dataset.take(rows)
+        return palette.encode(images, size)
+    check_token_palette(dataset, palette)
+    side = int(round(np.sqrt(dataset.token_ids.shape[1])))
+    if side != size:
+        raise DatasetError(f"{dataset.name} holds ids of {side}×{side} images but this model reads {size}×{size}; "
+                           f"ids cannot be resized: use a model of side {side}")
+    return np.asarray(dataset.token_ids[rows], dtype=np.int64)  # only these rows leave the disk
+
+
 @register("openai:cifar10", "OpenAI's CIFAR-10 as 9-bit palette ids, 32×32, 10 classes, for runs imported from "
           f"OpenAI (.npy files in DATA_DIR/{FOLDER}/cifar10; --download fetches them)")
 def _load_openai_cifar10(request: Request):

@@ -5,16 +5,18 @@
     fit.py        the logistic-regression probe, several fits at once in worker processes
     table.py      the stored results of one run on one dataset (ProbeTable), read back
     run.py        probe_run: every requested (checkpoint, layer), with references, into the table
+    paper.py      the paper's two probe figures (Figure 3) for several runs: a view over probe_run
 """
 
 from .cache import cached_features
 from .features import extract_features, feature_precision
 from .fit import DEFAULT_CS, confusion_matrix, fit_probe, fit_probes, fit_workers, warm_up_workers
+from .paper import PaperPlan, make_paper, paper_plan
 from .run import RAW_PIXELS_MAX_TRAIN, load_probe_data, probe_run
 from .table import ProbeTable, load_probe_results, results_path, spearman
 
 __all__ = [
-    "DEFAULT_CS", "RAW_PIXELS_MAX_TRAIN", "ProbeTable", "cached_features", "confusion_matrix", "extract_features",
+    "DEFAULT_CS", "PaperPlan", "RAW_PIXELS_MAX_TRAIN", "ProbeTable", "cached_features", "confusion_matrix", "extract_features",
     "feature_precision", "fit_probe", "fit_probes", "fit_workers", "load_probe_data", "load_probe_results",
-    "probe_run", "results_path", "spearman", "warm_up_workers",
+    "make_paper", "paper_plan", "probe_run", "results_path", "spearman", "warm_up_workers",
 ]

@@ -90,6 +90,12 @@ class FeatureCache:
         atomic_write(self.path(split, data_hash), write)
 
 
+def checkpoint_cache(run: Run, step: int, dataset: str, bert_masks: int, seed: int,
+                     precision: str = "fp32") -> FeatureCache:
+    """Where the probe features of checkpoint `step` on `dataset` are kept, for these probe settings."""
+    return FeatureCache(run, f"step_{step:07d}", checkpoint_key(run, step), dataset, bert_masks, seed, precision)
+
+
 def cached_features(run, dataset: str | None, step: int, split: str = "test", *,
                     runs_dir=None) -> tuple[dict[int, np.ndarray], np.ndarray] | None:
     """The probe features of checkpoint `step` on one split of `dataset` (default: the run's own), as
@@ -103,8 +109,8 @@ def cached_features(run, dataset: str | None, step: int, split: str = "test", *,
     if table is None or split not in table.data_hashes or step not in run.checkpoints():
         return None
     settings = table.settings
-    cache = FeatureCache(run, f"step_{step:07d}", checkpoint_key(run, step), table.dataset,
-                         settings.get("bert_masks", 0), settings.get("seed", 0), settings.get("precision", "fp32"))
+    cache = checkpoint_cache(run, step, table.dataset, settings.get("bert_masks", 0), settings.get("seed", 0),
+                             settings.get("precision", "fp32"))
     layers, labels = cache.read(split, table.data_hashes[split])
     if not layers or labels is None:
         return None

@@ -17,18 +17,19 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 
-from ..data import SPLITS, open_dataset
+from ..data import SPLITS, check_token_palette, open_dataset, palette_ids
 from ..device import pick_device
 from ..errors import IgptError
 from ..files import atomic_write_json
 from ..model import IGPT
 from ..progress import progress_bar
 from ..runs import Run, as_run
-from .cache import FeatureCache, FeatureSource, Ranks, checkpoint_key, fingerprint
+from .cache import FeatureCache, FeatureSource, Ranks, checkpoint_cache, fingerprint
 from .features import feature_precision
 from .fit import DEFAULT_CS, fit_probes, warm_up_workers
 from .table import ProbeTable, load_probe_results, results_path
@@ -42,7 +43,9 @@ RAW_PIXELS_MAX_TRAIN = 10_000
 
 
 def load_probe_data(run: Run, dataset: str, size: int, data_dir, max_train: int | None, seed: int):
-    """{split: (uint8 images at the model's resolution, labels)}, class names, and a note if resized.
+    """{split: (uint8 images at the model's resolution, labels)}, class names, a note if resized, and
+    {split: palette ids} for token datasets (OpenAI's encoded ones, checked against the run's palette
+    by `check_token_palette`), else None: the probe then encodes the images with the run's palette.
 
     Splits are drawn with the run's own data seed, so for the run's own dataset the probe's val and
     test images are the ones pre-training held out.
@@ -57,6 +60,7 @@ def load_probe_data(run: Run, dataset: str, size: int, data_dir, max_train: int 
     val = open_dataset(dataset, "val", data_dir=data_dir, seed=data_seed)
     if val.labels is None:
         raise IgptError(f"dataset {dataset!r} has no labels; probes need a labelled dataset such as digits")
+    check_token_palette(val, run.palette)  # before any image is read: OpenAI's ids fit OpenAI's palette only
     native = val.resolution
     streams = {split: val if split == "val" and native == size  # already open at the model's size
                else open_dataset(dataset, split, data_dir=data_dir, seed=data_seed, resolution=size)
@@ -65,14 +69,17 @@ def load_probe_data(run: Run, dataset: str, size: int, data_dir, max_train: int 
     if native != size:
         note = (f"{dataset} images are {native}×{native} but the model reads {size}×{size}: "
                 f"resized them (bilinear) for the probe")
-    out = {}
+    out, token_ids = {}, ({} if val.token_ids is not None else None)
     for split, stream in streams.items():
+        index = None  # all the images
         if split == "train" and max_train is not None and len(stream) > max_train:
             index = np.sort(np.random.default_rng(seed).choice(len(stream), max_train, replace=False))
             out[split] = (stream.take(index), stream.labels[index])
         else:
             out[split] = (stream.read(), stream.labels)
-    return out, val.classes, note
+        if token_ids is not None:
+            token_ids[split] = palette_ids(stream, run.palette, size, index)
+    return out, val.classes, note, token_ids
 
 
 # -- the command ------------------------------------------------------------------------------------------
@@ -93,7 +100,8 @@ class _Request:
         return sorted(set(self.layers) | set(self.concat or ()))
 
 
-def _pick_steps(run: Run, checkpoints) -> list[int]:
+def pick_steps(run: Run, checkpoints) -> list[int]:
+    """The run's checkpoint steps that `checkpoints` ("all", "last", a step or a list of them) names."""
     available = run.checkpoints()
     if not available:
         raise IgptError(f"run {run.name!r} has no checkpoints yet: train it with `igpt train --name {run.name}`")
@@ -109,7 +117,8 @@ def _pick_steps(run: Run, checkpoints) -> list[int]:
     return steps
 
 
-def _pick_layers(run: Run, layers, what: str = "layer") -> list[int]:
+def pick_layers(run: Run, layers, what: str = "layer") -> list[int]:
+    """The layer numbers (0..n_layer) that `layers` ("all", a layer or a list of them) names."""
     n = run.model_config.n_layer
     if isinstance(layers, str):
         if layers != "all":
@@ -126,7 +135,7 @@ def _pick_layers(run: Run, layers, what: str = "layer") -> list[int]:
 def _resolve_request(run: Run, checkpoints, layers, concat, bert_masks: int, max_train) -> _Request:
     joined = None
     if concat is not None:
-        joined = tuple(_pick_layers(run, [concat] if isinstance(concat, int) else list(concat), "concatenated layer"))
+        joined = tuple(pick_layers(run, [concat] if isinstance(concat, int) else list(concat), "concatenated layer"))
         if len(joined) < 2:
             raise IgptError(f"concat needs at least two different layers to join, got {list(joined)}")
     k = int(bert_masks) if run.model_config.objective == "bert" else 0
@@ -134,11 +143,11 @@ def _resolve_request(run: Run, checkpoints, layers, concat, bert_masks: int, max
         raise IgptError(f"bert_masks must be >= 0, got {bert_masks}")
     if max_train is not None and max_train < 2:
         raise IgptError(f"max_train must be at least 2, got {max_train}")
-    return _Request(_pick_steps(run, checkpoints), _pick_layers(run, layers), joined, k)
+    return _Request(pick_steps(run, checkpoints), pick_layers(run, layers), joined, k)
 
 
 @dataclass
-class _Inputs:
+class ProbeInputs:
     """The probe's images (uint8), palette ids and labels per split, and what identifies them."""
 
     data: dict
@@ -149,11 +158,13 @@ class _Inputs:
     note: str | None
 
 
-def _probe_inputs(run: Run, dataset: str, data_dir, max_train, seed: int, bert_masks: int, Cs,
-                  precision: str) -> _Inputs:
+def probe_inputs(run: Run, dataset: str, data_dir, max_train, seed: int, bert_masks: int, Cs,
+                 precision: str) -> ProbeInputs:
+    """What a probe of `run` on `dataset` reads (`load_probe_data`), as palette ids, with the hashes
+    that key the feature cache and the settings that key the stored table."""
     size, palette = run.model_config.image_size, run.palette
-    data, classes, note = load_probe_data(run, dataset, size, data_dir, max_train, seed)
-    ids = {split: palette.encode(images, size) for split, (images, _) in data.items()}
+    data, classes, note, token_ids = load_probe_data(run, dataset, size, data_dir, max_train, seed)
+    ids = token_ids or {split: palette.encode(images, size) for split, (images, _) in data.items()}
     hashes = {split: fingerprint(dataset, split, images.tobytes(), labels.tobytes(), palette.to_json())
               for split, (images, labels) in data.items()}
     settings = {
@@ -164,7 +175,7 @@ def _probe_inputs(run: Run, dataset: str, data_dir, max_train, seed: int, bert_m
     }
     if precision != "fp32":  # tables made in fp32 before the setting existed keep matching
         settings["precision"] = precision
-    return _Inputs(data, ids, {split: y for split, (_, y) in data.items()}, hashes, settings, note)
+    return ProbeInputs(data, ids, {split: y for split, (_, y) in data.items()}, hashes, settings, note)
 
 
 def _stored(run: Run, dataset: str, settings: dict, notes: list[str]) -> dict:
@@ -188,7 +199,7 @@ def _stored(run: Run, dataset: str, settings: dict, notes: list[str]) -> dict:
     }
 
 
-def _raw_pixel_splits(inputs: _Inputs, seed: int) -> tuple:
+def _raw_pixel_splits(inputs: ProbeInputs, seed: int) -> tuple:
     """(train_x, train_y, val_x, val_y, test_x, test_y) of flattened pixels, at most
     RAW_PIXELS_MAX_TRAIN training images (a seeded subset)."""
     flat = {split: images.reshape(len(images), -1).astype(np.float32) for split, (images, _) in inputs.data.items()}
@@ -238,7 +249,7 @@ def probe_run(run_name, dataset: str | None = None, *, checkpoints="all", layers
     dataset = dataset or run.info["dataset"]
     device = pick_device(device)
     precision = feature_precision(precision, device)
-    inputs = _probe_inputs(run, dataset, data_dir, max_train, seed, request.bert_masks, Cs, precision)
+    inputs = probe_inputs(run, dataset, data_dir, max_train, seed, request.bert_masks, Cs, precision)
     notes = [inputs.note] if inputs.note else []
     stored = _stored(run, dataset, inputs.settings, notes) if ranks.rank == 0 else None
     random_todo = ranks.share([layer for layer in request.layers if layer not in stored["random_init"]]
@@ -269,16 +280,18 @@ def probe_run(run_name, dataset: str | None = None, *, checkpoints="all", layers
     return table
 
 
-def _sources(run: Run, request: _Request, random_todo: list[int], inputs: _Inputs, dataset: str, seed: int,
+def _sources(run: Run, request: _Request, random_todo: list[int], inputs: ProbeInputs, dataset: str, seed: int,
              batch_size: int, device: torch.device, precision: str, progress: bool):
     """(fit key prefix, FeatureSource, layers to extract) for each checkpoint, then the random init."""
-    def source(tag, key, load_model):
-        cache = FeatureCache(run, tag, key, dataset, request.bert_masks, seed, precision)
+    def source(cache, load_model):
         return FeatureSource(cache, load_model, inputs.ids, inputs.labels, batch_size, progress)
 
+    def checkpoint_model(step):  # loaded only if some of its features are missing
+        return run.load(step, device=device)[0]
+
     for step in request.steps:
-        model = source(f"step_{step:07d}", checkpoint_key(run, step), lambda step=step: run.load(step, device=device)[0])
-        yield ("step", step), model, request.extracted
+        cache = checkpoint_cache(run, step, dataset, request.bert_masks, seed, precision)
+        yield ("step", step), source(cache, partial(checkpoint_model, step)), request.extracted
     if random_todo:
         config = run.model_config
 
@@ -288,10 +301,11 @@ def _sources(run: Run, request: _Request, random_todo: list[int], inputs: _Input
                 return IGPT(config).to(device).eval()
 
         key = fingerprint("random_init", config.to_dict(), seed)
-        yield ("random_init",), source("random_init", key, random_model), random_todo
+        cache = FeatureCache(run, "random_init", key, dataset, request.bert_masks, seed, precision)
+        yield ("random_init",), source(cache, random_model), random_todo
 
 
-def _merged_table(run: Run, dataset: str, stored: dict, results: dict, inputs: _Inputs, notes: list[str]) -> ProbeTable:
+def _merged_table(run: Run, dataset: str, stored: dict, results: dict, inputs: ProbeInputs, notes: list[str]) -> ProbeTable:
     """The stored rows with this call's fits merged in (a fit replaces the stored row it redoes)."""
     val_losses = run.val_losses()
     rows, joined, random_init = dict(stored["rows"]), dict(stored["concat"]), dict(stored["random_init"])

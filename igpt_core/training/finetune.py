@@ -155,7 +155,7 @@ def finetune(run_name, dataset: str | None = None, *, name: str | None = None, s
     dev = pick_device(device)
     model, palette, _ = base.load(base_step, device=dev)
     size = model.config.image_size
-    data, classes, note = load_probe_data(base, dataset, size, data_dir, max_train, seed)
+    data, classes, note, _ = load_probe_data(base, dataset, size, data_dir, max_train, seed)
     if augment is None:
         augment = size == 32 and dataset.lower().replace("_", "-") not in _NO_FLIP
     batches = _Batches(data["train"], palette, size, batch_size, bool(augment), seed)
