@@ -123,7 +123,7 @@ def test_sample_and_score_with_int8(workdir):
     assert out["samples"] == 2 and Image.open(workdir / "g8.png").size[0] > 0
     assert "deprecated" not in result.stderr and "Warning" not in result.stderr  # the fbgemm functions' warnings
     int8 = json.loads(igpt("score", "t", "--limit", "20", "--int8", "--json", cwd=workdir).stdout)
-    fp32 = json.loads(igpt("score", "t", "--limit", "20", "--json", cwd=workdir).stdout)
+    fp32 = json.loads(igpt("score", "t", "--limit", "20", "--precision", "fp32", "--json", cwd=workdir).stdout)
     assert int8["precision"] == "int8" and fp32["precision"] == "fp32"
     assert int8["bits_per_dim"] == pytest.approx(fp32["bits_per_dim"], rel=0.01)
     assert "--int8" in igpt("sample", "--help", cwd=workdir).stdout
