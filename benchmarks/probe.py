@@ -86,7 +86,7 @@ def hf_features(hf, ids: torch.Tensor, sos: int, batch_size: int) -> np.ndarray:
 
 def s_row(args) -> dict:
     """iGPT-S shapes: all-layer features in fp32, in precision "auto", and from HF, images per second."""
-    from igpt_core.device import resolve_precision
+    from igpt_core.probe import feature_precision
 
     layers_, width, heads, size = (int(v) for v in args.s_shape.split(","))
     torch.manual_seed(0)
@@ -107,7 +107,7 @@ def s_row(args) -> dict:
         "shapes": {"n_layer": config.n_layer, "n_embd": config.n_embd, "n_head": config.n_head,
                    "image": f"{size}x{size}", "images": args.s_images, "batch": args.s_batch,
                    "layers_extracted": len(layers)},
-        "auto_resolves_to": resolve_precision("auto", "cpu"),
+        "auto_resolves_to": feature_precision("auto", "cpu", width),
         "images_per_second": {"ours_fp32": round(args.s_images / t_fp32, 3), "ours_auto": round(args.s_images / t_auto, 3),
                               "hf_fp32": round(args.s_images / t_hf, 3)},
         "ratios": {"hf_over_ours_fp32": round(t_hf / t_fp32, 3), "hf_over_ours_auto": round(t_hf / t_auto, 3),

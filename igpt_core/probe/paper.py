@@ -36,7 +36,7 @@ from ..likelihood import score
 from ..progress import progress_bar
 from ..runs import Run, as_run
 from .cache import checkpoint_cache, fingerprint
-from .features import extract_features, feature_precision
+from .features import extract_features
 from .fit import DEFAULT_CS
 from .run import ProbeInputs, pick_layers, pick_steps, probe_inputs, probe_run
 
@@ -132,7 +132,7 @@ def paper_plan(runs, dataset: str | None = None, *, checkpoints="all", layers="a
                         f"name the probe dataset, e.g. --dataset openai:cifar10")
     dev = pick_device(device)
     options = dict(max_train=max_train, device=str(dev), data_dir=data_dir, batch_size=batch_size,
-                   seed=seed, precision=feature_precision(precision, dev))
+                   seed=seed, precision=precision)
     plans = [_run_plan(run, dataset, checkpoints, layers, loss_dataset or dataset, val_images, options)
              for run in opened]
     for plan in plans:

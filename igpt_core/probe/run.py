@@ -236,9 +236,9 @@ def probe_run(run_name, dataset: str | None = None, *, checkpoints="all", layers
     References (stored once per settings): the same probe on raw pixels, and on a randomly
     initialised model of the same shape (torch.manual_seed(seed)) at the requested layers.
     Once the features are extracted, the fits run in `workers` processes (default: one per core);
-    the numbers do not depend on `workers` or on thread settings. precision: "auto" (bf16 where the
-    hardware computes it natively: CUDA, CPUs with AVX512-BF16 or AMX), "fp32" or "bf16"; it is one
-    of the table's settings, and each row stores the test confusion matrix of its probe.
+    the numbers do not depend on `workers` or on thread settings. precision: "auto" (see
+    `feature_precision`: bf16 for wide models where the hardware computes it natively), "fp32" or
+    "bf16"; it is one of the table's settings. Each row stores the test confusion matrix of its probe.
     on_progress(done, total) is called after each fit (references included), e.g. for a progress bar in an app.
     Under torchrun every rank extracts its share of the images; rank 0 fits, writes and returns the
     table, the other ranks return None.
@@ -248,7 +248,7 @@ def probe_run(run_name, dataset: str | None = None, *, checkpoints="all", layers
     request = _resolve_request(run, checkpoints, layers, concat, bert_masks, max_train)
     dataset = dataset or run.info["dataset"]
     device = pick_device(device)
-    precision = feature_precision(precision, device)
+    precision = feature_precision(precision, device, run.model_config.n_embd)
     inputs = probe_inputs(run, dataset, data_dir, max_train, seed, request.bert_masks, Cs, precision)
     notes = [inputs.note] if inputs.note else []
     stored = _stored(run, dataset, inputs.settings, notes) if ranks.rank == 0 else None
