@@ -24,17 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-from igpt_core import complete, load_dataset, open_run
-from igpt_core import explain
+from igpt_core import complete, explain, load_dataset, open_run
 from igpt_core.cli import main as igpt
 from igpt_core.data import builtin_photos
 from igpt_core.files import atomic_write
 from igpt_core.probe import load_probe_results
-from igpt_core.render import completion_grid, grid, hide_rows, inside_picture, save_png, stack
+from igpt_core.render import grid, hide_rows, inside_picture, save_png
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_BYTES = 200_000
-SAMPLES = 4  # completions per image, as the paper's Figure 1 shows several per row
+SAMPLES = 4  # completions per image: several, to show what varies and what the top half fixes
 HELD_OUT = ("cat", "coffee")  # built-in photos outside the photos run's training split
 
 # The runs, as `igpt train` arguments. The digits run is the Makefile's default-run recipe, word for word.
@@ -71,8 +70,7 @@ def completions(runs_dir: Path, name: str, images: list[np.ndarray]) -> np.ndarr
 def inside(runs_dir: Path, picture_index: int = 3) -> np.ndarray:
     """The `igpt inside` picture for a pixel in the middle of a validation digit: the pixel the model
     must draw once it has seen the top half."""
-    run = open_run("digits", runs_dir)
-    model, palette, _ = run.load()
+    model, palette, _ = open_run("digits", runs_dir).load()
     size = model.config.image_size
     row, col = size // 2, size // 2 - 1
     t = row * size + col
@@ -83,7 +81,8 @@ def inside(runs_dir: Path, picture_index: int = 3) -> np.ndarray:
     attention = explain.attention_maps(model, ids, t).pixels.mean(1).numpy()  # (layers, side, side)
     lens = explain.layer_predictions(model, ids)  # (layers + 1, pixels, colours): log-probabilities
     top = numbers["top_ids"]
-    title = (f"pixel (row {row}, col {col}): true colour p = {numbers['true_probability']:.2f}, rank "
+    # Rows and columns counted from 1, as the CLI and the apps count them.
+    title = (f"pixel (row {row + 1}, column {col + 1}): true colour p = {numbers['true_probability']:.2f}, rank "
              f"{numbers['true_rank']} of {model.config.n_colors}")
     return inside_picture(palette.decode(ids[None], size)[0], row, col, palette.colors[top],
                           numbers["top_probabilities"], top.index(true_id) if true_id in top else None, attention,
