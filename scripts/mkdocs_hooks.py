@@ -23,7 +23,7 @@ NOTEBOOKS = ROOT / "notebooks"
 
 def executed_folder() -> Path:
     """Where the executed notebooks are read from."""
-    return Path(os.environ.get("IGPT_EXECUTED_NOTEBOOKS", ROOT / "build" / "notebooks"))
+    return Path(os.environ.get("IGPT_EXECUTED_NOTEBOOKS", ROOT / "build" / "notebooks")).resolve()
 
 
 def notebook_names() -> list[str]:
