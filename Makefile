@@ -1,6 +1,7 @@
 # igpt — two commands set everything up on a fresh machine:
 #   make demo   train the default model if missing, then open the completion demo
 #   make test   install what the tests need (incl. Debian's Chromium when root) and run them all
+#               (the notebooks are executed once, then rendered into the docs site a browser test opens)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -8,7 +9,7 @@ PIP    := $(BIN)/pip install --quiet -c requirements/constraints.txt
 RUNS   ?= runs
 DEFAULT_RUN := digits
 
-.PHONY: demo test dashboard notebooks bench install install-dev browser default-run probe-demo clean help
+.PHONY: demo test dashboard notebooks bench figures docs install install-dev browser default-run probe-demo clean help
 
 help:
 	@echo "make demo        train the default digits model if missing (1–4 min on CPU), open http://127.0.0.1:7860"
@@ -17,6 +18,8 @@ help:
 	@echo "make probe-demo  train and probe a model of translated digits (~8 min of CPU; see docs/findings.md)"
 	@echo "make notebooks   open JupyterLab on the teaching notebooks"
 	@echo "make bench       run the side-by-side benchmarks against Hugging Face (prints JSON)"
+	@echo "make figures     train what is missing (digits, photos; ~5 min on 2 cores) and draw docs/images/*.png"
+	@echo "make docs        execute the notebooks, then build the documentation site into site/ (offline)"
 
 # torch first, pinned to the CPU build; then the package with its extras, all from the constraints file.
 $(VENV)/.installed-base: pyproject.toml requirements/constraints.txt
@@ -27,7 +30,11 @@ $(VENV)/.installed-base: pyproject.toml requirements/constraints.txt
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed-base
-	$(PIP) -e ".[apps,notebooks,datasets,dev]"
+	$(PIP) -e ".[apps,notebooks,datasets,dev,docs]"
+	touch $@
+
+$(VENV)/.installed-docs: $(VENV)/.installed-base
+	$(PIP) -e ".[apps,notebooks,docs]"
 	touch $@
 
 install: $(VENV)/.installed-base
@@ -65,8 +72,17 @@ notebooks: $(VENV)/.installed-base
 test: $(VENV)/.installed-dev browser
 	$(BIN)/python -m pytest
 
+# The pictures of the README and the docs: the default run (as above), a small photos run, the probes.
+figures: default-run
+	$(BIN)/python scripts/figures.py --runs-dir $(RUNS)
+
+# The site renders the executed notebooks; the test suite builds it the same way from its own run.
+docs: $(VENV)/.installed-docs
+	$(BIN)/python scripts/run_notebooks.py build/notebooks
+	NO_MKDOCS_2_WARNING=1 IGPT_EXECUTED_NOTEBOOKS=build/notebooks $(BIN)/mkdocs build --site-dir site
+
 bench: $(VENV)/.installed-dev
 	@for script in benchmarks/*.py; do echo "== $$script"; OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python $$script || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache build site

@@ -13,6 +13,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import sys
+
 import pytest
 import torch
 from playwright.sync_api import sync_playwright
@@ -21,6 +23,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the hub
 
 from igpt_core.training import TrainConfig, start_run, train  # noqa: E402
+
+# The scripts in scripts/ (figures, notebook execution) are tested as the modules they are.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 TINY = dict(n_layer=2, n_embd=32, n_head=2)
 
@@ -65,6 +70,17 @@ def tiny_run(runs_dir):
 @pytest.fixture(scope="session")
 def bert_run(runs_dir):
     return make_run(runs_dir, "tiny-bert", objective="bert", steps=20)
+
+
+@pytest.fixture(scope="session")
+def executed_notebooks(tmp_path_factory) -> tuple[Path, dict]:
+    """Every notebook in notebooks/ executed once per test session (scripts/run_notebooks.py):
+    (the folder of executed copies, {notebook name: its first cell error or None}). The notebook
+    tests check the errors; the docs-site test renders the copies."""
+    from run_notebooks import execute_notebooks
+
+    out = tmp_path_factory.mktemp("executed") / "notebooks"  # named as the site's hook expects
+    return out, execute_notebooks(out, tmp_path_factory.mktemp("notebook-runs"))
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
