@@ -13,7 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from igpt_core.probe.paper import PAPER_FOLDER
+from igpt_core import PAPER_FOLDER
 
 PLOTLY_CONFIG = {"displaylogo": False}
 

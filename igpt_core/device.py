@@ -11,6 +11,10 @@ from pathlib import Path
 import torch
 
 PRECISIONS = ("auto", "fp32", "bf16")
+# "auto" keeps models narrower than this in fp32. bf16 keeps 8 bits of mantissa: on the default digits run
+# (width 128) it moved probe accuracy by up to 3.1 points in a layer (fp32 against bf16, 6 checkpoints ×
+# 5 layers), and at such widths it buys little time. From iGPT-S's width (512) its speed pays.
+BF16_MIN_WIDTH = 512
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -53,13 +57,16 @@ def cpu_computes_bf16() -> bool:
     return cpu_has_amx() or "avx512_bf16" in _cpuinfo()[1]
 
 
-def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
+def resolve_precision(precision: str, device: torch.device | str = "cpu", width: int | None = None) -> str:
     """"auto" → "bf16" where the hardware computes it natively (CUDA GPUs with bf16, CPUs with
-    AVX512-BF16 or AMX), else "fp32". "fp32" and "bf16" are returned as they are."""
+    AVX512-BF16 or AMX) and the model (of width `width`, if given) is at least BF16_MIN_WIDTH wide, else
+    "fp32". "fp32" and "bf16" are returned as they are."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "auto":
         return precision
+    if width is not None and width < BF16_MIN_WIDTH:
+        return "fp32"
     device = torch.device(device)
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
@@ -68,10 +75,10 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str
     return "fp32"
 
 
-def autocast(device: torch.device | str, precision: str):
+def autocast(device: torch.device | str, precision: str, width: int | None = None):
     """A context that runs matrix products in bf16 when `precision` resolves to "bf16" (weights and the
     residual stream stay fp32: torch.autocast casts per operation), else a no-op."""
     device = torch.device(device)
-    if resolve_precision(precision, device) == "bf16":
+    if resolve_precision(precision, device, width) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()

@@ -67,7 +67,7 @@ def _in_precision(model: IGPT, precision: str):
     """The context running the model's matrix products in `precision` (see device.autocast)."""
     if precision not in PRECISIONS:
         raise IgptError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return autocast(next(model.parameters()).device, precision)
+    return autocast(next(model.parameters()).device, precision, model.config.n_embd)
 
 
 def _query(model: IGPT, ids: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -55,7 +55,7 @@ def pixel_nll(model: IGPT, ids: torch.Tensor, batch_size: int = 64, precision: s
         check_precision(model.config, precision)
     device = next(model.parameters()).device
     ids = torch.as_tensor(ids).long()
-    with autocast(device, "fp32" if precision == "int8" else precision):
+    with autocast(device, "fp32" if precision == "int8" else precision, model.config.n_embd):
         return torch.cat([_batch_nll(model, batch.to(device), precision) for batch in ids.split(batch_size)])
 
 
@@ -108,7 +108,7 @@ def score(model: IGPT, ids: torch.Tensor, batch_size: int = 64, precision: str =
     result is the one that ran ("auto" resolved to "bf16" or "fp32")."""
     nll = pixel_nll(model, ids, batch_size, precision)
     if precision != "int8":
-        precision = resolve_precision(precision, next(model.parameters()).device)
+        precision = resolve_precision(precision, next(model.parameters()).device, model.config.n_embd)
     return {**summarize(nll, model.config), "precision": precision}
 
 

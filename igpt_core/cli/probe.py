@@ -46,7 +46,7 @@ def cmd_probe(args) -> None:
 
 
 def cmd_paper(args) -> None:
-    from igpt_core.probe import make_paper, paper_plan
+    from igpt_core import make_paper, paper_plan
 
     plan = paper_plan(args.runs, args.dataset, checkpoints=args.checkpoints, layers=args.layers,
                       max_train=args.max_train, precision=args.precision, device=args.device, runs_dir=runs_dir(args),

@@ -41,7 +41,7 @@ def cmd_score(args) -> None:
     import torch
 
     from igpt_core import load_dataset, score
-    from igpt_core.data import palette_ids
+    from igpt_core import palette_ids
 
     run, model, palette = load_model(args)
     size = model.config.image_size

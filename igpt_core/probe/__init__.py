@@ -11,12 +11,12 @@
 from .cache import cached_features
 from .features import extract_features, feature_precision
 from .fit import DEFAULT_CS, confusion_matrix, fit_probe, fit_probes, fit_workers, warm_up_workers
-from .paper import PaperPlan, make_paper, paper_plan
+from .paper import PAPER_FOLDER, PaperPlan, make_paper, paper_plan
 from .run import RAW_PIXELS_MAX_TRAIN, load_probe_data, probe_run
 from .table import ProbeTable, load_probe_results, results_path, spearman
 
 __all__ = [
-    "DEFAULT_CS", "PaperPlan", "RAW_PIXELS_MAX_TRAIN", "ProbeTable", "cached_features", "confusion_matrix", "extract_features",
+    "DEFAULT_CS", "PAPER_FOLDER", "PaperPlan", "RAW_PIXELS_MAX_TRAIN", "ProbeTable", "cached_features", "confusion_matrix", "extract_features",
     "feature_precision", "fit_probe", "fit_probes", "fit_workers", "load_probe_data", "load_probe_results",
     "make_paper", "paper_plan", "probe_run", "results_path", "spearman", "warm_up_workers",
 ]

@@ -15,23 +15,13 @@ from ..model import IGPT
 from ..progress import progress_bar
 
 
-# "auto" computes features in bf16 only from this width up. On the default digits run (4 × 128, 300
-# steps, 359 test images) bf16 features moved the probe's test accuracy by up to 3.1 points per layer
-# (deeper layers mostly lower), far above the 0.5 points a faster probe may cost; the speed matters
-# at iGPT-S's width and above, where bf16 ran 1.7× fp32 on a 2-core Zen 5 (AVX512-BF16). Its probe
-# accuracy there has not been measured against fp32 yet.
-BF16_MIN_WIDTH = 512
-
-
 def feature_precision(precision: str, device, n_embd: int) -> str:
     """"fp32" or "bf16": the number format probe features of a model of width n_embd are computed in
     on `device`, for precision "auto", "fp32" or "bf16". "auto" is bf16 where the hardware computes it
-    natively (CUDA; CPUs with AVX512-BF16 or AMX) and n_embd >= BF16_MIN_WIDTH, else fp32."""
+    natively (CUDA; CPUs with AVX512-BF16 or AMX) and n_embd >= device.BF16_MIN_WIDTH, else fp32."""
     if precision not in PRECISIONS:
         raise IgptError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "auto" and n_embd < BF16_MIN_WIDTH:
-        return "fp32"
-    return resolve_precision(precision, device)
+    return resolve_precision(precision, device, n_embd)
 
 
 @torch.inference_mode()
