@@ -195,7 +195,7 @@ def _layout() -> SimpleNamespace:
         button = gr.Button("Complete with every checkpoint", variant="primary", scale=2, elem_id="watch-btn")
     status = gr.Markdown(elem_id="watch-status")
     panels = gr.Gallery(label="Every checkpoint, same seed (samples of one checkpoint in each panel)",
-                        columns=6, height="auto", object_fit="contain", allow_preview=False, format="png",
+                        columns=6, height=240, object_fit="contain", allow_preview=False, format="png",
                         elem_id="watch-panels", elem_classes="pixels")
     with gr.Row(equal_height=True):
         checkpoint = gr.Slider(1, 2, value=1, step=1, label="Checkpoint", scale=4, elem_id="watch-checkpoint")
@@ -211,8 +211,8 @@ def _layout() -> SimpleNamespace:
             view = gr.Image(label="The model's view — click a pixel", format="png", interactive=False, height=260,
                             elem_id="watch-view", elem_classes="pixels")
             pixel = gr.Textbox(label="Pixel: row, column (from 1 at the top left)", elem_id="watch-pixel")
-    every = gr.Image(label="The clicked pixel's distribution at every checkpoint", format="png", interactive=False,
-                     elem_id="watch-distributions")
+    gr.Markdown("**The clicked pixel's distribution at every checkpoint** (p = the probability of its true colour)")
+    every = gr.Image(show_label=False, format="png", interactive=False, elem_id="watch-distributions")
     state = gr.State(None)  # what was computed, by step: panels, bars, labels (`fresh`)
     return SimpleNamespace(keep_rows=keep_rows, button=button, status=status, panels=panels, checkpoint=checkpoint,
                            play=play, stop=stop, stage_text=stage_text, stage_panel=stage_panel,
