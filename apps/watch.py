@@ -11,6 +11,7 @@ moving the checkpoint slider, or playing, only shows pictures and never runs a m
 
 from __future__ import annotations
 
+import hashlib
 import time
 from types import SimpleNamespace
 
@@ -60,9 +61,10 @@ def checkpoint_slider(n_checkpoints: int, index: int) -> gr.Slider:
     return gr.Slider(minimum=1, maximum=max(n_checkpoints, 2), value=index, interactive=n_checkpoints > 1)
 
 
-def fresh(name: str) -> dict:
-    """What the tab has computed for one run: by step, its completion panel and its pixel's distribution."""
-    return {"run": name, "steps": [], "labels": {}, "panels": {}, "bars": {}, "texts": {}}
+def fresh(name: str, picture: str = "") -> dict:
+    """What the tab has computed for one run and picture: by step, its completion panel and its pixel's
+    distribution. `picture` tells the model's views apart (a digest of their ids)."""
+    return {"run": name, "picture": picture, "steps": [], "labels": {}, "panels": {}, "bars": {}, "texts": {}}
 
 
 class Watch:
@@ -82,8 +84,11 @@ class Watch:
         return run, steps, palette, side, ids, view
 
     @staticmethod
-    def _state(name, steps, state, val_losses) -> dict:
-        state = state if state and state["run"] == name and state["steps"] == steps else fresh(name)
+    def _state(name, steps, ids, state, val_losses) -> dict:
+        """The user's state if it is of this run, its checkpoints and this picture; else a fresh one."""
+        picture = hashlib.sha1(np.asarray(ids).tobytes()).hexdigest()
+        same = state and (state["run"], state["picture"], state["steps"]) == (name, picture, steps)
+        state = state if same else fresh(name, picture)
         state["steps"] = steps
         state["labels"] = {step: checkpoint_label(step, val_losses.get(step)) for step in steps}
         return state
@@ -92,7 +97,7 @@ class Watch:
         """Complete the square with every checkpoint, streamed one checkpoint at a time:
         (panels with their labels, status line, state, slider, stage text, stage panel, stage bars)."""
         run, steps, palette, side, ids, _ = self._subject(name, picture)
-        state = self._state(name, steps, state, run.val_losses())
+        state = self._state(name, steps, ids, state, run.val_losses())
         state["panels"] = {}
         scale = display_scale(side, PANEL_SIDE)
         done = []
@@ -104,9 +109,8 @@ class Watch:
             done.append(step)
             status = (f"Completed by {len(done)} of {len(steps)} checkpoints (seed {int(seed or 0)}, "
                       f"{int(keep_rows)} rows kept)" + (": done." if len(done) == len(steps) else "…"))
-            gallery = [(state["panels"][s], state["labels"][s]) for s in done]
             index = steps.index(step) + 1
-            yield gallery, status, state, checkpoint_slider(len(steps), index), *self.show(index, state)
+            yield self.gallery(state), status, state, checkpoint_slider(len(steps), index), *self.show(index, state)
 
     def distribution(self, pixel_text, temperature, top_k, name, index, state, *picture):
         """What the clicked pixel is drawn from at every checkpoint: (view with the pixel marked, every
@@ -115,8 +119,8 @@ class Watch:
         scale = display_scale(side, VIEW_SIDE)
         pixel = chosen_pixel(pixel_text, side)
         if pixel is None:
-            return enlarge(view, scale), None, state, gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        state = self._state(name, steps, state, run.val_losses())
+            return enlarge(view, scale), None, state, *(gr.skip(),) * 5
+        state = self._state(name, steps, ids, state, run.val_losses())
         t, true_id, top_k = pixel[0] * side + pixel[1], int(ids[pixel[0] * side + pixel[1]]), int(top_k or 0) or None
         cells = []
         models = checkpoint_models(self.page.models, run, steps)
@@ -134,7 +138,13 @@ class Watch:
         rows = [stack(cells[i : i + BARS_PER_ROW], across=True) for i in range(0, len(cells), BARS_PER_ROW)]
         marked = mark_pixel(enlarge(view, scale), *pixel, scale)
         index = min(max(int(index or 1), 1), len(steps))  # the checkpoint shown stays where the slider is
-        return marked, stack(rows, pad=0), state, checkpoint_slider(len(steps), index), *self.show(index, state)
+        return (marked, stack(rows, pad=0), state, self.gallery(state), checkpoint_slider(len(steps), index),
+                *self.show(index, state))
+
+    @staticmethod
+    def gallery(state) -> list:
+        """The panels completed so far, each with its checkpoint's label."""
+        return [(state["panels"][step], state["labels"][step]) for step in state["steps"] if step in state["panels"]]
 
     @staticmethod
     def show(index, state):
@@ -166,15 +176,17 @@ class Watch:
         try:
             side = self.page.run(name).model_config.image_size
         except IgptError:
-            return (gr.skip(),) * 7
+            return (gr.skip(),) * 10
         return (fresh(name or ""), [], "", gr.Slider(minimum=0, maximum=side, value=side // 2),
-                checkpoint_slider(1, 1), None, None)
+                checkpoint_slider(1, 1), "", None, None, None, None)
 
     def view(self, name, *picture):
-        """The model's view of the chosen square, to click a pixel on."""
-        if not name:
+        """The model's view of the chosen square, to click a pixel on; nothing while there is none (no
+        model or picture chosen yet: the tab's help says what to do)."""
+        try:
+            _, _, _, side, _, view = self._subject(name, picture)
+        except IgptError:
             return None
-        _, _, _, side, _, view = self._subject(name, picture)
         return enlarge(view, display_scale(side, VIEW_SIDE))
 
     def pick(self, evt: gr.SelectData, name) -> str:
@@ -182,6 +194,13 @@ class Watch:
         scale = display_scale(self.page.run(name).model_config.image_size, VIEW_SIDE)
         x, y = evt.index
         return f"{int(y) // scale + 1}, {int(x) // scale + 1}"
+
+
+def stopped(status: str | None):
+    """The status line after Stop (or an error) while completing: says how far it got."""
+    if not status or not status.endswith("…"):
+        return gr.skip()
+    return status.removesuffix("…") + ": stopped; the panels show the checkpoints done so far."
 
 
 # -- the tab ----------------------------------------------------------------------------------------------
@@ -224,7 +243,7 @@ def build_tab(page, run, picture: list, sampling: list) -> SimpleNamespace:
     choose the square (paint editor, picture state, square); `sampling`: samples, temperature, top-k, seed."""
     watch = Watch(page)
     act = SimpleNamespace(**{name: user_errors(getattr(watch, name))
-                             for name in ("complete", "distribution", "play", "view", "pick")})
+                             for name in ("complete", "distribution", "play", "pick")})
     n_samples, temperature, top_k, seed = sampling
     with gr.Tab("Watch it learn", id="watch") as tab:
         ui = _layout()
@@ -234,14 +253,15 @@ def build_tab(page, run, picture: list, sampling: list) -> SimpleNamespace:
                                  [ui.panels, ui.status, ui.state, *stage], api_name="watch_complete",
                                  show_progress="minimal", show_progress_on=ui.panels)
     distribute = dict(fn=act.distribution, inputs=[ui.pixel, temperature, top_k, run, ui.checkpoint, ui.state, *picture],
-                      outputs=[ui.view, ui.every, ui.state, *stage], show_progress="hidden")
+                      outputs=[ui.view, ui.every, ui.state, ui.panels, *stage], show_progress="hidden")
     ui.pixel.change(**distribute, api_name="watch_distribution", trigger_mode="always_last")
     ui.view.select(act.pick, run, ui.pixel, api_visibility="private")  # sets the pixel: its .change computes
-    tab.select(act.view, [run, *picture], ui.view, api_visibility="private", show_progress="hidden")
+    tab.select(watch.view, [run, *picture], ui.view, api_visibility="private", show_progress="hidden")
     ui.checkpoint.input(watch.show, [ui.checkpoint, ui.state], stage[1:], api_name="watch_show",
                         show_progress="hidden", trigger_mode="always_last")
     playing = ui.play.click(act.play, [ui.checkpoint, ui.state], stage, api_name="watch_play", show_progress="hidden")
     ui.stop.click(None, cancels=[completing, playing])
+    completing.failure(stopped, ui.status, ui.status, api_visibility="private", show_progress="hidden")
     ui.watch = watch
     return ui
 
@@ -249,4 +269,5 @@ def build_tab(page, run, picture: list, sampling: list) -> SimpleNamespace:
 def follow_run(chosen, run, ui: SimpleNamespace) -> None:
     """After the page's model picker has chosen (and, for OpenAI's, imported) a model: clear the tab."""
     chosen.success(ui.watch.choose_run, run, [ui.state, ui.panels, ui.status, ui.keep_rows, ui.checkpoint,
-                                              ui.stage_panel, ui.stage_bars], api_visibility="private")
+                                              ui.stage_text, ui.stage_panel, ui.stage_bars, ui.view, ui.every],
+                   api_visibility="private")

@@ -68,11 +68,12 @@ def test_a_pixel_at_every_checkpoint_and_the_slider(app, tmp_path):
     run, ids = example(app, "digits-ar", 2)
     steps = run.checkpoints()
     t = 3 * SIZE + 2  # row 4, column 3 counted from 1
-    view, every, slider, text, _, bars = c.predict("4, 3", 0.8, 0, "digits-ar", 2, as_input(editor), SQUARE,
+    view, every, panels, slider, text, _, bars = c.predict("4, 3", 0.8, 0, "digits-ar", 2, as_input(editor), SQUARE,
                                                    api_name="/watch_distribution")
     assert (read_png(view) == [0, 200, 255]).all(-1).any(), "the clicked pixel is outlined on the view"
     assert read_png(every).shape[1] > 4 * 200, "the distributions of the checkpoints side by side"
     assert read_png(bars).shape[0] >= 20 * 4
+    assert panels == [], "nothing completed yet in this session"
     assert slider["value"] == 2 and slider["maximum"] == len(steps) and f"Checkpoint 2 of {len(steps)}" in text, "the slider's checkpoint is shown"
     for index in (1, len(steps) // 2, len(steps)):
         text, panel, _ = c.predict(index, api_name="/watch_show")  # the session's state: no model runs
@@ -84,6 +85,18 @@ def test_a_pixel_at_every_checkpoint_and_the_slider(app, tmp_path):
 
     with pytest.raises(AppError, match="outside the 8×8 image"):
         c.predict("9, 1", 1.0, 0, "digits-ar", 1, as_input(editor), SQUARE, api_name="/watch_distribution")
+
+
+def test_panels_stay_with_their_picture(app, tmp_path):
+    c = client(app, tmp_path)
+    steps = open_run("digits-ar", app.runs).checkpoints()
+    editor, *_ = c.predict("digits-ar", 2, api_name="/use_example")
+    c.predict("digits-ar", 4, 1, 1.0, 0, 0, as_input(editor), SQUARE, api_name="/watch_complete")
+    same = c.predict("2, 2", 1.0, 0, "digits-ar", 1, as_input(editor), SQUARE, api_name="/watch_distribution")
+    assert len(same[2]) == len(steps), "a pixel of the completed picture keeps its panels"
+    other, *_ = c.predict("digits-ar", 6, api_name="/use_example")
+    moved = c.predict("2, 2", 1.0, 0, "digits-ar", 1, as_input(other), SQUARE, api_name="/watch_distribution")
+    assert moved[2] == [] and moved[5] is None, "another picture: the panels of the last one are gone"
 
 
 def test_play_steps_through_every_checkpoint(app, tmp_path):
