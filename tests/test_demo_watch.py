@@ -152,3 +152,12 @@ def test_browser_play_advances_the_checkpoint(app, tmp_path, chromium):
         assert page.locator("#watch-checkpoint input[type=number]").input_value() == str(len(steps))
         page.screenshot(path=str(tmp_path / "watch-played.png"), full_page=True)
         keep_screenshot(tmp_path / "watch-played.png")
+
+        # Play again (from the first) and Stop it early: the checkpoint stays where it stopped
+        page.locator("#watch-play").click()
+        page.wait_for_function("() => document.querySelector('#watch-stage-text').innerText.includes('Checkpoint 2 of')",
+                               timeout=60_000)
+        page.locator("#watch-stop").click()
+        page.wait_for_timeout(4500)  # Play shows a checkpoint a second: unstopped, it would be at the last by now
+        stopped_at = int(re.search(r"Checkpoint (\d+) of", page.inner_text("#watch-stage-text")).group(1))
+        assert stopped_at < len(steps), stopped_at
