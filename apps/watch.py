@@ -252,7 +252,8 @@ def build_tab(page, run, picture: list, sampling: list) -> SimpleNamespace:
                                                 *picture],
                                  [ui.panels, ui.status, ui.state, *stage], api_name="watch_complete",
                                  show_progress="minimal", show_progress_on=ui.panels)
-    distribute = dict(fn=act.distribution, inputs=[ui.pixel, temperature, top_k, run, ui.checkpoint, ui.state, *picture],
+    distribute = dict(fn=act.distribution,
+                      inputs=[ui.pixel, temperature, top_k, run, ui.checkpoint, ui.state, *picture],
                       outputs=[ui.view, ui.every, ui.state, ui.panels, *stage], show_progress="hidden")
     ui.pixel.change(**distribute, api_name="watch_distribution", trigger_mode="always_last")
     ui.view.select(act.pick, run, ui.pixel, api_visibility="private")  # sets the pixel: its .change computes
