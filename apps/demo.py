@@ -11,7 +11,8 @@ Per-user state lives in `gr.State`; the only shared state is the read-only cache
 
 This file lays out the page and wires its events; the actions live beside it: demo_models.py (the
 model picker), demo_picture.py (the picture and its square), demo_complete.py (complete, inpaint,
-surprise) and inside.py (the "Inside the model" tab).
+surprise), inside.py (the "Inside the model" tab) and watch.py ("Watch it learn": every
+checkpoint of a run).
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ from igpt_core import IgptError
 from igpt_core import runs_root
 
 if __package__:  # imported as the package igpt_apps (installed, or by the tests)
-    from . import inside
+    from . import inside, watch
     from .demo_complete import Completion, stopped
     from .demo_models import Models, user_errors
     from .demo_picture import Pictures
 else:  # run by path (python apps/demo.py, as `igpt demo` does): this folder is on sys.path
     import inside
+    import watch
     from demo_complete import Completion, stopped
     from demo_models import Models, user_errors
     from demo_picture import Pictures
@@ -240,8 +242,9 @@ def _inpaint_tab() -> SimpleNamespace:
     return SimpleNamespace(paint=paint, button=button, stop=stop, progress=progress, result=result)
 
 
-def _wire_choices(demo: gr.Blocks, actions: Demo, ui: SimpleNamespace) -> None:
-    """The model picker, the gallery, uploads and the square: each keeps the model's view up to date."""
+def _wire_choices(demo: gr.Blocks, actions: Demo, ui: SimpleNamespace):
+    """The model picker, the gallery, uploads and the square: each keeps the model's view up to date.
+    Returns the event of a model chosen, which the "Watch it learn" tab follows."""
     pick = ui.pick
     listing = [ui.run, ui.notice, ui.panel]
     choice = [ui.facts, ui.step, pick.gallery, ui.complete.keep_rows]
@@ -265,6 +268,7 @@ def _wire_choices(demo: gr.Blocks, actions: Demo, ui: SimpleNamespace) -> None:
     demo.load(actions.refresh, ui.run, listing, api_name="page_runs", api_visibility="private").then(
         actions.choose_run, ui.run, choice, api_name="page_run", api_visibility="private").then(
         actions.first_example, [ui.run, ui.chosen], shown, api_name="page_example", api_visibility="private")
+    return chosen
 
 
 def _wire_actions(actions: Demo, ui: SimpleNamespace) -> None:
@@ -317,8 +321,11 @@ def build_demo(runs_dir=None, model_memory: int | None = None) -> gr.Blocks:
                 inside.build_tab(actions.model_and_ids, [ui.run, ui.step],
                                              [ui.inpaint.paint, ui.chosen, ui.pick.square],
                                              [ui.sampling.temperature, ui.sampling.top_k], user_errors)
+                ui.watch = watch.build_tab(actions, ui.run, [ui.inpaint.paint, ui.chosen, ui.pick.square],
+                                           [ui.sampling.n_samples, ui.sampling.temperature, ui.sampling.top_k,
+                                            ui.sampling.seed])
             ui.paint = ui.inpaint.paint
-        _wire_choices(demo, actions, ui)
+        watch.follow_run(_wire_choices(demo, actions, ui), ui.run, ui.watch)
         _wire_actions(actions, ui)
     demo.queue(default_concurrency_limit=2, max_size=64)  # two users compute at once; the rest wait in line
     return demo

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,16 @@ def next_pixel(model: IGPT, ids, pixel: int, temperature: float = 1.0, top_k: in
     with _in_precision(model, precision):
         logits, _ = model(inputs, mask=mask)
     return sampling_probabilities(logits[0, t].float(), temperature, top_k).cpu()
+
+
+def next_pixel_each(models: Iterable[tuple[int, IGPT]], ids, pixel: int, temperature: float = 1.0,
+                    top_k: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """`next_pixel` of the same image and pixel under each model of `models`, (step, model) pairs
+    such as a run's checkpoints: yields (step, probabilities (n_colors,)), read lazily, so that a
+    caller may hold each checkpoint only while it is asked. Watching one pixel across checkpoints
+    shows the distribution sharpen (or not) as training goes."""
+    for step, model in models:
+        yield step, next_pixel(model, ids, pixel, temperature=temperature, top_k=top_k)
 
 
 @torch.inference_mode()

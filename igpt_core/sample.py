@@ -10,7 +10,7 @@ the same seed.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -103,6 +103,16 @@ def complete(model: IGPT, ids, keep_rows: int, n_samples: int = 1, **options) ->
     """`complete_stream`'s final result: ids (n_samples, T)."""
     *_, (out, _, _) = complete_stream(model, ids, keep_rows, n_samples, **options)
     return out
+
+
+def complete_each(models: Iterable[tuple[int, IGPT]], ids, keep_rows: int, n_samples: int = 1, *, seed: int = 0,
+                  **options) -> Iterator[tuple[int, torch.Tensor]]:
+    """The same prompt completed by each model of `models`, (step, model) pairs such as a run's
+    checkpoints: yields (step, ids (n_samples, T)) as each finishes. Every model draws with the same
+    `seed`, so where two checkpoints' completions differ, training made the difference. `models` is
+    read lazily: a caller may load each checkpoint only while it is completed."""
+    for step, model in models:
+        yield step, complete(model, ids, keep_rows, n_samples, seed=seed, **options)
 
 
 def unconditional(model: IGPT, n_samples: int = 1, **options) -> torch.Tensor:

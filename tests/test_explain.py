@@ -108,6 +108,18 @@ def test_next_pixel_bert_masks_the_pixel_itself():
     assert not torch.allclose(explain.next_pixel(model, neighbour, t), explain.next_pixel(model, ids, t))
 
 
+def test_next_pixel_each_is_next_pixel_at_every_checkpoint(tiny_run):
+    steps = tiny_run.checkpoints()
+    models = [(step, tiny_run.load(step)[0]) for step in steps]
+    ids = some_ids(models[0][1], seed=4)
+    each = list(explain.next_pixel_each(iter(models), ids, 20, temperature=0.7, top_k=5))
+    assert [step for step, _ in each] == steps
+    for (step, probabilities), (_, model) in zip(each, models):
+        torch.testing.assert_close(probabilities, explain.next_pixel(model, ids, 20, temperature=0.7, top_k=5))
+        assert (probabilities > 0).sum() == 5
+    assert not torch.allclose(each[0][1], each[-1][1]), "training moves the distribution"
+
+
 def previous_pixel_model(side=4, n_head=2) -> IGPT:
     """An AR model whose every head puts all its weight on one neighbour of the predicted pixel: the
     pixel to its left in the first row, the pixel above it below that. Positions are one-hot

@@ -8,7 +8,7 @@ import torch
 
 from igpt_core.errors import IgptError
 from igpt_core.likelihood import pixel_nll, score, surprise_map
-from igpt_core.sample import complete, complete_stream, inpaint, inpaint_stream, sample_logits, unconditional
+from igpt_core.sample import complete, complete_each, complete_stream, inpaint, inpaint_stream, sample_logits, unconditional
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +107,24 @@ def test_dataset_likelihood_is_the_mean_of_per_pixel_nll(model_and_ids):
     assert result["nats_per_token"] == pytest.approx(loss.item(), rel=1e-5)
     surprise = surprise_map(model, ids[4])
     assert surprise.shape == (8, 8) and np.allclose(surprise.ravel(), nll[4].numpy())
+
+
+def test_complete_each_gives_every_checkpoint_the_same_seed(tiny_run, model_and_ids):
+    _, ids = model_and_ids
+    steps = tiny_run.checkpoints()
+    loaded = []
+
+    def checkpoints():  # one model at a time, as an app holding each checkpoint only while it is used would
+        for step in steps:
+            loaded.append(step)
+            yield step, tiny_run.load(step)[0]
+
+    results = []
+    for step, out in complete_each(checkpoints(), ids[3], 4, 3, seed=7):
+        assert loaded[-1] == step, "each checkpoint is loaded only when it is completed"
+        results.append((step, out))
+    assert [step for step, _ in results] == steps and len(steps) >= 3
+    for step, out in results:
+        assert torch.equal(out, complete(tiny_run.load(step)[0], ids[3], 4, 3, seed=7))
+        assert torch.equal(out[:, :32], ids[3, :32].expand(3, -1))
+    assert len({out.numpy().tobytes() for _, out in results}) > 1, "training changes the completions"
