@@ -10,7 +10,7 @@ from pathlib import Path
 import streamlit as st
 
 from igpt_core import IgptError, Run
-from igpt_core import run_distances
+from igpt_core.explain import run_distances
 from igpt_core import probe_run
 
 TRAIN_COMMAND = "igpt train --dataset digits --preset tiny --name digits"
