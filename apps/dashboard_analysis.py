@@ -318,4 +318,6 @@ def projection_view(name: str, table, path: str, dataset: str, layer: int, stamp
         csv_button(projection_frame(frames, labels, classes, images), f"pca_{name}_layer{layer}.csv",
                    f"inside-projection:{name}")
     if missing:
-        make_features(name, dataset, missing)
+        st.caption(f"Left out, without cached features: checkpoint{'s' if len(missing) > 1 else ''} "
+                   f"{', '.join(map(step_label, missing))} (`igpt probe {name} --dataset {dataset} --checkpoints "
+                   f"{','.join(map(str, missing))}` caches them).")
