@@ -192,11 +192,19 @@ def cka_with_last(path: str, dataset: str, stamp: tuple) -> analysis.CkaOverTrai
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def projection(path: str, dataset: str, layer: int, stamp: tuple) -> tuple:
-    """(PCA frames {step: (n, 2)}, labels, image indices, checkpoints without cached features)."""
+def projection(name: str, path: str, dataset: str, layer: int, names: tuple | None, stamp: tuple) -> tuple:
+    """(the animated PCA chart as a plain figure dict, its CSV table, the number of images, checkpoints
+    without cached features); (None, None, 0, missing) if none has them. The figure is kept as a dict:
+    building a plotly Figure validates every frame's every trace, which takes longer than the PCA."""
     found = analysis.layer_over_training(Run(Path(path)), layer, dataset, max_images=PROJECTION_IMAGES)
-    frames = analysis.pca_over_training(found.by_step) if found.by_step else {}
-    return frames, found.labels, found.images, found.missing
+    if not found.by_step:
+        return None, None, 0, found.missing
+    frames = analysis.pca_over_training(found.by_step)
+    classes = class_names(names, int(found.labels.max()) + 1)
+    fig = projection_chart(f"PCA of layer {layer}'s features — {name}, coloured by class", frames, found.labels,
+                           classes)
+    table = projection_frame(frames, found.labels, classes, found.images)
+    return fig.to_dict(), table, len(found.labels), found.missing
 
 
 # -- the section ----------------------------------------------------------------------------------------------
@@ -207,7 +215,7 @@ def csv_button(frame: pd.DataFrame, file_name: str, key: str) -> None:
                        key=f"csv:{key}", on_click="ignore", icon=":material/download:")
 
 
-def show(fig: go.Figure, key: str) -> None:
+def show(fig: go.Figure | dict, key: str) -> None:
     st.plotly_chart(fig, key=f"chart:{key}", config=PLOTLY_CONFIG)
 
 
@@ -218,8 +226,8 @@ def make_features(name: str, dataset: str, steps: list[int]) -> None:
     st.code(f"igpt probe {name} --dataset {dataset} --checkpoints {','.join(map(str, steps))}", language="bash")
 
 
-def class_names(table, n: int) -> list[str]:
-    names = table.class_names
+def class_names(names, n: int) -> list[str]:
+    """The stored class names (a probe table's), or the labels as numbers if they are missing or too few."""
     return [str(c) for c in names] if names and len(names) >= n else [str(i) for i in range(n)]
 
 
@@ -265,7 +273,7 @@ def confusion_view(name: str, table, step: int, layer: int) -> None:
         st.info(f"No confusion matrix is stored for layer {layer} at step {step:,} (probed before they were kept): "
                 f"`igpt probe {name} --checkpoints {step}` stores one.")
         return
-    classes = class_names(table, len(counts))[:len(counts)]
+    classes = class_names(table.class_names, len(counts))[:len(counts)]
     accuracy = analysis.per_class_accuracy(counts)
     title = f"Test confusion matrix — {name}, layer {layer} at step {step_label(step)}"
     show(confusion_chart(title, counts, classes), f"inside-confusion:{name}")
@@ -306,17 +314,15 @@ def cka_views(name: str, path: str, dataset: str, step: int, stamp: tuple) -> No
 
 def projection_view(name: str, table, path: str, dataset: str, layer: int, stamp: tuple) -> None:
     st.subheader(f"Layer {layer}'s features over training (PCA)")
-    frames, labels, images, missing = projection(path, dataset, layer, stamp)
-    if frames:
-        classes = class_names(table, int(labels.max()) + 1)
-        show(projection_chart(f"PCA of layer {layer}'s features — {name}, coloured by class", frames, labels,
-                              classes), f"inside-projection:{name}")
-        st.caption(f"The first two principal components of layer {layer}'s probe features on {len(labels):,} test "
+    names = tuple(table.class_names) if table.class_names else None
+    fig, frame, images, missing = projection(name, path, dataset, layer, names, stamp)
+    if fig is not None:
+        show(fig, f"inside-projection:{name}")
+        st.caption(f"The first two principal components of layer {layer}'s probe features on {images:,} test "
                    "images, one frame per checkpoint: press ▶ Play or drag the slider. PCA is linear, the question "
                    "a linear probe asks; each axis's sign is kept from frame to frame, so the points move instead "
                    "of flipping.")
-        csv_button(projection_frame(frames, labels, classes, images), f"pca_{name}_layer{layer}.csv",
-                   f"inside-projection:{name}")
+        csv_button(frame, f"pca_{name}_layer{layer}.csv", f"inside-projection:{name}")
     if missing:
         st.caption(f"Left out, without cached features: checkpoint{'s' if len(missing) > 1 else ''} "
                    f"{', '.join(map(step_label, missing))} (`igpt probe {name} --dataset {dataset} --checkpoints "
