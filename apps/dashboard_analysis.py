@@ -109,14 +109,16 @@ def cka_training_frame(result: analysis.CkaOverTraining) -> pd.DataFrame:
                                       for i, layer in enumerate(result.layers) for j, step in enumerate(result.steps)])
 
 
-def cka_heatmap(title: str, z: np.ndarray, x: list, y: list, x_title: str, y_title: str) -> go.Figure:
+def cka_heatmap(title: str, z: np.ndarray, x: list, y: list, x_name: str, y_name: str,
+                x_title: str | None = None) -> go.Figure:
+    """A CKA map; `x_name`/`y_name` ("layer", "checkpoint") label the hover, `x_title` the axis (default x_name)."""
     fig = go.Figure(go.Heatmap(
         z=z, x=x, y=y, colorscale="Magma", zmin=0, zmax=1, name="CKA", colorbar=dict(title=dict(text="CKA")),
         texttemplate="%{z:.2f}" if z.size <= 400 else None,
-        hovertemplate=f"{x_title} %{{x}}<br>{y_title} %{{y}}<br>CKA %{{z:.3f}}<extra></extra>"))
+        hovertemplate=f"{x_name} %{{x}}<br>{y_name} %{{y}}<br>CKA %{{z:.3f}}<extra></extra>"))
     fig.update_layout(title=dict(text=title), height=max(320, 90 + 30 * len(y)), margin=dict(t=60, b=10),
-                      xaxis=dict(title=dict(text=x_title), type="category"),
-                      yaxis=dict(title=dict(text=y_title), type="category"))
+                      xaxis=dict(title=dict(text=x_title or x_name), type="category"),
+                      yaxis=dict(title=dict(text=y_name), type="category"))
     return fig
 
 
@@ -303,9 +305,10 @@ def cka_views(name: str, path: str, dataset: str, step: int, stamp: tuple) -> No
     result = cka_with_last(path, dataset, stamp)
     with right:
         if result.steps:
-            show(cka_heatmap(f"CKA with the last checkpoint — {name} (each layer against itself at step "
-                             f"{step_label(result.reference)})", result.values, [step_label(s) for s in result.steps],
-                             result.layers, "checkpoint", "layer"), f"inside-cka-training:{name}")
+            x_title = f"checkpoint (each layer against itself at step {step_label(result.reference)})"
+            show(cka_heatmap(f"CKA with the last checkpoint — {name}", result.values,
+                             [step_label(s) for s in result.steps], result.layers, "step", "layer", x_title),
+                 f"inside-cka-training:{name}")
             csv_button(cka_training_frame(result), f"cka-over-training_{name}.csv", f"inside-cka-training:{name}")
             st.caption("A layer that reaches 1 early settled early in training; one that stays low kept changing.")
         if result.missing:

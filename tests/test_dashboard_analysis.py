@@ -82,7 +82,9 @@ def test_cka_maps_equal_the_library_and_missing_features_name_the_command(big_ru
     no_exception(at)
     between = heatmap(chart(at, "CKA between layers — big at step 524,000"))
     assert between["z"] == pytest.approx(analysis.cka_matrix(written[524_000]), abs=1e-9)
-    over = heatmap(chart(at, "CKA with the last checkpoint — big (each layer against itself at step 1,000,000)"))
+    spec = chart(at, "CKA with the last checkpoint — big")
+    assert spec["layout"]["xaxis"]["title"]["text"] == "checkpoint (each layer against itself at step 1,000,000)"
+    over = heatmap(spec)
     assert over["x"] == ["131,000", "524,000", "1,000,000"]
     assert over["z"] == pytest.approx(analysis.cka_over_training(written), abs=1e-9)
     csv = csv_of(at, "inside-cka-training:big")
