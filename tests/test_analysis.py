@@ -175,6 +175,7 @@ def test_a_runs_cached_features_read_back_subsampled_and_by_layer(tmp_path):
     assert list(found.features) == [2] and found.images.tolist() == analysis.evenly_spaced(40, 10).tolist()
     assert np.array_equal(found.features[2], written[262_000][2][found.images])
     assert found.labels.tolist() == (found.images % 4).tolist()
+    assert analysis.probed_features("big", 262_000, layers=[2, 7], runs_dir=tmp_path) is None  # no layer 7
     over = analysis.layer_over_training("big", 1, runs_dir=tmp_path)
     assert over.missing == [131_000] and list(over.by_step) == list(BIG_STEPS[1:])
     assert all(np.array_equal(over.by_step[s], written[s][1]) for s in BIG_STEPS[1:])
