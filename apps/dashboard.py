@@ -8,7 +8,8 @@ A thin shell over igpt_core: it reads what `igpt train`, `igpt probe` and `igpt 
 the run folders (metrics.jsonl, probes/<dataset>.json, run.json) and charts it, the paper's way
 (Chen et al. 2020, Figures 2-3): probe accuracy by layer per checkpoint, validation loss against
 best-layer probe accuracy, AR against BERT, linear probe against fine-tuning, training curves,
-and where the attention heads look (attention distance per layer and head, attention/distance.json).
+where the attention heads look (attention distance per layer and head, attention/distance.json), and
+inside the representations (accuracy heat map, confusion, CKA, PCA over training: dashboard_analysis.py).
 Nothing is recomputed on page load; the only computations are the "Compute missing probes" button,
 which calls `igpt_core.probe.probe_run`, and the attention-distance buttons, which call
 `igpt_core.explain.run_distances`.
@@ -34,11 +35,13 @@ if __package__:  # imported as the package igpt_apps
                                    layer_chart, loss_vs_accuracy_chart, metrics_frame, probe_frame, training_chart)
     from .dashboard_paper import paper_section
     from .dashboard_probing import TRAIN_COMMAND, compute_distances, compute_probes
+    from .dashboard_analysis import inside_the_representations
 else:  # run by path (`streamlit run apps/dashboard.py`, as `igpt dashboard` does): this folder is on sys.path
     from dashboard_charts import (best_by_checkpoint, depth_chart, distance_chart, distance_frame, finetune_chart,
                                   layer_chart, loss_vs_accuracy_chart, metrics_frame, probe_frame, training_chart)
     from dashboard_paper import paper_section
     from dashboard_probing import TRAIN_COMMAND, compute_distances, compute_probes
+    from dashboard_analysis import inside_the_representations
 
 PROBE_COMMAND = "igpt probe digits"
 PLOTLY_CONFIG = {"displaylogo": False}
@@ -392,6 +395,7 @@ def main() -> None:
     ar_vs_bert_and_finetuning(view)
     training_curves(view)
     where_the_heads_look(runs_dir, view.good)
+    inside_the_representations(view, runs_dir)
     paper_section(runs_dir, view.good)
 
 

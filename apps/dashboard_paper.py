@@ -62,7 +62,7 @@ def loss_chart(frame: pd.DataFrame) -> go.Figure:
 
 def paper_section(runs_dir: Path, names: list[str]) -> None:
     """Section 6: the charts of `igpt paper` for the chosen runs, one probe dataset at a time."""
-    st.header("6 · The paper's Figure 3")
+    st.header("7 · The paper's Figure 3")
     frames = paper_frames(runs_dir, names)
     if not frames:
         st.caption("No figures from `igpt paper` for the chosen runs yet: `igpt paper RUN... --dataset DATASET` "

@@ -1,9 +1,16 @@
-"""igpt_core.analysis: CKA's defining properties, per-class accuracy, projections."""
+"""igpt_core.analysis: CKA's defining properties, per-class accuracy, projections, and reading a run's
+cached probe features back (written here in the stored formats)."""
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from igpt_core import analysis
 from igpt_core.analysis import cka_matrix, cka_over_training, linear_cka, pca_2d, pca_over_training, per_class_accuracy
+from igpt_core.probe.cache import FeatureCache, checkpoint_key
+from igpt_core.runs import Run
 
 
 def _direct_unbiased_cka(x, y):
@@ -90,3 +97,96 @@ def test_pca_keeps_the_largest_variance_and_frames_do_not_flip():
     assert np.std(coords[:, 0]) == pytest.approx(np.std(x[:, 0]), rel=0.05)
     frames = pca_over_training({1: x, 2: -x, 3: x * 1.01})  # a sign flip between checkpoints is undone
     assert np.allclose(frames[2], frames[1]) and np.allclose(frames[3], frames[1] * 1.01)
+
+
+def test_cka_matrix_summaries_agree_with_pairwise_cka_on_both_paths():
+    rng = np.random.default_rng(7)
+    for n in (60, analysis.GRAM_IMAGES + 5):  # Gram matrices, then features pair by pair
+        base = rng.normal(size=(n, 6))
+        layers = {0: base, 1: base @ rng.normal(size=(6, 4)) + rng.normal(size=(n, 4)), 2: rng.normal(size=(n, 3))}
+        pairwise = [[linear_cka(layers[a], layers[b]) for b in range(3)] for a in range(3)]
+        assert cka_matrix(layers) == pytest.approx(np.array(pairwise), abs=1e-9)
+        other = {5: layers[1], 6: layers[2]}
+        assert cka_matrix(layers, other) == pytest.approx(np.array(pairwise)[:, 1:], abs=1e-9)
+
+
+def test_evenly_spaced_keeps_first_and_last_and_all_when_few():
+    assert analysis.evenly_spaced(5, None).tolist() == [0, 1, 2, 3, 4]
+    assert analysis.evenly_spaced(5, 10).tolist() == [0, 1, 2, 3, 4]
+    assert analysis.evenly_spaced(101, 5).tolist() == [0, 25, 50, 75, 100]
+
+
+# -- a run's cached features, written by hand in the stored formats -------------------------------------------
+
+CLASSES = [f"class {i}" for i in range(4)]
+
+
+def layer_features(step: int, n_layer: int, n: int = 40, width: int = 6) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """Features that change with training: deeper layers and later checkpoints separate the classes more."""
+    rng = np.random.default_rng(step)
+    labels = np.arange(n) % len(CLASSES)
+    centres = np.random.default_rng(0).normal(size=(len(CLASSES), width))
+    return {layer: (rng.normal(size=(n, width)) + (layer + 1) * np.log10(step) * centres[labels] / 4).astype(np.float32)
+            for layer in range(n_layer + 1)}, labels
+
+
+def write_cached_run(runs_dir: Path, name: str, steps, cached, n_layer: int = 3) -> dict:
+    """A run with checkpoint files, a probe table (with confusion matrices and class names) at `steps`, and
+    features cached for the steps in `cached`, as `probe_run` leaves them. Returns {step: features}."""
+    path = runs_dir / name
+    (path / "checkpoints").mkdir(parents=True)
+    (path / "run.json").write_text(json.dumps({
+        "format": 1, "name": name, "dataset": "digits", "preset": "tiny",
+        "model_config": {"n_layer": n_layer, "n_embd": 6, "n_head": 2, "vocab_size": 17, "n_positions": 64,
+                         "objective": "ar"}, "train_config": {"seed": 0, "steps": max(steps)}}))
+    rows = []
+    for i, step in enumerate(steps):
+        (path / "checkpoints" / f"step_{step:07d}.safetensors").write_bytes(b"not read by the analyses")
+        for layer in range(n_layer + 1):
+            right = [min(10, 3 + i + layer + t) for t in range(4)]  # of 10 test images per class
+            confusion = [[right[t] if c == t else (10 - right[t] if c == (t + 1) % 4 else 0) for c in range(4)]
+                         for t in range(4)]
+            rows.append({"step": step, "val_loss": 2.0 - 0.1 * i, "layer": layer, "C": 1.0,
+                         "val_acc": round(0.3 + 0.05 * i + 0.04 * layer - 0.03 * (layer == n_layer), 4),
+                         "test_acc": round(0.25 + 0.05 * i + 0.05 * layer, 4), "confusion": confusion})
+    table = {"format": 1, "dataset": "digits", "objective": "ar", "n_layer": n_layer, "created": "2026-01-01",
+             "settings": {"classes": CLASSES, "seed": 0, "bert_masks": 0}, "rows": rows,
+             "references": {"raw_pixels": None, "random_init": []}, "data_hashes": {"test": "testhash"}}
+    (path / "probes").mkdir()
+    (path / "probes" / "digits.json").write_text(json.dumps(table))
+    run = Run(path)
+    written = {}
+    for step in cached:
+        features, labels = layer_features(step, n_layer)
+        FeatureCache(run, f"step_{step:07d}", checkpoint_key(run, step), "digits", 0, 0).write(
+            "test", "testhash", features, labels)
+        written[step] = features
+    return written
+
+
+BIG_STEPS = (131_000, 262_000, 524_000, 1_000_000)  # steps like those of OpenAI's imported checkpoints
+
+
+def test_a_runs_cached_features_read_back_subsampled_and_by_layer(tmp_path):
+    written = write_cached_run(tmp_path, "big", BIG_STEPS, cached=BIG_STEPS[1:])
+    assert analysis.probed_steps("big", runs_dir=tmp_path) == list(BIG_STEPS)
+    assert analysis.probed_features("big", BIG_STEPS[0], runs_dir=tmp_path) is None  # not cached
+    found = analysis.probed_features("big", 262_000, layers=[2], max_images=10, runs_dir=tmp_path)
+    assert list(found.features) == [2] and found.images.tolist() == analysis.evenly_spaced(40, 10).tolist()
+    assert np.array_equal(found.features[2], written[262_000][2][found.images])
+    assert found.labels.tolist() == (found.images % 4).tolist()
+    assert analysis.probed_features("big", 262_000, layers=[2, 7], runs_dir=tmp_path) is None  # no layer 7
+    over = analysis.layer_over_training("big", 1, runs_dir=tmp_path)
+    assert over.missing == [131_000] and list(over.by_step) == list(BIG_STEPS[1:])
+    assert all(np.array_equal(over.by_step[s], written[s][1]) for s in BIG_STEPS[1:])
+
+
+def test_cka_over_training_of_a_run_equals_the_in_memory_computation(tmp_path):
+    written = write_cached_run(tmp_path, "big", BIG_STEPS, cached=BIG_STEPS[:1] + BIG_STEPS[2:])
+    result = analysis.run_cka_over_training("big", runs_dir=tmp_path)
+    assert result.steps == [131_000, 524_000, 1_000_000] and result.missing == [262_000]
+    assert result.reference == 1_000_000 and result.layers == [0, 1, 2, 3]
+    assert result.values == pytest.approx(cka_over_training(written), abs=1e-12)
+    assert np.allclose(result.values[:, -1], 1) and (result.values[:, 0] < 1).all()
+    none = analysis.run_cka_over_training("big", "mnist", runs_dir=tmp_path)  # never probed on it
+    assert none.steps == [] and none.reference is None and none.values.size == 0

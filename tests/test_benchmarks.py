@@ -52,3 +52,9 @@ def test_training_benchmark_runs_from_equal_logits():
     report = run("training.py", "--quick")
     assert report["logits_max_abs_diff"] < 1e-4
     assert report["ours"]["tokens_per_s"] > 0 and report["hf"]["tokens_per_s"] > 0
+
+
+def test_analysis_views_benchmark_runs_and_its_cka_map_equals_pairwise_cka():
+    report = run("analysis_views.py", "--layers", "3", "--width", "8", "--images", "30")
+    maps = report["cka_maps"]
+    assert maps["max_abs_diff"] < 1e-9 and maps["ours_s"] > 0 and maps["pairwise_s"] > 0

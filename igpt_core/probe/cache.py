@@ -69,16 +69,18 @@ class FeatureCache:
         name = f"{self.tag}-{safe_name(self.dataset, '_') or 'dataset'}-{split}-{h}.npz"
         return self.run.path / "probes" / "features" / name
 
-    def read(self, split: str, data_hash: str) -> tuple[dict[int, np.ndarray], np.ndarray | None]:
-        """Cached layers {layer: (N, d)} and the labels (None in files written before labels were
-        kept); an unreadable file counts as empty (it will be rewritten)."""
+    def read(self, split: str, data_hash: str, layers=None) -> tuple[dict[int, np.ndarray], np.ndarray | None]:
+        """Cached layers {layer: (N, d)} (only those in `layers`, if given: the others are not read)
+        and the labels (None in files written before labels were kept); an unreadable file counts as
+        empty (it will be rewritten)."""
         path = self.path(split, data_hash)
         if not path.exists():
             return {}, None
         try:
             with np.load(path) as f:
-                layers = {int(name.split("_")[1]): f[name] for name in f.files if name.startswith("layer_")}
-                return layers, (f["labels"] if "labels" in f.files else None)
+                stored = {int(name.split("_")[1]): name for name in f.files if name.startswith("layer_")}
+                arrays = {layer: f[name] for layer, name in stored.items() if layers is None or layer in layers}
+                return arrays, (f["labels"] if "labels" in f.files else None)
         except (OSError, ValueError, KeyError, IndexError, EOFError):
             return {}, None
 
@@ -96,10 +98,11 @@ def checkpoint_cache(run: Run, step: int, dataset: str, bert_masks: int, seed: i
     return FeatureCache(run, f"step_{step:07d}", checkpoint_key(run, step), dataset, bert_masks, seed, precision)
 
 
-def cached_features(run, dataset: str | None, step: int, split: str = "test", *,
+def cached_features(run, dataset: str | None, step: int, split: str = "test", *, layers=None,
                     runs_dir=None) -> tuple[dict[int, np.ndarray], np.ndarray] | None:
     """The probe features of checkpoint `step` on one split of `dataset` (default: the run's own), as
     the latest `probe_run` left them in the cache: ({layer: float32 (N, n_embd)}, labels (N,)).
+    `layers`: read only these (a big model's cache holds gigabytes; None reads all).
 
     Nothing runs the model: None when that checkpoint and split were not probed with the stored
     table's settings (or were probed before the cache kept labels): run `igpt probe` first.
@@ -111,10 +114,10 @@ def cached_features(run, dataset: str | None, step: int, split: str = "test", *,
     settings = table.settings
     cache = checkpoint_cache(run, step, table.dataset, settings.get("bert_masks", 0), settings.get("seed", 0),
                              settings.get("precision", "fp32"))
-    layers, labels = cache.read(split, table.data_hashes[split])
-    if not layers or labels is None:
+    found, labels = cache.read(split, table.data_hashes[split], layers)
+    if not found or labels is None or (layers is not None and set(layers) - set(found)):
         return None
-    return dict(sorted(layers.items())), labels
+    return dict(sorted(found.items())), labels
 
 
 class Ranks:
