@@ -20,7 +20,7 @@ import numpy as np
 
 from igpt_core import IgptError, bits_per_dim, explain
 from igpt_core.render import caption, display_scale, distribution_bars, enlarge, grid, mark_pixel, stack
-from igpt_core.sample import complete_each
+from igpt_core import complete_each
 
 if __package__:  # imported as the package igpt_apps
     from .demo_models import user_errors
