@@ -9,11 +9,12 @@ PIP    := $(BIN)/pip install --quiet -c requirements/constraints.txt
 RUNS   ?= runs
 DEFAULT_RUN := digits
 
-.PHONY: demo test dashboard notebooks bench figures docs install install-dev browser default-run probe-demo clean help
+.PHONY: demo test test-fast dashboard notebooks bench figures docs install install-dev browser default-run probe-demo clean help
 
 help:
 	@echo "make demo        train the default digits model if missing (1–4 min on CPU), open http://127.0.0.1:7860"
 	@echo "make test        run the whole test suite (installs dev tools and Chromium first)"
+	@echo "make test-fast   the unit tests only (no servers, browser, notebooks or torchrun; < 2 min)"
 	@echo "make dashboard   probe the default run if not yet done, then open the dashboard on http://127.0.0.1:8501"
 	@echo "make probe-demo  train and probe a model of translated digits (~8 min of CPU; see docs/findings.md)"
 	@echo "make notebooks   open JupyterLab on the teaching notebooks"
@@ -71,6 +72,10 @@ notebooks: $(VENV)/.installed-base
 
 test: $(VENV)/.installed-dev browser
 	$(BIN)/python -m pytest
+
+# The first tier: unit tests, no server, browser, notebook or torchrun (under 2 minutes on 2 cores).
+test-fast: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -m "not slow"
 
 # The pictures of the README and the docs: the default run (as above), a small photos run, the probes.
 figures: default-run

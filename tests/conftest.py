@@ -13,8 +13,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import sys
-
 import pytest
 import torch
 from playwright.sync_api import sync_playwright
@@ -28,6 +26,22 @@ from igpt_core.training import TrainConfig, start_run, train  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 TINY = dict(n_layer=2, n_embd=32, n_head=2)
+
+# The second tier (`make test` runs both; `make test-fast` only the first): files whose tests start real
+# servers, a browser, notebooks, scripts or benchmarks. Single tests elsewhere carry @pytest.mark.slow
+# (torchrun).
+SLOW_FILES = {
+    "test_dashboard.py", "test_dashboard_analysis.py", "test_dashboard_heads.py",  # Streamlit + Chromium
+    "test_demo.py", "test_demo_hub.py", "test_demo_inside.py", "test_demo_watch.py", "test_soak.py",  # Gradio
+    "test_notebooks.py", "test_site.py", "test_figures.py",  # notebooks, the docs site, make figures
+    "test_benchmarks.py", "test_distributed.py",  # benchmark scripts, torchrun
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
 
 
 APPS = Path(__file__).resolve().parents[1] / "apps"
