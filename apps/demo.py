@@ -252,9 +252,9 @@ class Demo:
     """The actions behind the page. Holds the read-only caches of one app (models and palettes by
     checkpoint file, gallery images by dataset); everything per-user comes in as arguments."""
 
-    def __init__(self, runs_dir):
+    def __init__(self, runs_dir, model_memory: int | None = None):
         self.runs_dir = Path(runs_dir)
-        self.models = ModelCache()
+        self.models = ModelCache(max_bytes=model_memory)  # bytes; None: the cache's default share of RAM
         self._examples: dict[tuple, tuple] = {}
         self._examples_lock = threading.Lock()
         self._import_lock = threading.Lock()  # two users choosing the same OpenAI model import it once

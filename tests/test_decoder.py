@@ -8,6 +8,7 @@ from conftest import randomize
 
 from igpt_core import decoder as decoder_module
 from igpt_core.decoder import Decoder
+from igpt_core.device import cpu_vendor
 from igpt_core.errors import IgptError
 from igpt_core.model import IGPT, ModelConfig
 from tests.test_model import random_model
@@ -115,4 +116,4 @@ def test_onednn_is_chosen_where_it_was_measured_faster(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert use(cpu, 1, 512, amd)
     assert not any(use(cpu, batch, 512, "GenuineIntel") for batch in (1, 2, 8))  # MKL on its own maker's CPUs
-    assert decoder_module._cpu_vendor() in ("GenuineIntel", "AuthenticAMD", "")  # read from /proc/cpuinfo
+    assert cpu_vendor() in ("GenuineIntel", "AuthenticAMD", "")  # read from /proc/cpuinfo
