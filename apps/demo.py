@@ -39,7 +39,7 @@ from igpt_core.hf import OPENAI_MODELS, find_imported, hub_offline, import_once,
 from igpt_core.images import center_box, crop, painted_cells, resize, square_from_drag, square_inside, to_rgb
 from igpt_core.likelihood import bits_per_dim, likelihood_kind
 from igpt_core.render import completion_grid, display_scale, enlarge, grid, heatmap, hide_rows, mark_square
-from igpt_core.runs import ModelCache, open_run, runs_root
+from igpt_core.runs import ModelCache, open_run, return_freed_memory, runs_root
 
 N_EXAMPLES = 12  # validation images shown in the gallery
 EDITOR_SIDE = 1024  # uploads are shrunk to at most this a side (models see <= 64 pixels a side)
@@ -768,10 +768,11 @@ def _sibling(name: str):
     return module
 
 
-def build_demo(runs_dir=None) -> gr.Blocks:
-    """The Gradio app over the runs in `runs_dir` (default: $IGPT_RUNS_DIR or ./runs)."""
+def build_demo(runs_dir=None, model_memory: int | None = None) -> gr.Blocks:
+    """The Gradio app over the runs in `runs_dir` (default: $IGPT_RUNS_DIR or ./runs); its models take at most
+    `model_memory` bytes, beyond those in use (default: the model cache's share of RAM)."""
     runs_dir = runs_root(runs_dir)
-    actions = Demo(runs_dir)
+    actions = Demo(runs_dir, model_memory)
     picker, notice, _ = actions.refresh(None)
     with gr.Blocks(title="iGPT completion demo", delete_cache=(600, 3600)) as demo:
         gr.Markdown(TITLE)
@@ -816,6 +817,7 @@ def main(argv=None) -> None:
         atexit.register(shutil.rmtree, temp, ignore_errors=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so a plain `kill` also removes it
     runs_dir = runs_root(args.runs_dir)
+    return_freed_memory()  # a server: released models and finished requests' decoders give their memory back
     demo = build_demo(runs_dir)
     print(f"iGPT demo on http://{args.host}:{args.port} — runs from {runs_dir.resolve()}")
     serve(demo, args.host, args.port)

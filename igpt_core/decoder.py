@@ -288,6 +288,17 @@ class Decoder:
         product = self._product(x, weight)
         return product.div_(norm) if bias is None else torch.addcdiv(bias, product, norm, out=out)
 
+    def _attention(self, queries: torch.Tensor, kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int,
+                   mask) -> torch.Tensor:
+        """The new queries (B, nh, T, hs) attended over the cache's first `end` positions, (B, nh, T, hs)."""
+        if self._wide is not None:
+            return self._widened_attention(queries, kv, end, mask)
+        keys, values = k.narrow(2, 0, end), v.narrow(2, 0, end)  # (B, nh, end, hs) each, views of the cache
+        if mask is None and self.kv_dtype == self.dtype and self.device.type == "cpu":
+            # one new token a sequence over a full-precision cache: two batched products beat SDPA's CPU kernel
+            return torch.matmul(torch.matmul(queries, keys.transpose(-1, -2)).softmax(-1), values)
+        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=1.0)
+
     def _widened_attention(self, queries: torch.Tensor, kv: torch.Tensor, end: int, mask) -> torch.Tensor:
         """Attention over a bfloat16 cache `kv` (B, 2, nh, positions, hs) computed in float32, its first
         `end` positions widened into `self._wide` a few sequences at a time."""
@@ -337,11 +348,7 @@ class Decoder:
             qkv = self._normed_product(x, attn_w, attn_b, out=qkv_rows).view(B, T, 3, nh, hs).permute(0, 2, 3, 1, 4)
             kv.narrow(3, start, T).copy_(qkv.narrow(1, 1, 2))  # this step's keys and values, in one copy
             queries = qkv.select(1, 0)
-            if self._wide is None:
-                keys, values = k.narrow(2, 0, end), v.narrow(2, 0, end)  # (B, nh, end, hs) each, views of the cache
-                y = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=1.0)
-            else:
-                y = self._widened_attention(queries, kv, end, mask)
+            y = self._attention(queries, kv, k, v, end, mask)
             y = (y.to(self.dtype) if reduced else y).transpose(1, 2).reshape(B * T, d)
             self._add_product(x, y, proj_w, proj_b)  # x is this step's own tensor: added to in place
             h = F.silu(self._normed_product(x, fc_w, fc_b), inplace=True)  # quick-GELU, its 1.702 folded in

@@ -26,7 +26,7 @@ SMALL = ModelConfig(vocab_size=17, n_positions=64, n_layer=1, n_head=2, n_embd=3
 def make_run(runs_dir: Path, config: ModelConfig, steps: list[int], name: str = "big"):
     """A run with a checkpoint of different random weights at each step."""
     palette = Palette(torch.linspace(-1, 1, 48).reshape(16, 3).numpy())
-    info = {"dataset": "test", "preset": None, "model_config": config.to_dict(), "train_config": None}
+    info = {"dataset": "digits", "preset": None, "model_config": config.to_dict(), "train_config": None}
     run = create_run(runs_dir, name, info, palette)
     for step in steps:
         save_checkpoint(run.checkpoint_path(step), randomize(IGPT(config), seed=step), palette, step=step)
