@@ -294,9 +294,6 @@ class Decoder:
         if self._wide is not None:
             return self._widened_attention(queries, kv, end, mask)
         keys, values = k.narrow(2, 0, end), v.narrow(2, 0, end)  # (B, nh, end, hs) each, views of the cache
-        if mask is None and self.kv_dtype == self.dtype and self.device.type == "cpu":
-            # one new token a sequence over a full-precision cache: two batched products beat SDPA's CPU kernel
-            return torch.matmul(torch.matmul(queries, keys.transpose(-1, -2)).softmax(-1), values)
         return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=1.0)
 
     def _widened_attention(self, queries: torch.Tensor, kv: torch.Tensor, end: int, mask) -> torch.Tensor:

@@ -50,3 +50,9 @@ def test_training_benchmark_runs_from_equal_logits():
     report = run("training.py", "--quick")
     assert report["logits_max_abs_diff"] < 1e-4
     assert report["ours"]["tokens_per_s"] > 0 and report["hf"]["tokens_per_s"] > 0
+
+
+def test_concurrency_benchmark_serves_every_request():
+    report = run("concurrency.py", "--quick", "--rounds", "2")
+    assert report["requests_answered"] == {"complete": 2, "inside": 1}  # the rounds after each user's warm-up
+    assert report["rss_mb"]["end"] > 0 and report["temp_files"]["end"] >= report["temp_files"]["after_warm_up"]
