@@ -102,6 +102,7 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="a 2-layer model of width 64 (CI smoke)")
     args = parser.parse_args(argv)
     shape = QUICK if args.quick else IGPT_S
+    machine = machine_facts()
     with tempfile.TemporaryDirectory() as folder:
         temp = Path(folder)
         model_bytes = make_run(temp / "runs", shape)
@@ -115,7 +116,7 @@ def main(argv=None) -> None:
               "command": f"python benchmarks/concurrency.py --rounds {args.rounds} --keep-rows {args.keep_rows} "
                          f"--samples {args.samples}" + (" --quick" if args.quick else ""),
               "model": shape, "model_fp32_mb": round(model_bytes / 2**20, 1), **report,
-              "machine": {**machine_facts(), "load_average_end": list(os.getloadavg())}}
+              "machine": {**machine, "load_average_end": list(os.getloadavg())}}
     print(json.dumps(report, indent=2))
 
 
@@ -128,51 +129,22 @@ def drive(url: str, pid: int, gradio_temp: Path, args, temp: Path) -> dict:
     editors = [handle_file(c.predict("s", i, api_name="/use_example")[0]["background"]) for i, c in enumerate(clients)]
     editors = [{"background": e, "layers": [], "composite": None} for e in editors]
 
-    def complete(i: int, r: int) -> None:
+    def complete(i: int) -> None:
         clients[i].predict("s", 1, editors[i], "", args.keep_rows, args.samples, 1.0, 0, i, "every row",
                            api_name="/complete")
 
-    def look_inside(i: int, r: int) -> None:
+    def look_inside(i: int) -> None:
         clients[i].predict(f"{args.keep_rows + 1}, 5", 1.0, 0, "s", 1, editors[i], "",  # the same click: same images
                            api_name="/inside_distribution")
 
-    complete(0, 0)  # loads the model once, outside every timing
+    complete(0)  # loads the model once, outside every timing
     sequential = []
     for i in (0, 1):
         start = time.perf_counter()
-        complete(i, 0)
+        complete(i)
         sequential.append(time.perf_counter() - start)
-
-    latencies = {"complete": [], "inside": []}
-    peak, warm, stop = [started_rss], {}, threading.Event()
-    barrier = threading.Barrier(3)
-
-    def watch() -> None:
-        while not stop.wait(0.2):
-            peak.append(resident(pid))
-
-    def user(i: int, action, name: str) -> None:
-        for r in range(args.rounds):
-            if r == 1:  # after everyone's warm-up round
-                if barrier.wait(timeout=3600) == 0:
-                    warm.update(rss=resident(pid), files=count_files(gradio_temp))
-                barrier.wait(timeout=3600)
-            start = time.perf_counter()
-            action(i, r)
-            if r:
-                latencies[name].append(time.perf_counter() - start)
-
-    threads = [threading.Thread(target=watch)] + [
-        threading.Thread(target=user, args=args_) for args_ in ((0, complete, "complete"), (1, complete, "complete"),
-                                                                (2, look_inside, "inside"))]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads[1:]:
-        t.join()
-    concurrent_s = time.perf_counter() - start
-    stop.set()
-    threads[0].join()
+    latencies, warm, peak, concurrent_s = rounds([(complete, "complete"), (complete, "complete"),
+                                                  (look_inside, "inside")], pid, gradio_temp, args.rounds)
     end_rss = resident(pid)
     mb = lambda b: round(b / 2**20, 1)  # noqa: E731
     pair = statistics.median(latencies["complete"])
@@ -184,9 +156,44 @@ def drive(url: str, pid: int, gradio_temp: Path, args, temp: Path) -> dict:
         "concurrent_speedup": round(sum(sequential) / pair, 2),  # two completions alone vs two side by side
         "concurrent_seconds": round(concurrent_s, 1),
         "rss_mb": {"after_start": mb(started_rss), "after_warm_up": mb(warm["rss"]), "end": mb(end_rss),
-                   "peak": mb(max(peak)), "growth_after_warm_up": mb(end_rss - warm["rss"])},
+                   "peak": mb(max([started_rss, *peak])), "growth_after_warm_up": mb(end_rss - warm["rss"])},
         "temp_files": {"after_warm_up": warm["files"], "end": count_files(gradio_temp)},
     }
+
+
+def rounds(users: list, pid: int, gradio_temp: Path, n_rounds: int):
+    """Each user (action(i), name) in its own thread for n_rounds, the first one warm-up: (latencies by
+    name, the server's memory and files after warm-up, its memory every 0.2 s, wall-clock seconds)."""
+    latencies = {name: [] for _, name in users}
+    peak, warm, stop = [], {}, threading.Event()
+    barrier = threading.Barrier(len(users))
+
+    def watch() -> None:
+        while not stop.wait(0.2):
+            peak.append(resident(pid))
+
+    def user(i: int, action, name: str) -> None:
+        for r in range(n_rounds):
+            if r == 1:  # after everyone's warm-up round
+                if barrier.wait(timeout=3600) == 0:
+                    warm.update(rss=resident(pid), files=count_files(gradio_temp))
+                barrier.wait(timeout=3600)
+            start = time.perf_counter()
+            action(i)
+            if r:
+                latencies[name].append(time.perf_counter() - start)
+
+    watcher = threading.Thread(target=watch)
+    threads = [threading.Thread(target=user, args=(i, *user_)) for i, user_ in enumerate(users)]
+    start = time.perf_counter()
+    for t in [watcher, *threads]:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    stop.set()
+    watcher.join()
+    return latencies, warm, peak, seconds
 
 
 if __name__ == "__main__":
