@@ -25,7 +25,7 @@ their input on the fly (dynamic quantisation), so a pixel reads a quarter of the
 cache is bfloat16 (half the bytes), attended to in bfloat16 on CPUs with AMX and in float32 over
 widened copies elsewhere (`cpu_has_amx`). Embeddings, norms and the head (about 1% of the weights
 at iGPT-S sizes, and where the logits are made) stay float32. A model is quantised once, by its
-first int8 decoder; later ones re-use that while its weights are unchanged (`_int8_blocks`).
+first int8 decoder; later ones re-use that while its weights are unchanged (`_blocks`).
 """
 
 from __future__ import annotations
@@ -140,17 +140,39 @@ def _has_int8_kernels() -> bool:
         hasattr(torch, f) for f in ("fbgemm_pack_quantized_matrix", "fbgemm_linear_int8_weight_fp32_activation"))
 
 
-# Quantising is a pass over every weight (about a second at iGPT-S sizes, as long as decoding 40
-# pixels), so a model's int8 blocks are kept while the model lives and its weights are unchanged:
-# a demo's second completion, or `score` over many batches, quantises nothing. "Unchanged" is told
-# by each parameter's storage and version counter, which every in-place update (an optimiser step,
-# `load_state_dict`, `copy_` under no_grad) advances; like autograd's own check of saved tensors,
-# it cannot see writes made through `.data`.
-_int8_blocks: weakref.WeakKeyDictionary[IGPT, tuple[tuple, list]] = weakref.WeakKeyDictionary()
+# A model's blocks as decoders read them, by layout, re-used while its weights are unchanged.
+# - int8 blocks are kept while the model lives: quantising is a pass over every weight (about a
+#   second at iGPT-S sizes, as long as decoding 40 pixels), so a demo's second completion, or `score`
+#   over many batches, quantises nothing.
+# - float blocks (a folded copy of the weights) are shared by the decoders alive at once and freed
+#   with the last of them: two users completing at once hold one copy of the weights, not two, and
+#   nothing stays behind after the requests.
+# "Unchanged" is told by each parameter's storage and version counter, which every in-place update
+# (an optimiser step, `load_state_dict`, `copy_` under no_grad) advances; like autograd's own check
+# of saved tensors, it cannot see writes made through `.data`.
+_blocks: weakref.WeakKeyDictionary[IGPT, dict[tuple, tuple]] = weakref.WeakKeyDictionary()
+
+
+class _Layers(list):
+    """Every layer's weights as `Decoder.feed` reads them (a list a weak reference can point to)."""
 
 
 def _weights_key(model: IGPT) -> tuple:
     return tuple((name, t.data_ptr(), t._version, t.dtype, t.device) for name, t in model.named_parameters())
+
+
+def _shared_layers(model: IGPT | None, layout: tuple, build: Callable[[], list]) -> _Layers:
+    """The model's blocks in `layout` (precision first), built by `build()` unless a decoder made them already."""
+    if model is None:
+        return _Layers(build())
+    key, kept = _weights_key(model), _blocks.setdefault(model, {}).get(layout)
+    if kept is not None and kept[0] == key:
+        layers = kept[1] if layout[0] == "int8" else kept[1]()
+        if layers is not None:
+            return layers
+    layers = _Layers(build())
+    _blocks[model][layout] = (key, layers if layout[0] == "int8" else weakref.ref(layers))
+    return layers
 
 
 class Decoder:
@@ -210,14 +232,9 @@ class Decoder:
         fold = torch.float64 if exact else torch.float32
         p = lambda name: weight(name).detach().to(fold)  # noqa: E731
         self.wte, self.wpe = self._keep(p("wte.weight")), self._keep(p("wpe.weight"))
-        key = _weights_key(model) if model is not None and precision == "int8" else None
-        key_and_layers = _int8_blocks.get(model) if key is not None else None
-        if key_and_layers is not None and key_and_layers[0] == key:
-            self.layers = key_and_layers[1]
-        else:
-            self.layers = [self._block(p, i, batch_size) for i in range(config.n_layer)]
-            if key is not None:
-                _int8_blocks[model] = (key, self.layers)
+        layout = (precision, self.onednn and batch_size)  # oneDNN packs its weights for a batch size
+        self.layers = _shared_layers(model, layout,
+                                     lambda: [self._block(p, i, batch_size) for i in range(config.n_layer)])
         self.head = self._matrix((p("lm_head.weight") * p("ln_f.weight")).T * root_d, batch_size)  # no bias
         # (n_layer, B, 2, nh, n_positions, hs): keys then values, so that one copy stores both
         shape = (config.n_layer, batch_size, 2, self.n_head, config.n_positions, self.head_dim)
