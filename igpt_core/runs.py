@@ -251,13 +251,13 @@ def physical_memory() -> int | None:
     except (AttributeError, ValueError, OSError):  # not a POSIX system that tells
         pass
     try:
-        line = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal:"))
+        line = next(row for row in Path("/proc/meminfo").read_text().splitlines() if row.startswith("MemTotal:"))
         return int(line.split()[1]) * 1024  # given in kB
     except (OSError, StopIteration, ValueError, IndexError):
         return None
 
 
-_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?i?b?)\s*", re.IGNORECASE)
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt](?:i?b)?|b)?\s*", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -268,15 +268,15 @@ def parse_memory(text: str | float | int) -> int:
     if match is None:
         raise IgptError(f"model memory must be a size such as 4GB or 512MB, or a fraction of RAM such as 0.25; "
                         f"got {text!r}")
-    number, unit = float(match.group(1)), match.group(2).lower().rstrip("b").rstrip("i")
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
     if number <= 0:
         raise IgptError(f"model memory must be more than 0, got {text!r}")
-    if unit == "" and number < 1:
+    if not unit and number < 1:
         total = physical_memory()
         if total is None:
             raise IgptError("this system does not tell its physical memory: give the model memory as a size, e.g. 4GB")
         return int(number * total)
-    return int(number * _UNITS[unit])
+    return int(number * _UNITS[unit.rstrip("b").rstrip("i")])
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)

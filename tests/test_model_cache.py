@@ -130,7 +130,7 @@ def test_default_budget_is_a_quarter_of_physical_memory():
 
 
 @pytest.mark.parametrize("text, expected", [("4GB", 4 << 30), ("512MB", 512 << 20), ("1.5g", 3 << 29),
-                                            ("300 MiB", 300 << 20), ("2000000", 2_000_000), (1 << 20, 1 << 20)])
+                                            ("300 MiB", 300 << 20), ("2000000", 2_000_000), (1 << 20, 1 << 20), ("64b", 64), ("2k", 2048)])
 def test_memory_sizes_parse(text, expected):
     assert parse_memory(text) == expected
 
@@ -139,7 +139,7 @@ def test_a_fraction_is_of_physical_memory():
     assert parse_memory("0.5") == physical_memory() // 2
 
 
-@pytest.mark.parametrize("text", ["lots", "0", "-1GB", "4PB", ""])
+@pytest.mark.parametrize("text", ["lots", "0", "-1GB", "4PB", "", "4ib", "0.5 bytes"])
 def test_bad_memory_sizes_get_one_line(text):
     with pytest.raises(IgptError, match="model memory") as err:
         parse_memory(text)
