@@ -105,6 +105,7 @@ def main(argv=None) -> None:
     machine = machine_facts()
     with tempfile.TemporaryDirectory() as folder:
         temp = Path(folder)
+        tempfile.tempdir = folder  # gradio_client leaves an empty folder in the temp folder per download
         model_bytes = make_run(temp / "runs", shape)
         server, url = serve(temp / "runs", temp)
         try:
