@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from igpt_core import IgptError
-from igpt_core import runs_root
+from igpt_core import return_freed_memory, runs_root
 
 if __package__:  # imported as the package igpt_apps (installed, or by the tests)
     from . import inside, watch
@@ -341,7 +341,7 @@ def model_memory_bytes(text: str | None) -> int | None:
     """--model-memory as bytes, read by the library's size parser; None: the library's default."""
     if text is None:
         return None
-    from igpt_core.runs import parse_memory  # TODO(lead): the size parser being added beside ModelCache
+    from igpt_core import parse_memory
 
     return parse_memory(text)
 
@@ -365,6 +365,7 @@ def main(argv=None) -> None:
         atexit.register(shutil.rmtree, temp, ignore_errors=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so a plain `kill` also removes it
     runs_dir = runs_root(args.runs_dir)
+    return_freed_memory()  # a server: released models and finished requests' decoders give their memory back
     demo = build_demo(runs_dir, model_memory)
     print(f"iGPT demo on http://{args.host}:{args.port} — runs from {runs_dir.resolve()}")
     serve(demo, args.host, args.port)

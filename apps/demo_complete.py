@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import gradio as gr
@@ -33,28 +34,28 @@ def stopped(verb: str, progress: str | None):
 
 
 class Completion:
-    """The actions that run the model (a mixin of the page's Demo: uses its `load` and `prepare`)."""
+    """The actions that run the model (a mixin of the page's Demo: uses its `using` and `prepare`)."""
 
     @user_errors
     def complete(self, name, step, editor, picture, square, keep_rows, n_samples, temperature, top_k, seed, update,
                  watch=False, int8=False):
         """Stream completions from the top `keep_rows` rows: (grid, progress text, what sample 1's next
         pixel is drawn from if `watch` and the model is AR, else None) at least once per row."""
-        model, palette, step = self.load(name, step)
-        size = model.config.image_size
-        keep_rows = int(keep_rows)
-        original, ids, view, _ = self.prepare(palette, size, editor, picture, square)
-        known = np.zeros(size * size, bool)
-        known[: keep_rows * size] = True
-        stream = complete_stream(model, ids, keep_rows, int(n_samples), temperature=float(temperature),
-                                 top_k=int(top_k or 0) or None, seed=int(seed or 0),
-                                 every=1 if update == "every pixel" else size, precision="int8" if int8 else "fp32")
-        drawn_from = {"numbers": None}
-        if watch and model.config.objective == "ar":
-            stream = self._watching(stream, model, palette, keep_rows * size, temperature, top_k, drawn_from)
-        for frame in self._frames(stream, model, palette, known, original, view, hide_rows(view, keep_rows),
-                                  int(n_samples), "complete"):
-            yield *frame, drawn_from["numbers"]
+        with self.using(name, step) as (model, palette, step):
+            size = model.config.image_size
+            keep_rows = int(keep_rows)
+            original, ids, view, _ = self.prepare(palette, size, editor, picture, square)
+            known = np.zeros(size * size, bool)
+            known[: keep_rows * size] = True
+            stream = complete_stream(model, ids, keep_rows, int(n_samples), temperature=float(temperature),
+                                     top_k=int(top_k or 0) or None, seed=int(seed or 0),
+                                     every=1 if update == "every pixel" else size, precision="int8" if int8 else "fp32")
+            drawn_from = {"numbers": None}
+            if watch and model.config.objective == "ar":
+                stream = self._watching(stream, model, palette, keep_rows * size, temperature, top_k, drawn_from)
+            for frame in self._frames(stream, model, palette, known, original, view, hide_rows(view, keep_rows),
+                                      int(n_samples), "complete"):
+                yield *frame, drawn_from["numbers"]
 
     @staticmethod
     def _watching(stream, model, palette, start: int, temperature, top_k, drawn_from: dict):
@@ -68,17 +69,17 @@ class Completion:
     @user_errors
     def inpaint(self, name, step, editor, picture, square, n_samples, temperature, top_k, seed):
         """Stream fills of the pixels painted in the editor: (grid, progress text)."""
-        model, palette, step = self.load(name, step)
-        size = model.config.image_size
-        original, ids, view, hidden = self.prepare(palette, size, editor, picture, square)
-        if hidden is None:
-            raise IgptError("paint over the pixels to regenerate first, with the brush of the Inpaint tab's editor")
-        known = ~hidden.reshape(-1)
-        kept = view.copy()
-        kept[hidden] = PENDING
-        stream = inpaint_stream(model, ids, known, int(n_samples), temperature=float(temperature),
-                                top_k=int(top_k or 0) or None, seed=int(seed or 0))
-        yield from self._frames(stream, model, palette, known, original, view, kept, int(n_samples), "inpaint")
+        with self.using(name, step) as (model, palette, step):
+            size = model.config.image_size
+            original, ids, view, hidden = self.prepare(palette, size, editor, picture, square)
+            if hidden is None:
+                raise IgptError("paint over the pixels to regenerate first, with the brush of the Inpaint tab's editor")
+            known = ~hidden.reshape(-1)
+            kept = view.copy()
+            kept[hidden] = PENDING
+            stream = inpaint_stream(model, ids, known, int(n_samples), temperature=float(temperature),
+                                    top_k=int(top_k or 0) or None, seed=int(seed or 0))
+            yield from self._frames(stream, model, palette, known, original, view, kept, int(n_samples), "inpaint")
 
     def _frames(self, stream, model, palette, known, original, view, kept, n_samples, action):
         """The paper's figure after each streamed step, with a progress line; pixels not generated yet are grey."""
@@ -105,19 +106,21 @@ class Completion:
                         f"Change the seed and press {button} again for new guesses.")
             yield completion_grid(original, view, kept, samples), text
 
+    @contextlib.contextmanager
     def model_and_ids(self, name, step, editor, picture, *region):
-        """(model, palette, palette ids of the model's view): what the "Inside the model" tab looks at."""
-        model, palette, _ = self.load(name, step)
-        _, ids, _, _ = self.prepare(palette, model.config.image_size, editor, picture, *region)
-        return model, palette, ids
+        """`with` it: (model, palette, palette ids of the model's view), what the "Inside the model" tab looks
+        at; the model stays in memory until the block ends."""
+        with self.using(name, step) as (model, palette, _):
+            _, ids, _, _ = self.prepare(palette, model.config.image_size, editor, picture, *region)
+            yield model, palette, ids
 
     @user_errors
     def surprise(self, name, step, editor, picture, square):
         """Per-pixel surprise (negative log-likelihood) of the model's view, as a heat map."""
-        model, palette, step = self.load(name, step)
-        size = model.config.image_size
-        _, ids, view, _ = self.prepare(palette, size, editor, picture, square)
-        nll = surprise_map(model, ids)
+        with self.using(name, step) as (model, palette, step):
+            size = model.config.image_size
+            _, ids, view, _ = self.prepare(palette, size, editor, picture, square)
+            nll = surprise_map(model, ids)
         worst = np.unravel_index(int(nll.argmax()), nll.shape)
         picture = surprise_picture(view, nll, pixel=display_scale(size, 256))
         text = (f"Mean surprise **{nll.mean():.3f} nats per pixel** ({bits_per_dim(nll.mean()):.3f} bits), "

@@ -96,15 +96,16 @@ class Models:
             return run
         return open_run(name, self.runs_dir)
 
-    def load(self, name: str | None, step: int | None = None):
-        """(model, palette, step) of a run, loaded once."""
+    def using(self, name: str | None, step: int | None = None):
+        """`with demo.using(name, step) as (model, palette, step):` a run's model, loaded once and kept in
+        memory (not released by the model cache's budget) until the block ends: wrap a request's work."""
         run = self.run(name)
         try:
             step = int(step) if step not in (None, "") else None
         except (TypeError, ValueError):
             raise IgptError(f"the checkpoint must be a training step such as {run.checkpoints()[-1:]}, "
                             f"got {step!r}") from None
-        return self.models.load(run, step)
+        return self.models.lease(run, step)
 
     def examples(self, name: str) -> tuple[list, list[np.ndarray], list[str], str]:
         """(pictures to choose from, their thumbnails at the model's size, captions, where they come from)."""

@@ -9,6 +9,7 @@ of the model's input) and a function that turns those inputs into (model, palett
 
 from __future__ import annotations
 
+import contextlib
 import math
 from types import SimpleNamespace
 
@@ -61,18 +62,21 @@ def draw_bars(numbers: dict | None) -> np.ndarray | None:
 
 
 class Inside:
-    """The tab's actions. `model_ids(name, step, *picture)` gives (model, palette, ids of the view)."""
+    """The tab's actions. `with model_ids(name, step, *picture) as (model, palette, ids of the view):` pins
+    the model in memory while an action runs."""
 
     def __init__(self, model_ids):
         self.model_ids = model_ids
 
+    @contextlib.contextmanager
     def _focus(self, pixel_text, name, step, picture):
-        """(model, palette, ids, the model's view, the pixel (row, col) 0-based or None, its raster index)."""
-        model, palette, ids = self.model_ids(name, step, *picture)
-        side = model.config.image_size
-        pixel = chosen_pixel(pixel_text, side)
-        view = palette.decode(ids[None], side)[0]
-        return model, palette, ids, view, pixel, None if pixel is None else pixel[0] * side + pixel[1]
+        """`with` it: (model, palette, ids, the model's view, the pixel (row, col) 0-based or None, its raster
+        index)."""
+        with self.model_ids(name, step, *picture) as (model, palette, ids):
+            side = model.config.image_size
+            pixel = chosen_pixel(pixel_text, side)
+            view = palette.decode(ids[None], side)[0]
+            yield model, palette, ids, view, pixel, None if pixel is None else pixel[0] * side + pixel[1]
 
     @staticmethod
     def _scale(side: int) -> int:
@@ -80,17 +84,17 @@ class Inside:
 
     def pick(self, evt: gr.SelectData, name, step, *picture) -> str:
         """A click on the view, at evt.index = [x, y] in the drawn image's pixels -> "row, column" (from 1)."""
-        model, _, _ = self.model_ids(name, step, *picture)
-        scale = self._scale(model.config.image_size)
+        with self.model_ids(name, step, *picture) as (model, _, _):
+            scale = self._scale(model.config.image_size)
         x, y = evt.index
         return f"{int(y) // scale + 1}, {int(x) // scale + 1}"
 
     def distribution(self, pixel_text, temperature, top_k, name, step, *picture):
         """(bars of the most likely colours, a line of numbers, the numbers as JSON) for the pixel."""
-        model, palette, ids, _, pixel, t = self._focus(pixel_text, name, step, picture)
-        if pixel is None:
-            return None, "Click a pixel of the model's view.", None
-        numbers = pixel_numbers(model, palette, ids, t, temperature, top_k, true_id=int(ids[t]))
+        with self._focus(pixel_text, name, step, picture) as (model, palette, ids, _, pixel, t):
+            if pixel is None:
+                return None, "Click a pixel of the model's view.", None
+            numbers = pixel_numbers(model, palette, ids, t, temperature, top_k, true_id=int(ids[t]))
         n_colors = model.config.n_colors
         seen = "the pixels before it" if model.config.objective == "ar" else "every other pixel (it is masked)"
         text = (f"Pixel row {pixel[0] + 1}, column {pixel[1] + 1}, given {seen}: its true colour (outlined) has "
@@ -102,22 +106,23 @@ class Inside:
 
     def look(self, pixel_text, layer, name, step, *picture):
         """(the view with the pixel marked, attention per layer, heads of `layer`, the layer strip, its caption)."""
-        model, palette, ids, view, pixel, t = self._focus(pixel_text, name, step, picture)
-        scale = self._scale(len(view))
-        if pixel is None:
-            return enlarge(view, scale), None, None, None, ""
-        maps = explain.attention_maps(model, ids, t)
-        labels = [f"layer {i + 1}" + ("" if maps.sos is None else f" (start token {float(maps.sos[i].mean()):.0%})")
-                  for i in range(model.config.n_layer)]
-        layers = attention_panel(view, maps.pixels.mean(1).numpy(), *pixel, labels)
-        lens = explain.layer_predictions(model, ids)
-        true_p = lens[:, t, int(ids[t])].exp().tolist()
-        strip = layer_strip(palette.decode(lens.argmax(-1).numpy(), len(view)), true_p, *pixel)
-        best = int(np.argmax(true_p))
-        caption = (f"The true colour of the clicked pixel gets p = {true_p[0]:.2f} from the embeddings alone and "
-                   f"{true_p[-1]:.2f} at the output; the most from {'the embeddings' if best == 0 else f'layer {best}'}.")
-        return (mark_pixel(enlarge(view, scale), *pixel, scale), layers, self._heads(view, maps, pixel, layer), strip,
-                caption)
+        with self._focus(pixel_text, name, step, picture) as (model, palette, ids, view, pixel, t):
+            scale = self._scale(len(view))
+            if pixel is None:
+                return enlarge(view, scale), None, None, None, ""
+            maps = explain.attention_maps(model, ids, t)
+            labels = [f"layer {i + 1}" + ("" if maps.sos is None else f" (start token {float(maps.sos[i].mean()):.0%})")
+                      for i in range(model.config.n_layer)]
+            layers = attention_panel(view, maps.pixels.mean(1).numpy(), *pixel, labels)
+            lens = explain.layer_predictions(model, ids)
+            true_p = lens[:, t, int(ids[t])].exp().tolist()
+            strip = layer_strip(palette.decode(lens.argmax(-1).numpy(), len(view)), true_p, *pixel)
+            best = int(np.argmax(true_p))
+            most = "the embeddings" if best == 0 else f"layer {best}"
+            caption = (f"The true colour of the clicked pixel gets p = {true_p[0]:.2f} from the embeddings alone and "
+                       f"{true_p[-1]:.2f} at the output; the most from {most}.")
+            return (mark_pixel(enlarge(view, scale), *pixel, scale), layers, self._heads(view, maps, pixel, layer),
+                    strip, caption)
 
     @staticmethod
     def _heads(view, maps: explain.Attention, pixel, layer) -> np.ndarray:
@@ -127,28 +132,29 @@ class Inside:
 
     def heads(self, pixel_text, layer, name, step, *picture):
         """The attention of every head of one layer (counted from 1) for the pixel."""
-        model, _, ids, view, pixel, t = self._focus(pixel_text, name, step, picture)
-        return None if pixel is None else self._heads(view, explain.attention_maps(model, ids, t), pixel, layer)
+        with self._focus(pixel_text, name, step, picture) as (model, _, ids, view, pixel, t):
+            return None if pixel is None else self._heads(view, explain.attention_maps(model, ids, t), pixel, layer)
 
     def layer_slider(self, name, step, *picture):
         """The heads' layer picker for this model's depth, at its last layer."""
-        model, _, _ = self.model_ids(name, step, *picture)
-        n = model.config.n_layer
-        return gr.Slider(minimum=1, maximum=n, value=n, step=1)
+        with self.model_ids(name, step, *picture) as (model, _, _):
+            n = model.config.n_layer
+            return gr.Slider(minimum=1, maximum=n, value=n, step=1)
 
     def uncertainty(self, name, step, *picture):
         """The entropy of every pixel's distribution beside its surprise, over the model's view."""
-        model, palette, ids, view, _, _ = self._focus(None, name, step, picture)
-        entropy = explain.entropy_map(model, ids)
-        nll = surprise_map(model, ids)
-        most = math.log(model.config.n_colors)  # both on one fixed scale: 0 .. log(n_colors) nats
-        picture = grid([[view, heatmap(entropy, vmax=most), heatmap(nll, vmax=most)]],
-                       labels=["model's view", "uncertainty (entropy)", "surprise (-log p of the truth)"],
-                       pixel=self._scale(len(view)))
-        text = (f"Mean uncertainty **{entropy.mean():.2f} nats**, mean surprise **{nll.mean():.2f} nats** per pixel, "
-                f"both from dark (0) to bright (log {model.config.n_colors} = {most:.2f} nats, no idea). Uncertain "
-                f"and surprised = a guess that went wrong; certain and surprised = a confident mistake.")
-        return picture, text
+        with self._focus(None, name, step, picture) as (model, palette, ids, view, _, _):
+            entropy = explain.entropy_map(model, ids)
+            nll = surprise_map(model, ids)
+            most = math.log(model.config.n_colors)  # both on one fixed scale: 0 .. log(n_colors) nats
+            picture = grid([[view, heatmap(entropy, vmax=most), heatmap(nll, vmax=most)]],
+                           labels=["model's view", "uncertainty (entropy)", "surprise (-log p of the truth)"],
+                           pixel=self._scale(len(view)))
+            text = (f"Mean uncertainty **{entropy.mean():.2f} nats**, mean surprise **{nll.mean():.2f} nats** "
+                    f"per pixel, both from dark (0) to bright (log {model.config.n_colors} = {most:.2f} nats, no "
+                    f"idea). Uncertain and surprised = a guess that went wrong; certain and surprised = a confident "
+                    f"mistake.")
+            return picture, text
 
 
 def build_tab(model_ids, choice: list, picture: list, sampling: list, user_errors) -> None:

@@ -44,10 +44,10 @@ checkpoints; the slider picks one."""
 
 def checkpoint_models(cache, run, steps):
     """(step, model) of each checkpoint in `steps`, taken from the page's shared model cache only when
-    asked for: the one place this tab gets models (with a cache that leases, each is pinned while used)."""
+    asked for: the one place this tab gets models, each pinned in memory while the caller uses it."""
     for step in steps:
-        model, _, step = cache.load(run, step)
-        yield step, model
+        with cache.lease(run, step) as (model, _, step):  # pinned while the caller works with it
+            yield step, model
 
 
 def checkpoint_label(step: int, val_loss: float | None) -> str:

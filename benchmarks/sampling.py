@@ -20,6 +20,13 @@ machine (time spent waiting for a core is not counted).
 mismatch is reported with the logit gap between the two best colours there (a gap near 0 is an
 fp32 argmax tie, not a bug).
 
+The bound (batch 1, fp32): a pixel cannot take less time than reading the model's weights once.
+`weights_bound_ms` is the time of the blocks' products alone (`x @ W` with the decoder's own (in, out)
+matrices, 4 per layer), `cache_bound_ms` that of reading the KV cache once at the completion's
+middle position (a sum over it; each step attends over all earlier positions), both timed in the
+same interleaved rounds as the completions. `ms_per_pixel` is ours at batch 1 (sampling included);
+`ratio_to_weights_bound` and `ratio_to_bound` (weights + cache) are medians of per-round ratios.
+
 int8 (`precision="int8"`, approximate): `int8_ratio` is HF's time over ours with int8 weights, timed
 in the same interleaved rounds. A model is quantised once, on its first int8 decoder
 (`int8_quantise_seconds`), and later completions re-use it while its weights are unchanged, as in a
@@ -121,6 +128,28 @@ def greedy_agreement(ours, prompt: torch.Tensor, keep: int, n: int) -> dict:
             "matching_prefix": n if bool(same.all()) else int((~same).nonzero()[0])}
 
 
+def bound_timers(ours, position: int, passes: int = 5):
+    """(weights, cache): functions that time, as the median of `passes`, one pass of the fp32 blocks'
+    products `x @ W` (what a batch-1 pixel must read) and one read of the KV cache up to `position`."""
+    decoder = Decoder(ours, 1)
+    config = ours.config
+    # the decoder's own weights, in the plain (in, out) layout that `x @ W` streams
+    state = ours.state_dict()
+    matrices = [state[f"h.{i}.{name}"].T.contiguous() for i in range(config.n_layer)
+                for name in ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")]
+    inputs = {m.shape[0]: torch.randn(1, m.shape[0]) for m in matrices}
+    cache = decoder.kv.narrow(4, 0, position).zero_()
+
+    def weights():
+        for m in matrices:
+            inputs[m.shape[0]] @ m
+
+    def median_of(fn):
+        return statistics.median(timed(fn)[0] for _ in range(passes))
+
+    return lambda: median_of(weights), lambda: median_of(cache.sum)
+
+
 def run_case(name: str, quick: bool, batches=BATCHES) -> dict:
     shape, repeats, quick_repeats, n_check = CASES[name]
     repeats = quick_repeats if quick else repeats
@@ -144,10 +173,15 @@ def run_case(name: str, quick: bool, batches=BATCHES) -> dict:
         if name == "tiny":  # warm-up (first calls allocate, initialise kernels); the large case is warm by now
             [fn(-1) for fn in runs.values()]
         times = {key: [] for key in runs}
+        bounds = {"weights": [], "cache": []}
+        weights_bound, cache_bound = bound_timers(ours, (keep + T) // 2) if batch == 1 else (None, None)
         for r in range(repeats):  # interleaved, rotating who goes first
             order = list(runs)[r % 3:] + list(runs)[: r % 3]
             for key in order:
                 times[key].append(timed(lambda: runs[key](r)))
+            if batch == 1:
+                bounds["weights"].append(weights_bound())
+                bounds["cache"].append(cache_bound())
         (ours_s, ours_cpu), (int8_s, int8_cpu), (hf_s, hf_cpu) = (zip(*times[key]) for key in runs)
         result["batches"][str(batch)] = {
             "ours_px_per_s": round(pixels / statistics.median(ours_s), 1),
@@ -160,11 +194,25 @@ def run_case(name: str, quick: bool, batches=BATCHES) -> dict:
             "int8_cpu_ratio": round(statistics.median(h / o for o, h in zip(int8_cpu, hf_cpu)), 2),
             **({"target_ratio": TARGETS[name, batch]} if (name, batch) in TARGETS else {}),
             **({"target_int8_ratio": INT8_TARGETS[name, batch]} if (name, batch) in INT8_TARGETS else {}),
+            **(bound_report(ours_s, bounds, pixels) if batch == 1 else {}),
             "ours_seconds": [round(s, 3) for s in ours_s],
             "int8_seconds": [round(s, 3) for s in int8_s],
             "hf_seconds": [round(s, 3) for s in hf_s],
         }
     return result
+
+
+def bound_report(ours_s, bounds: dict, pixels: int) -> dict:
+    """Our batch-1 time per pixel against the time of reading the weights (and the cache) once, per round."""
+    per_pixel = [s / pixels for s in ours_s]
+    return {
+        "ms_per_pixel": round(1e3 * statistics.median(per_pixel), 2),
+        "weights_bound_ms": round(1e3 * statistics.median(bounds["weights"]), 2),
+        "cache_bound_ms": round(1e3 * statistics.median(bounds["cache"]), 2),
+        "ratio_to_weights_bound": round(statistics.median(p / w for p, w in zip(per_pixel, bounds["weights"])), 2),
+        "ratio_to_bound": round(statistics.median(p / (w + c) for p, w, c in
+                                                  zip(per_pixel, bounds["weights"], bounds["cache"])), 2),
+    }
 
 
 def trained_run(run_name: str | None, runs_dir: str | None, quick: bool, folder: str) -> dict:

@@ -21,8 +21,8 @@ from .pretrained import (OPENAI_MODELS, OPENAI_STEPS, export_hf, find_imported, 
                          import_openai, imported_label, in_hub_cache)
 from .probe import (PAPER_FOLDER, ProbeTable, cached_features, fit_probe, load_probe_results, make_paper, paper_plan,
                     probe_run, spearman)
-from .runs import (ModelCache, Run, list_runs, load_checkpoint, open_run, runs_root, save_checkpoint,
-                   scan_runs)
+from .runs import (ModelCache, Run, list_runs, load_checkpoint, open_run, parse_memory, return_freed_memory, runs_root,
+                   save_checkpoint, scan_runs)
 from .sample import complete, complete_each, complete_stream, inpaint, inpaint_stream, unconditional
 from .tokenizer import fit_palette, tokenize
 from .training import (TrainConfig, Trainer, check_resume, classify, finetune, parse_save_every, start_run, train,
@@ -42,7 +42,7 @@ __all__ = [
     "import_openai", "imported_label", "in_hub_cache",
     "PAPER_FOLDER", "ProbeTable", "cached_features", "fit_probe", "load_probe_results", "make_paper", "paper_plan",
     "probe_run", "spearman",
-    "ModelCache", "Run", "list_runs", "load_checkpoint", "open_run", "runs_root", "save_checkpoint",
+    "ModelCache", "Run", "list_runs", "load_checkpoint", "open_run", "parse_memory", "return_freed_memory", "runs_root", "save_checkpoint",
     "scan_runs",
     "complete", "complete_each", "complete_stream", "inpaint", "inpaint_stream", "unconditional",
     "fit_palette", "tokenize",

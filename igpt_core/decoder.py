@@ -2,13 +2,11 @@
 
 `model.py` is the network as the paper and OpenAI's weights define it, written for reading and
 training. Generation runs the same network one token at a time, where a step is a handful of
-matrix-vector products and a few dozen small operations, so two different costs dominate:
+matrix-vector products and a few dozen small operations, so two costs dominate:
 
-- at iGPT-S sizes, reading the weights (288 MB per pixel in fp32). On CPUs, a (batch, in) @ (in, out)
-  product streams the weights markedly faster than nn.Linear's (out, in) layout (the products of
-  one iGPT-S pixel took 18 against 25 ms on this project's machine), so the weights are stored transposed;
-  where oneDNN's pre-packed layout (the one torch.compile's CPU backend uses) is faster still, the
-  weights are packed for it (see `_use_onednn`);
+- at iGPT-S sizes, reading the weights (288 MB per pixel in fp32). On CPUs a (batch, in) @ (in, out)
+  product streams them faster than nn.Linear's (out, in) layout, so the weights are stored
+  transposed, or packed for oneDNN where that is faster still (`_use_onednn`);
 - at small sizes, the number of operations per step (each costs microseconds of dispatch). Every
   constant that can be folded into a weight is: the norms' gains into the product that reads them,
   the attention's 1/√head_dim into the query weights, quick-GELU's 1.702 into the MLP's weights
@@ -21,14 +19,13 @@ float32 it is as close to that float64 truth as `IGPT.forward` itself is (tests/
 it matches Hugging Face's ImageGPT to 1e-5 (tests/test_hf.py). A `Decoder` is a snapshot: weights
 changed after it was made (more training) are not seen; make a new one.
 
-`precision="int8"` (opt-in, CPU) is an approximation of that function, for when reading the weights
-is the cost: the blocks' four products per layer hold int8 weights, one scale per output channel,
-and quantise their input on the fly (dynamic quantisation), so a pixel reads a quarter of the
-bytes. The KV cache is bfloat16 (half the bytes), attended to in bfloat16 on CPUs with AMX and in
-float32 elsewhere (see `_fast_bf16_attention`). Embeddings, norms and the head (about 1% of the
-weights at iGPT-S sizes, and where the logits are made) stay float32. See `_int8_matrix` for the
-kernel. A model is quantised once, by its first int8 decoder; later ones re-use that while its
-weights are unchanged (`_int8_blocks`).
+`precision="int8"` (opt-in, CPU) approximates that function where reading the weights is the cost:
+the blocks' four products per layer hold int8 weights, one scale per output channel, and quantise
+their input on the fly (dynamic quantisation), so a pixel reads a quarter of the bytes. The KV
+cache is bfloat16 (half the bytes), attended to in bfloat16 on CPUs with AMX and in float32 over
+widened copies elsewhere (`cpu_has_amx`). Embeddings, norms and the head (about 1% of the weights
+at iGPT-S sizes, and where the logits are made) stay float32. A model is quantised once, by its
+first int8 decoder; later ones re-use that while its weights are unchanged (`_blocks`).
 """
 
 from __future__ import annotations
@@ -38,71 +35,34 @@ import warnings
 import weakref
 from collections.abc import Callable
 from functools import lru_cache
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from .device import cpu_has_amx, cpu_vendor
 from .errors import IgptError
 from .model import IGPT, QUICK_GELU, ModelConfig
-
-
-@lru_cache(maxsize=1)
-def _cpu_vendor() -> str:
-    """The CPU's maker as Linux names it ("GenuineIntel", "AuthenticAMD"), or "" where it is not told."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:  # not Linux
-        return ""
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("vendor_id")), "")
 
 
 def _use_onednn(device: torch.device, batch_size: int, width: int, vendor: str | None = None) -> bool:
     """Whether oneDNN's pre-packed matrix products beat MKL's addmm for these decoding steps.
 
-    Measured on this project's machines, iGPT-S-sized steps (cold, DRAM-resident weights):
-    - 2-core AMD EPYC: for batches of 8 at widths 256-1024, oneDNN is 1.7-2.3x faster on one
-      thread and 2.6-4x on two; at batch 1 it wins only with 2 threads at width >= 512
-      (1.2-1.65x) and loses otherwise (0.6x on one thread). Small matrices lose to its call cost
-      (~15 us against ~4 us).
-    - 2-core Intel Xeon (AVX-512): MKL, on the CPUs it is tuned for, is faster at batch 1 (a whole
-      step at position 700 took 0.8x the time on 1 and on 2 threads), as fast or faster at batches
-      2-4, and within 5% at batch 8; so on Intel CPUs the weights stay plain.
-    Decided from these facts rather than timed at run time, so that on a given machine and thread
-    count the same seed always gives the same pixels. `vendor` defaults to this CPU's.
+    Measured, not timed at run time, so that on a given machine and thread count the same seed always
+    gives the same pixels: oneDNN wins on AMD CPUs for batches of 2+ at widths >= 256, and at batch 1
+    only with 2+ threads at width >= 512; small matrices lose to its call cost. On Intel CPUs MKL,
+    tuned for them, is as fast or faster, so the weights stay plain. `vendor` defaults to this CPU's.
     """
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     if not all(hasattr(torch.ops.mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise")):
         return False  # a PyTorch build without these (they serve torch.compile's CPU backend)
-    if (_cpu_vendor() if vendor is None else vendor) == "GenuineIntel":
+    if (cpu_vendor() if vendor is None else vendor) == "GenuineIntel":
         return False
     return (batch_size >= 2 and width >= 256) or (torch.get_num_threads() >= 2 and width >= 512)
 
 
 PRECISIONS = ("fp32", "int8")
-
-
-def _fast_bf16_attention() -> bool:
-    """Whether this CPU has AMX tiles (Intel Xeons since Sapphire Rapids), where attention computed in
-    bfloat16 is faster than in float32.
-
-    int8 decoding keeps its keys and values in bfloat16: with int8 weights, reading the cache is the
-    other half of a pixel's cost (at iGPT-S sizes, late in an image, a float32 cache holds as many
-    bytes as the weights: 24 layers × 2 × 1024 × 512 floats = 100 MB). Measured on this project's
-    machines, one query over ~800 cached positions, 24 layers, 1 thread:
-    - Intel Xeon with AMX: bfloat16 attention took 0.4-0.6× the float32 time (513-1023 positions), an
-      iGPT-S completion of half an image 10-15% less; bits/dim of a trained run moved by 0.01%.
-    - AMD EPYC (Zen 5), AVX512-BF16 but no AMX: bfloat16 attention took 8× the float32 time (14.3 ms
-      against 1.8 ms). Widening each layer's bfloat16 cache into a small float32 buffer that stays in
-      the CPU's cache (`WIDE_BYTES`), then attending in float32, took 4.2 ms against 5.3 ms for a
-      float32 cache read from memory; an iGPT-S int8 completion at batch 1 took 14% less time, at
-      batch 8 23% less (1 thread), than with a float32 cache.
-    So "computes bfloat16" is not enough: without AMX the attention is float32, over widened copies.
-    """
-    supported = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so looked up with care
-    return bool(supported and supported())
 
 
 def check_precision(config, precision: str) -> None:
@@ -115,9 +75,8 @@ def check_precision(config, precision: str) -> None:
 
 
 LEVELS = 63  # int8 weights hold -63..63: see Int8Matrix
-# Float32 bytes of one layer's cache widened at once without AMX (_fast_bf16_attention): a few
-# sequences, so that the buffer stays in the CPU's cache. On the Zen 5 (32 MB L3, 1 thread) widening
-# all sequences at once beat a float32 cache at 4-16 MB and lost to it by 38% at 33 MB (iGPT-S, batch 8).
+# Float32 bytes of one layer's cache widened at once without AMX: a few sequences, so that the buffer
+# stays in the CPU's cache (widening all of a large batch at once loses to a float32 cache).
 WIDE_BYTES = 8 << 20
 
 
@@ -141,23 +100,12 @@ class Int8Matrix(NamedTuple):
 def _int8_matrix(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Matrix:
     """`weight` (in, out) quantised per output channel, with its float32 bias, if any, for `_int8_product`.
 
-    Kernels compared on this project's machines (iGPT-S's 96 block products for one pixel at
-    batch 1, cold weights, 288 MB fp32 / 72 MB int8; Intel Xeon, 2 threads unless said):
-      fp32 `x @ W` (MKL)                                                12-15 ms (27-29 ms on 1 thread)
-      fbgemm, `torch.fbgemm_linear_int8_weight_fp32_activation` (chosen)  3.1-3.2 ms (8 ms on 1 thread)
-      fbgemm, `torch.ops.quantized.linear_dynamic`                      5.4-6.1 ms (10-12 ms on 1 thread)
-      oneDNN `torch.ops.onednn.qlinear_pointwise` (AMX), kernel alone     9 ms, plus ~90 us a call to quantise x
-      fbgemm with fp16 weights, `quantized.linear_dynamic_fp16`          14 ms
-      torchao 0.18 `Int8DynamicActivationInt8WeightConfig`, eager        55 ms (1 thread; an int32 matmul fallback)
-      `torch._weight_int8pack_mm`                                        63 ms (1 thread)
-    The two fbgemm rows run the same kernel. `quantized.linear_dynamic` takes its weight as a
-    TorchScript object, and handing one over from Python costs ~15 us a call (a failed attribute
-    lookup on it, raised and caught as a C++ exception): as much as a small product itself (64 x 64:
-    21 us against 7 us), 96 times a pixel. The tensor-argument functions chosen here are old ones
-    (deprecated since PyTorch 1.x yet still in 2.13; they warn once per process: `_silence_fbgemm_warnings`).
-    torchao's fast CPU path is torch.compile lowering to the oneDNN kernel above. If a PyTorch
-    drops these functions, `_build` says so, and this function and `_int8_product` are the one
-    place to change.
+    The kernel is fbgemm's, through `torch.fbgemm_linear_int8_weight_fp32_activation`: the fastest
+    int8 product measured on CPUs (faster than `quantized.linear_dynamic`, the same kernel behind a
+    TorchScript weight object that costs ~15 us a call to hand over, and than oneDNN's, torchao's or
+    `_weight_int8pack_mm`). These tensor-argument functions are deprecated yet still in PyTorch 2.13
+    and warn once per process (`_silence_fbgemm_warnings`). If a PyTorch drops them, `_build` says
+    so, and this function and `_int8_product` are the one place to change.
     """
     w = weight.to(torch.float32)
     scale = w.abs().amax(dim=0).clamp(min=1e-30) / LEVELS
@@ -192,17 +140,39 @@ def _has_int8_kernels() -> bool:
         hasattr(torch, f) for f in ("fbgemm_pack_quantized_matrix", "fbgemm_linear_int8_weight_fp32_activation"))
 
 
-# Quantising is a pass over every weight (about a second at iGPT-S sizes, as long as decoding 40
-# pixels), so a model's int8 blocks are kept while the model lives and its weights are unchanged:
-# a demo's second completion, or `score` over many batches, quantises nothing. "Unchanged" is told
-# by each parameter's storage and version counter, which every in-place update (an optimiser step,
-# `load_state_dict`, `copy_` under no_grad) advances; like autograd's own check of saved tensors,
-# it cannot see writes made through `.data`.
-_int8_blocks: weakref.WeakKeyDictionary[IGPT, tuple[tuple, list]] = weakref.WeakKeyDictionary()
+# A model's blocks as decoders read them, by layout, re-used while its weights are unchanged.
+# - int8 blocks are kept while the model lives: quantising is a pass over every weight (about a
+#   second at iGPT-S sizes, as long as decoding 40 pixels), so a demo's second completion, or `score`
+#   over many batches, quantises nothing.
+# - float blocks (a folded copy of the weights) are shared by the decoders alive at once and freed
+#   with the last of them: two users completing at once hold one copy of the weights, not two, and
+#   nothing stays behind after the requests.
+# "Unchanged" is told by each parameter's storage and version counter, which every in-place update
+# (an optimiser step, `load_state_dict`, `copy_` under no_grad) advances; like autograd's own check
+# of saved tensors, it cannot see writes made through `.data`.
+_blocks: weakref.WeakKeyDictionary[IGPT, dict[tuple, tuple]] = weakref.WeakKeyDictionary()
+
+
+class _Layers(list):
+    """Every layer's weights as `Decoder.feed` reads them (a list a weak reference can point to)."""
 
 
 def _weights_key(model: IGPT) -> tuple:
     return tuple((name, t.data_ptr(), t._version, t.dtype, t.device) for name, t in model.named_parameters())
+
+
+def _shared_layers(model: IGPT | None, layout: tuple, build: Callable[[], list]) -> _Layers:
+    """The model's blocks in `layout` (precision first), built by `build()` unless a decoder made them already."""
+    if model is None:
+        return _Layers(build())
+    key, kept = _weights_key(model), _blocks.setdefault(model, {}).get(layout)
+    if kept is not None and kept[0] == key:
+        layers = kept[1] if layout[0] == "int8" else kept[1]()
+        if layers is not None:
+            return layers
+    layers = _Layers(build())
+    _blocks[model][layout] = (key, layers if layout[0] == "int8" else weakref.ref(layers))
+    return layers
 
 
 class Decoder:
@@ -262,23 +232,18 @@ class Decoder:
         fold = torch.float64 if exact else torch.float32
         p = lambda name: weight(name).detach().to(fold)  # noqa: E731
         self.wte, self.wpe = self._keep(p("wte.weight")), self._keep(p("wpe.weight"))
-        key = _weights_key(model) if model is not None and precision == "int8" else None
-        key_and_layers = _int8_blocks.get(model) if key is not None else None
-        if key_and_layers is not None and key_and_layers[0] == key:
-            self.layers = key_and_layers[1]
-        else:
-            self.layers = [self._block(p, i, batch_size) for i in range(config.n_layer)]
-            if key is not None:
-                _int8_blocks[model] = (key, self.layers)
+        layout = (precision, self.onednn and batch_size)  # oneDNN packs its weights for a batch size
+        self.layers = _shared_layers(model, layout,
+                                     lambda: [self._block(p, i, batch_size) for i in range(config.n_layer)])
         self.head = self._matrix((p("lm_head.weight") * p("ln_f.weight")).T * root_d, batch_size)  # no bias
         # (n_layer, B, 2, nh, n_positions, hs): keys then values, so that one copy stores both
         shape = (config.n_layer, batch_size, 2, self.n_head, config.n_positions, self.head_dim)
         self.kv_dtype = torch.bfloat16 if precision == "int8" else self.dtype
         self.kv = torch.empty(shape, device=self.device, dtype=self.kv_dtype)
-        # Without AMX, each layer's cache is widened to float32, a few sequences at a time, into this
-        # buffer (small enough to stay in the CPU's cache) and attended to there: see _fast_bf16_attention
+        # bfloat16 attention is fast only with AMX; elsewhere each layer's cache is widened to float32,
+        # a few sequences at a time, into this buffer (small enough to stay in the CPU's cache)
         self._wide = None
-        if precision == "int8" and not _fast_bf16_attention():
+        if precision == "int8" and not cpu_has_amx():
             per_sequence = math.prod(shape[2:]) * self.dtype.itemsize
             rows = max(1, min(batch_size, WIDE_BYTES // per_sequence))
             self._wide = torch.empty((rows, *shape[2:]), device=self.device, dtype=self.dtype)
@@ -340,6 +305,14 @@ class Decoder:
         product = self._product(x, weight)
         return product.div_(norm) if bias is None else torch.addcdiv(bias, product, norm, out=out)
 
+    def _attention(self, queries: torch.Tensor, kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int,
+                   mask) -> torch.Tensor:
+        """The new queries (B, nh, T, hs) attended over the cache's first `end` positions, (B, nh, T, hs)."""
+        if self._wide is not None:
+            return self._widened_attention(queries, kv, end, mask)
+        keys, values = k.narrow(2, 0, end), v.narrow(2, 0, end)  # (B, nh, end, hs) each, views of the cache
+        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=1.0)
+
     def _widened_attention(self, queries: torch.Tensor, kv: torch.Tensor, end: int, mask) -> torch.Tensor:
         """Attention over a bfloat16 cache `kv` (B, 2, nh, positions, hs) computed in float32, its first
         `end` positions widened into `self._wide` a few sequences at a time."""
@@ -389,11 +362,7 @@ class Decoder:
             qkv = self._normed_product(x, attn_w, attn_b, out=qkv_rows).view(B, T, 3, nh, hs).permute(0, 2, 3, 1, 4)
             kv.narrow(3, start, T).copy_(qkv.narrow(1, 1, 2))  # this step's keys and values, in one copy
             queries = qkv.select(1, 0)
-            if self._wide is None:
-                keys, values = k.narrow(2, 0, end), v.narrow(2, 0, end)  # (B, nh, end, hs) each, views of the cache
-                y = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=1.0)
-            else:
-                y = self._widened_attention(queries, kv, end, mask)
+            y = self._attention(queries, kv, k, v, end, mask)
             y = (y.to(self.dtype) if reduced else y).transpose(1, 2).reshape(B * T, d)
             self._add_product(x, y, proj_w, proj_b)  # x is this step's own tensor: added to in place
             h = F.silu(self._normed_product(x, fc_w, fc_b), inplace=True)  # quick-GELU, its 1.702 folded in

@@ -16,10 +16,16 @@ the new one, never half of one.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
+import math
 import os
 import re
 import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +36,6 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from .errors import CheckpointError, IgptError, RunError, first_line
 from .files import atomic_write, atomic_write_json, building_folder, read_jsonl
-from .likelihood import bits_per_dim
 from .model import IGPT, ModelConfig
 from .palette import Palette
 
@@ -108,13 +113,14 @@ def load_checkpoint(path: Path, device="cpu") -> tuple[IGPT, Palette, dict]:
             f"{path}: its palette has {len(palette)} colours but its model predicts {config.n_colors}; "
             "the file was assembled wrongly — re-export it"
         )
-    model = IGPT(config)
+    with torch.device("meta"):  # no random init to overwrite: the file's tensors become the parameters
+        model = IGPT(config)
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path} could not be read ({err}); it may be truncated — copy it again") from None
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit the model config in the file ({first_line(err)})") from None
     return model.to(device).eval(), palette, info
@@ -210,7 +216,7 @@ class Run:
             "colors": config.n_colors,
             "steps": max(self.checkpoints(), default=0),
             "best_val_loss": best,
-            "best_val_bpd": None if best is None else bits_per_dim(best),
+            "best_val_bpd": None if best is None else best / math.log(2),  # bits per palette token
             "path": str(self.path.resolve()),
         }
 
@@ -232,32 +238,151 @@ def as_run(run: Run | str, runs_dir: Path | None = None) -> Run:
     return run if isinstance(run, Run) else open_run(str(run), runs_dir)
 
 
+# The default model memory: a quarter of physical memory leaves room for the OS, the app and the
+# requests' own work (activations, a decoder's cache), and still holds several iGPT-S (0.3 GB each)
+# or one iGPT-L (5.4 GB fp32) on a 32 GB machine.
+DEFAULT_MODEL_MEMORY = 0.25
+
+
+def physical_memory() -> int | None:
+    """This machine's physical memory in bytes (os.sysconf; /proc/meminfo where sysconf lacks it), or None."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system that tells
+        pass
+    try:
+        line = next(row for row in Path("/proc/meminfo").read_text().splitlines() if row.startswith("MemTotal:"))
+        return int(line.split()[1]) * 1024  # given in kB
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt](?:i?b)?|b)?\s*", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_memory(text: str | float | int) -> int:
+    """Bytes from a size as a user writes it: "4GB", "512MB", "1.5g", "2000000" (bytes), or a fraction
+    of physical memory below 1 ("0.5" = half of it). Units are powers of 1024. Raises IgptError."""
+    match = _SIZE.fullmatch(str(text))
+    if match is None:
+        raise IgptError(f"model memory must be a size such as 4GB or 512MB, or a fraction of RAM such as 0.25; "
+                        f"got {text!r}")
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    if number <= 0:
+        raise IgptError(f"model memory must be more than 0, got {text!r}")
+    if not unit and number < 1:
+        total = physical_memory()
+        if total is None:
+            raise IgptError("this system does not tell its physical memory: give the model memory as a size, e.g. 4GB")
+        return int(number * total)
+    return int(number * _UNITS[unit.rstrip("b").rstrip("i")])
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+
+
+def return_freed_memory() -> bool:
+    """Have glibc's malloc hand blocks of 1 MB and more back to the system as soon as they are freed.
+
+    For long-running servers. By default glibc raises that threshold each time such a block is freed
+    (up to 32 MB), after which weight-sized blocks come from heaps that keep what is freed: a demo that
+    builds a decoder (its own copy of the weights) per request grew by 300 MB over 40 rounds of three
+    users (tests/test_soak.py with 40 rounds); with the threshold fixed (what MALLOC_MMAP_THRESHOLD_=1048576
+    does at start-up) it stayed within one model's size. Returns whether it could (glibc only).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 20))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
+@dataclass
+class _Entry:
+    stamp: int  # the checkpoint file's modification time when it was loaded
+    model: IGPT
+    palette: Palette
+    nbytes: int
+    leases: int = 0  # requests using the model now: while above 0 it is never released
+
+
 class ModelCache:
-    """Models and palettes loaded once and shared, for apps that serve many requests.
+    """Models and palettes loaded once and shared, for apps that serve many requests, within a memory budget.
 
     Keyed by file and modification time: a run re-trained (or re-imported) under the same name is
-    loaded again, an unchanged one never. Each palette's colour lookup table is built before it is
-    handed out, so threads only ever read it. Safe to call from several threads.
+    loaded again, an unchanged one never. Models take at most `max_bytes` (default: a quarter of
+    physical memory, `DEFAULT_MODEL_MEMORY`); loading one more releases the least recently used
+    ones first. A model is used through `lease`, which pins it while a request runs: a pinned model
+    is never released, so when every held model is pinned a new one is loaded beyond the budget
+    (at most the budget plus the models in use), and the excess is released as leases end.
+    Each palette's colour lookup table is built before it is handed out, so threads only ever read
+    it. Safe to call from several threads.
     """
 
-    def __init__(self, device="cpu"):
+    def __init__(self, device="cpu", max_bytes: int | None = None):
         self.device = device
-        self._models: dict[Path, tuple[int, IGPT, Palette]] = {}
+        if max_bytes is None:
+            total = physical_memory()
+            max_bytes = int(DEFAULT_MODEL_MEMORY * total) if total else 4 << 30
+        self.max_bytes = int(max_bytes)
+        self._models: OrderedDict[Path, _Entry] = OrderedDict()  # least recently used first
         self._palettes: dict[Path, tuple[int, Palette]] = {}
         self._lock = threading.Lock()  # two users asking for the same model load it once
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the models held now (their parameters and buffers)."""
+        with self._lock:
+            return sum(entry.nbytes for entry in self._models.values())
+
+    @contextmanager
+    def lease(self, run: Run, step: int | None = None) -> Iterator[tuple[IGPT, Palette, int]]:
+        """(model in eval mode, palette, step) of a run's checkpoint (default: the last), pinned in memory
+        until the `with` block ends. Use it around all the work of one request."""
+        step, path, entry = self._get(run, step, pin=True)
+        try:
+            yield entry.model, entry.palette, step
+        finally:
+            with self._lock:
+                entry.leases -= 1
+                self._release_over(self.max_bytes)
+
     def load(self, run: Run, step: int | None = None) -> tuple[IGPT, Palette, int]:
-        """(model in eval mode, palette, step) of a run's checkpoint (default: the last)."""
+        """Like `lease`, without the pin: the cache may release the model at any later load, so this is
+        for one caller at a time (a script); servers use `lease`."""
+        step, _, entry = self._get(run, step, pin=False)
+        return entry.model, entry.palette, step
+
+    def _get(self, run: Run, step: int | None, pin: bool) -> tuple[int, Path, _Entry]:
         step = run.resolve_step(step)
         path = run.checkpoint_path(step)
         stamp = path.stat().st_mtime_ns
         with self._lock:
-            cached = self._models.get(path)
-            if cached is None or cached[0] != stamp:
+            entry = self._models.get(path)
+            if entry is None or entry.stamp != stamp:
+                if entry is not None and entry.leases == 0:
+                    del self._models[path]  # a re-trained file: the old weights go first
+                # the file's size is the model's float32 bytes (plus a small header): room is made first
+                self._release_over(self.max_bytes - path.stat().st_size)
                 model, palette, _ = load_checkpoint(path, self.device)
                 palette.quantize(np.zeros((1, 3), np.uint8))  # builds the lookup table
-                cached = self._models[path] = (stamp, model, palette)
-        return cached[1], cached[2], step
+                nbytes = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
+                entry = self._models[path] = _Entry(stamp, model, palette, nbytes)
+            self._models.move_to_end(path)
+            entry.leases += pin
+        return step, path, entry
+
+    def _release_over(self, limit: int) -> None:
+        """Release the least recently used models not in use until the rest take at most `limit` bytes.
+        Called with the lock held."""
+        held = sum(entry.nbytes for entry in self._models.values())
+        for path, entry in list(self._models.items()):
+            if held <= limit:
+                break
+            if entry.leases == 0:
+                del self._models[path]
+                held -= entry.nbytes
 
     def palette(self, run: Run) -> Palette:
         """The run's palette (palette.json, the same colours as in its checkpoints), without its model."""

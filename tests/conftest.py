@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -68,6 +69,24 @@ def make_run(runs_dir, name="tiny", objective="ar", steps=40, **train_options):
     run = start_run(name, "digits", "tiny", objective, 16, train_config=config, model_overrides=TINY, runs_dir=runs_dir)
     train(run, progress=False)
     return run
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temp_dir_inside_pytests(tmp_path_factory):
+    """The system temp folder, for this session and the processes it starts, is one of pytest's own.
+
+    gradio_client downloads each file of a result into a new tempfile.gettempdir()/<40 hex> folder
+    and moves it from there, leaving the folder behind, empty: hundreds of them in /tmp per test run.
+    """
+    temp = tmp_path_factory.mktemp("system-temp")
+    before_env, before_dir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = str(temp), str(temp)
+    yield temp
+    tempfile.tempdir = before_dir
+    if before_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before_env
 
 
 @pytest.fixture(scope="session")

@@ -58,3 +58,9 @@ def test_analysis_views_benchmark_runs_and_its_cka_map_equals_pairwise_cka():
     report = run("analysis_views.py", "--layers", "3", "--width", "8", "--images", "30")
     maps = report["cka_maps"]
     assert maps["max_abs_diff"] < 1e-9 and maps["ours_s"] > 0 and maps["pairwise_s"] > 0
+
+
+def test_concurrency_benchmark_serves_every_request():
+    report = run("concurrency.py", "--quick", "--rounds", "2")
+    assert report["requests_answered"] == {"complete": 2, "inside": 1}  # the rounds after each user's warm-up
+    assert report["rss_mb"]["end"] > 0 and report["temp_files"]["end"] >= report["temp_files"]["after_warm_up"]

@@ -1,6 +1,8 @@
 """The decoder (KV cache, weights laid out for one token at a time) against the model's own forward pass."""
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ from conftest import randomize
 
 from igpt_core import decoder as decoder_module
 from igpt_core.decoder import Decoder
+from igpt_core.device import cpu_vendor
 from igpt_core.errors import IgptError
 from igpt_core.model import IGPT, ModelConfig
 from tests.test_model import random_model
@@ -115,4 +118,18 @@ def test_onednn_is_chosen_where_it_was_measured_faster(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert use(cpu, 1, 512, amd)
     assert not any(use(cpu, batch, 512, "GenuineIntel") for batch in (1, 2, 8))  # MKL on its own maker's CPUs
-    assert decoder_module._cpu_vendor() in ("GenuineIntel", "AuthenticAMD", "")  # read from /proc/cpuinfo
+    assert cpu_vendor() in ("GenuineIntel", "AuthenticAMD", "")  # read from /proc/cpuinfo
+
+
+def test_decoders_alive_at_once_share_one_copy_of_the_weights_and_free_it_after():
+    model = randomized(SHAPES[0])
+    first, second = Decoder(model, 1), Decoder(model, 1)
+    assert first.layers is second.layers  # two users completing at once: one folded copy
+    kept = weakref.ref(first.layers)
+    del first, second
+    gc.collect()
+    assert kept() is None  # freed with the last decoder: nothing stays behind after the requests
+    third = Decoder(model, 1)
+    with torch.no_grad():
+        model.h[0].mlp.c_fc.weight.mul_(2)
+    assert Decoder(model, 1).layers is not third.layers  # changed weights: folded again

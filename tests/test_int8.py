@@ -8,7 +8,8 @@ import torch
 
 import igpt_core.decoder as decoder_module
 from igpt_core.data import load_dataset
-from igpt_core.decoder import LEVELS, Decoder, Int8Matrix, _fast_bf16_attention, _int8_product
+from igpt_core.decoder import LEVELS, Decoder, Int8Matrix, _int8_product
+from igpt_core.device import cpu_has_amx
 from igpt_core.errors import IgptError
 from igpt_core.likelihood import pixel_nll, score
 from igpt_core.sample import complete, inpaint, unconditional
@@ -21,7 +22,7 @@ def test_int8_decoder_holds_per_channel_int8_weights_and_gives_float32_logits():
     decoder, exact = Decoder(model, 2, "int8"), Decoder(model, 2)
     assert decoder.precision == "int8" and exact.kv.dtype == torch.float32
     assert decoder.kv.dtype == torch.bfloat16  # half the bytes; attended to in float32 unless the CPU has AMX
-    assert (decoder._wide is None) == _fast_bf16_attention()
+    assert (decoder._wide is None) == cpu_has_amx()
     shapes = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]
     layer, exact_layer = decoder.layers[0], exact.layers[0]
     for matrix, bias, exact_matrix, exact_bias, (n_out, n_in) in zip(layer[::2], layer[1::2], exact_layer[::2],
@@ -63,7 +64,7 @@ def test_a_decoder_from_weights_read_one_at_a_time_equals_one_from_the_model():
 
 def test_the_cache_widened_one_sequence_at_a_time_gives_the_logits_of_all_at_once(monkeypatch):
     # without AMX the bfloat16 cache is widened to float32 a few sequences at a time (WIDE_BYTES)
-    monkeypatch.setattr(decoder_module, "_fast_bf16_attention", lambda: False)
+    monkeypatch.setattr(decoder_module, "cpu_has_amx", lambda: False)
     model = randomized(SHAPES[1])
     ids = torch.randint(0, model.config.n_colors, (3, 7))
     ids[:, 0] = model.config.sos_id
@@ -116,7 +117,7 @@ def trained(tiny_run):
 @pytest.mark.parametrize("attention", [torch.float32, torch.bfloat16])
 def test_int8_stays_close_to_fp32_on_a_trained_run(trained, attention, monkeypatch):
     # both ways on every machine: the bfloat16 cache is attended to in bfloat16 only on CPUs with AMX
-    monkeypatch.setattr(decoder_module, "_fast_bf16_attention", lambda: attention == torch.bfloat16)
+    monkeypatch.setattr(decoder_module, "cpu_has_amx", lambda: attention == torch.bfloat16)
     model, ids = trained
     assert (Decoder(model, 1, "int8")._wide is None) == (attention == torch.bfloat16)
     fp32, int8 = score(model, ids), score(model, ids, precision="int8")
