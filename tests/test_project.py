@@ -69,7 +69,7 @@ def test_light_modules_need_neither_torch_nor_scikit_learn():
         "import importlib, sys, types\n"
         f"pkg = types.ModuleType('igpt_core'); pkg.__path__ = [{str(ROOT / 'igpt_core')!r}]\n"
         "sys.modules['igpt_core'] = pkg\n"
-        "for name in ('files', 'errors', 'progress', 'images', 'render', 'analysis'):\n"
+        "for name in ('files', 'errors', 'progress', 'images', 'render'):\n"
         "    importlib.import_module('igpt_core.' + name)\n"
         "print(sorted(m for m in ('torch', 'sklearn') if m in sys.modules))\n"
     )

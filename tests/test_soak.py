@@ -13,7 +13,7 @@ from conftest import serve_process, stop_process
 from gradio_client import Client
 
 from igpt_core.model import ModelConfig
-from tests.test_demo import APP, WHOLE, as_input, free_port
+from tests.test_demo import ROOT, WHOLE, as_input, free_port
 from tests.test_model_cache import make_run, model_bytes
 
 # 8x8 digits-shaped, wide enough (25 MB) that a model or a decoder (which holds its own copy of the
@@ -37,7 +37,7 @@ def test_two_users_complete_while_a_third_looks_inside_and_nothing_grows(tmp_pat
     port = free_port()
     env = dict(os.environ, GRADIO_TEMP_DIR=str(temp), TMPDIR=str(tmp_path), GRADIO_ANALYTICS_ENABLED="False",
                OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-    server, _ = serve_process([sys.executable, str(APP), "--port", str(port), "--runs-dir", str(run.path.parent)],
+    server, _ = serve_process([sys.executable, str(ROOT / "apps" / "demo.py"), "--port", str(port), "--runs-dir", str(run.path.parent)],
                               port, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
