@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import gradio as gr
 import numpy as np
 
-from igpt_core import IgptError, bits_per_dim, explain
+from igpt_core import IgptError, bits_per_token, explain
 from igpt_core.render import caption, display_scale, distribution_bars, enlarge, grid, mark_pixel, stack
 from igpt_core import complete_each
 
@@ -51,8 +51,8 @@ def checkpoint_models(cache, run, steps):
 
 
 def checkpoint_label(step: int, val_loss: float | None) -> str:
-    """"step 262000 · val 3.01 bits/dim", or just the step when the run has no validation loss there."""
-    return f"step {step}" + ("" if val_loss is None else f" · val {bits_per_dim(val_loss):.2f} bits/dim")
+    """"step 262000 · val 3.01 bits/token", or just the step when the run has no validation loss there."""
+    return f"step {step}" + ("" if val_loss is None else f" · val {bits_per_token(val_loss):.2f} bits/token")
 
 
 def checkpoint_slider(n_checkpoints: int, index: int) -> gr.Slider:
