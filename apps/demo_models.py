@@ -202,7 +202,8 @@ class Models:
         pixels = f"{size}×{size} pixels in {summary['colors']} colours"
         if summary["label"]:
             source = str(summary["dataset"]).removeprefix("imported:")
-            return (f"**{run.name}**: {summary['label']} (from {source}), autoregressive, {pixels}"
+            from_note = "" if source in summary["label"] else f" (from {source})"
+            return (f"**{run.name}**: {summary['label']}{from_note}, autoregressive, {pixels}"
                     f"{_openai_steps(summary['steps'], ', ')}.  \nGallery: {origin}.")
         objective = {"ar": "autoregressive (next pixel)", "bert": "BERT (masked pixels)"}.get(summary["objective"],
                                                                                              summary["objective"])
