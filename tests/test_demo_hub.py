@@ -104,7 +104,7 @@ def test_pick_openai_small_in_the_demo_offline_and_complete_a_photo(hub_home, tm
             assert len(page.inner_text("#facts").strip().splitlines()) == 1
 
             choose(page, "openai/imagegpt-small")
-            page.wait_for_function("() => document.querySelector('#facts').innerText.includes('pre-trained (imported)')",
+            page.wait_for_function("() => document.querySelector('#facts').innerText.includes('(imported)')",
                                    timeout=120_000)
             assert (runs / "openai-imagegpt-small" / "run.json").is_file(), "imported once, into the runs folder"
             page.wait_for_function("() => document.querySelector('#run input').value.includes('imported as run')",

@@ -18,7 +18,8 @@ def cmd_runs(args) -> None:
     if not rows:
         print(f"no runs under {runs_dir(args)}/ — make one with `igpt train --dataset digits --preset tiny`")
         return
-    print(f"{'name':24} {'dataset':14} {'objective':9} {'preset':6} {'res':>4} {'steps':>6} {'best val bits/token':>19}")
+    print(f"{'name':24} {'dataset':14} {'objective':9} {'preset':6} {'res':>4} {'steps':>6} "
+          f"{'best val bits/token':>19}")
     for r in rows:
         print(row_text(r))
 
