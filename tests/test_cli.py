@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from igpt_core import cli
+from igpt_core.runs import Run
 
 IGPT = [sys.executable, "-m", "igpt_core.cli"]
 
@@ -68,7 +69,11 @@ def test_train_writes_a_run_that_runs_lists(workdir):
     rows = json.loads(igpt("runs", "--json", cwd=workdir).stdout)
     assert [r["name"] for r in rows] == ["t"]
     assert rows[0]["steps"] == 12 and rows[0]["objective"] == "ar" and rows[0]["best_val_bits_per_token"] > 0
+    assert rows[0]["label"] is None  # trained here, not imported
     assert "t " in igpt("runs", cwd=workdir).stdout
+    evals = [row for row in Run(workdir / "runs" / "t").metrics() if "val_loss" in row]
+    assert evals and evals[-1]["step"] == 12  # bits per palette token are logged beside each val loss
+    assert all(row["val_bits_per_token"] == pytest.approx(row["val_loss"] / np.log(2)) for row in evals)
 
 
 def test_runs_lists_an_unreadable_run_in_one_line(tmp_path):
