@@ -37,7 +37,8 @@ BARS_PER_ROW = 4  # checkpoints per row in the picture of every checkpoint's dis
 HELP = """**Watch it learn.** The square chosen above is completed by **every checkpoint** of the chosen run, with
 the same seed: every checkpoint draws from the same random numbers, so where two panels differ, training made
 the difference. Each panel is labelled with its training step and, where the run recorded it, its validation
-loss. **Click a pixel** of the model's view to see what it is drawn from at each checkpoint, given the true
+loss in bits per palette token (a token is a whole pixel; the palette is lossy, so this is not the bits/dim
+of models on raw pixels). **Click a pixel** of the model's view to see what it is drawn from at each checkpoint, given the true
 pixels before it (AR) or every other pixel (BERT), its true colour outlined. **Play** steps through the
 checkpoints; the slider picks one."""
 
