@@ -353,8 +353,9 @@ def training_curves(view: View) -> None:
         frame = pd.concat(frames, ignore_index=True)
         st.plotly_chart(training_chart(frame, colors), key="chart:training", config=PLOTLY_CONFIG)
         st.caption("Thin lines: training loss per step (noisy: one batch each); dashed with markers: loss on the "
-                   "held-out validation split. Bits per dimension = nats / ln 2 per palette token (in the "
-                   "table); the palette is lossy, so these are not comparable with bits/dim on raw 8-bit pixels.")
+                   "held-out validation split. Bits per token = nats / ln 2 per palette token, i.e. per whole "
+                   "RGB pixel (in the table; a third of it per sub-pixel); the palette is lossy, so neither is "
+                   "comparable with bits/dim on raw 8-bit pixels.")
         table_with_download(frame, "training-curves.csv", "training")
     else:
         st.info("No training metrics for the chosen runs (metrics.jsonl is written by `igpt train`).")

@@ -59,9 +59,12 @@ def best_by_checkpoint(name: str, run: dict, table: ProbeTable) -> pd.DataFrame:
 
 
 def metrics_frame(name: str, metrics: list[dict]) -> pd.DataFrame:
-    columns = ["run", "step", "loss", "lr", "val_loss", "val_bpd"]
-    return pd.DataFrame.from_records([{"run": name, **{k: m.get(k) for k in columns[1:]}} for m in metrics],
-                                     columns=columns)
+    """One row per logged step of a run's metrics.jsonl. Runs logged before the rename wrote
+    bits/token under "val_bpd"; they are read into the same column so old runs still chart."""
+    columns = ["run", "step", "loss", "lr", "val_loss", "val_bits_per_token"]
+    records = [{"run": name, **{k: m.get(k) for k in columns[1:5]},
+                "val_bits_per_token": m.get("val_bits_per_token", m.get("val_bpd"))} for m in metrics]
+    return pd.DataFrame.from_records(records, columns=columns)
 
 
 # -- charts ---------------------------------------------------------------------------------------------

@@ -135,7 +135,7 @@ def _model_row(picker) -> SimpleNamespace:
         # Custom values allowed: API clients may name a run (or step) made after the page was built;
         # the library's own message answers a name or step that does not exist.
         run = gr.Dropdown(choices=picker.choices, value=picker.value, label="Model: a local run (dataset · "
-                          "objective · preset · resolution · training steps · validation bits/dim) or one of "
+                          "objective · preset · resolution · training steps · validation bits/token) or one of "
                           "OpenAI's", scale=5, allow_custom_value=True, elem_id="run")
         step = gr.Dropdown(choices=[], label="Checkpoint", scale=1, allow_custom_value=True, elem_id="step")
         refresh = gr.Button("Refresh models", scale=0, min_width=140, elem_id="refresh")

@@ -10,7 +10,7 @@ import gradio as gr
 import numpy as np
 
 from igpt_core import IgptError, complete_stream, inpaint_stream, surprise_map
-from igpt_core import bits_per_dim, likelihood_kind
+from igpt_core import bits_per_token, likelihood_kind
 from igpt_core.render import completion_grid, display_scale, hide_rows, surprise_picture
 
 if __package__:  # imported as the package igpt_apps
@@ -123,7 +123,8 @@ class Completion:
             nll = surprise_map(model, ids)
         worst = np.unravel_index(int(nll.argmax()), nll.shape)
         picture = surprise_picture(view, nll, pixel=display_scale(size, 256))
-        text = (f"Mean surprise **{nll.mean():.3f} nats per pixel** ({bits_per_dim(nll.mean()):.3f} bits), "
+        text = (f"Mean surprise **{nll.mean():.3f} nats per pixel** ({bits_per_token(nll.mean()):.3f} bits/token; "
+                f"the palette is lossy, so not comparable with bits/dim on raw pixels), "
                 f"{likelihood_kind(model.config)} likelihood. "
                 f"Bright = the model did not expect that colour there; the most surprising pixel is at row "
                 f"{worst[0] + 1}, column {worst[1] + 1} ({nll.max():.2f} nats).")

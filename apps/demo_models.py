@@ -13,7 +13,7 @@ import numpy as np
 
 from igpt_core import IgptError, load_dataset, open_run
 from igpt_core import builtin_photos
-from igpt_core import OPENAI_MODELS, find_imported, hub_offline, import_once, in_hub_cache
+from igpt_core import OPENAI_MODELS, find_imported, hub_offline, import_once, imported_label, in_hub_cache
 from igpt_core import crop, resize
 from igpt_core.render import display_scale, enlarge
 from igpt_core import ModelCache, scan_runs
@@ -44,13 +44,23 @@ def user_errors(fn):
 
 
 def _describe(summary: dict) -> str:
-    """One line of facts about a run, shown beside its name in the picker."""
+    """One line of facts about a run, shown beside its name in the picker. An imported run is named for
+    what it is (its "label"), never as an igpt run of 0 steps."""
+    name, size = summary["name"], summary.get("resolution")
     if "error" in summary:
-        return f"{summary['name']} — unreadable: {summary['error']}"
-    bpd = summary["best_val_bpd"]
-    return (f"{summary['name']} — {summary['dataset']} · {str(summary['objective']).upper()} · "
-            f"{summary['preset'] or 'imported'} · {summary['resolution']}×{summary['resolution']} · "
-            f"{summary['steps']} steps · " + (f"val {bpd:.2f} bits/dim" if bpd is not None else "no val loss yet"))
+        return f"{name} — unreadable: {summary['error']}"
+    if summary.get("label"):
+        return f"{name} — {summary['label']} · {size}×{size}" + _openai_steps(summary["steps"], " · ")
+    bits = summary["best_val_bits_per_token"]
+    return (f"{name} — {summary['dataset']} · {str(summary['objective']).upper()} · "
+            f"{summary['preset'] or '—'} · {size}×{size} · {summary['steps']} steps · "
+            + (f"val {bits:.2f} bits/token" if bits is not None else "no val loss yet"))
+
+
+def _openai_steps(steps: int, before: str) -> str:
+    """An imported run's last step, if it has one: OpenAI's own training steps (its TF checkpoints
+    keep them); imports from Hugging Face hold a single checkpoint at step 0, which says nothing."""
+    return f"{before}{steps:,} steps of OpenAI's training" if steps else ""
 
 
 def _describe_hub(repo_id: str, imported) -> str:
@@ -82,7 +92,8 @@ class Models:
     def summaries(self) -> list[dict]:
         """Every run's summary; an unreadable one as its name and the library's one-line reason."""
         readable, problems = scan_runs(self.runs_dir)
-        rows = [run.summary() for run in readable] + [{"name": name, "error": why} for name, why in problems.items()]
+        rows = [{**run.summary(), "label": imported_label(run)} for run in readable]
+        rows += [{"name": name, "error": why} for name, why in problems.items()]
         return sorted(rows, key=lambda row: row["name"])
 
     def run(self, name: str | None):
@@ -168,7 +179,7 @@ class Models:
             except IgptError as err:  # e.g. offline: say so in one line and leave the rest of the page as it is
                 return f"**{name}**: {err}", gr.skip(), gr.skip(), gr.skip()
         run = self.run(name)
-        summary = run.summary()
+        summary = {**run.summary(), "label": imported_label(run)}
         steps = run.checkpoints()
         size = summary["resolution"]
         _, thumbnails, captions, origin = self.examples(name)
@@ -187,16 +198,17 @@ class Models:
 
     @staticmethod
     def _facts(run, summary: dict, origin: str) -> str:
-        size, bpd, steps = summary["resolution"], summary["best_val_bpd"], run.checkpoints()
+        size, bits, steps = summary["resolution"], summary["best_val_bits_per_token"], run.checkpoints()
         pixels = f"{size}×{size} pixels in {summary['colors']} colours"
-        if str(summary["dataset"]).startswith("imported:"):
-            source = summary["dataset"].removeprefix("imported:")
-            about = OPENAI_MODELS.get(source, ("weights imported from Hugging Face",))[0]
-            return f"**{run.name}**: {about} (from {source}), autoregressive, {pixels}.  \nGallery: {origin}."
+        if summary["label"]:
+            source = str(summary["dataset"]).removeprefix("imported:")
+            from_note = "" if source in summary["label"] else f" (from {source})"
+            return (f"**{run.name}**: {summary['label']}{from_note}, autoregressive, {pixels}"
+                    f"{_openai_steps(summary['steps'], ', ')}.  \nGallery: {origin}.")
         objective = {"ar": "autoregressive (next pixel)", "bert": "BERT (masked pixels)"}.get(summary["objective"],
                                                                                              summary["objective"])
         return (f"**{run.name}**: trained on **{summary['dataset']}**, {objective}, preset {summary['preset'] or '—'}, "
                 f"{pixels}, {summary['steps']} training steps"
-                + (f", validation {bpd:.3f} bits/dim" if bpd is not None else "")
+                + (f", validation {bits:.3f} bits/token" if bits is not None else "")
                 + ("" if steps else " — **no checkpoint yet**: let training write one, then Refresh")
                 + f".  \nGallery: {origin}.")

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import gradio as gr
 import numpy as np
 
-from igpt_core import IgptError, bits_per_dim, explain
+from igpt_core import IgptError, bits_per_token, explain
 from igpt_core.render import caption, display_scale, distribution_bars, enlarge, grid, mark_pixel, stack
 from igpt_core import complete_each
 
@@ -37,7 +37,8 @@ BARS_PER_ROW = 4  # checkpoints per row in the picture of every checkpoint's dis
 HELP = """**Watch it learn.** The square chosen above is completed by **every checkpoint** of the chosen run, with
 the same seed: every checkpoint draws from the same random numbers, so where two panels differ, training made
 the difference. Each panel is labelled with its training step and, where the run recorded it, its validation
-loss. **Click a pixel** of the model's view to see what it is drawn from at each checkpoint, given the true
+loss in bits per palette token (a token is a whole pixel; the palette is lossy, so this is not the bits/dim
+of models on raw pixels). **Click a pixel** of the model's view to see what it is drawn from at each checkpoint, given the true
 pixels before it (AR) or every other pixel (BERT), its true colour outlined. **Play** steps through the
 checkpoints; the slider picks one."""
 
@@ -51,8 +52,8 @@ def checkpoint_models(cache, run, steps):
 
 
 def checkpoint_label(step: int, val_loss: float | None) -> str:
-    """"step 262000 · val 3.01 bits/dim", or just the step when the run has no validation loss there."""
-    return f"step {step}" + ("" if val_loss is None else f" · val {bits_per_dim(val_loss):.2f} bits/dim")
+    """"step 262000 · val 3.01 bits/token", or just the step when the run has no validation loss there."""
+    return f"step {step}" + ("" if val_loss is None else f" · val {bits_per_token(val_loss):.2f} bits/token")
 
 
 def checkpoint_slider(n_checkpoints: int, index: int) -> gr.Slider:

@@ -33,7 +33,7 @@ in the same interleaved rounds. A model is quantised once, on its first int8 dec
 demo session; `int8_first_call_ratio` adds that one-off cost to every round.
 `int8_greedy_agreement` compares int8 and fp32 top_k=1 completions of the same pixels (random
 weights give nearly flat logits: a hard case for agreement). The section `int8_trained_run`
-scores a trained digits run (trained here, or --run) with both: bits/dim, the share of positions
+scores a trained digits run (trained here, or --run) with both: bits/token, the share of positions
 where the most likely colour agrees given the same prefix, and greedy completions of test images.
 --large adds iGPT-L shapes with int8 (benchmarks/int8_large.py, in its own process so that its
 peak memory is its own).
@@ -216,7 +216,7 @@ def bound_report(ours_s, bounds: dict, pixels: int) -> dict:
 
 
 def trained_run(run_name: str | None, runs_dir: str | None, quick: bool, folder: str) -> dict:
-    """bits/dim and agreement of int8 with fp32 on a trained run: --run, or a digits run trained in `folder`."""
+    """bits/token and agreement of int8 with fp32 on a trained run: --run, or a digits run trained in `folder`."""
     from igpt_core.data import load_dataset
     from igpt_core.runs import open_run
     from igpt_core.training import TrainConfig, start_run, train
@@ -241,9 +241,9 @@ def trained_run(run_name: str | None, runs_dir: str | None, quick: bool, folder:
               for image in ids[: 8 if quick else 64]]
     return {
         "run": run.name, "model": model.config.to_dict(), "test_images": len(ids),
-        "bits_per_dim": {"fp32": round(fp32["bits_per_dim"], 5), "int8": round(int8["bits_per_dim"], 5),
-                         "relative_difference": round(int8["bits_per_dim"] / fp32["bits_per_dim"] - 1, 6),
-                         "target": "within 1%"},
+        "bits_per_token": {"fp32": round(fp32["bits_per_token"], 5), "int8": round(int8["bits_per_token"], 5),
+                           "relative_difference": round(int8["bits_per_token"] / fp32["bits_per_token"] - 1, 6),
+                           "target": "within 1%"},
         "argmax_agreement_same_prefix": round(float((logits.argmax(-1) == approx.argmax(-1)).float().mean()), 4),
         "logits_max_abs_diff": round(float((logits - approx).abs().max()), 4),
         "greedy_completions": {"images": len(greedy),

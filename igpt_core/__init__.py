@@ -14,7 +14,7 @@ from .errors import CheckpointError, ConfigError, DatasetError, IgptError, Image
 from .files import safe_name
 from .images import (center_box, center_square, crop, load_image, painted_cells, parse_pixel, resize, square_from_drag,
                      square_inside, to_rgb)
-from .likelihood import bits_per_dim, likelihood_kind, pixel_nll, score, surprise_map
+from .likelihood import bits_per_token, likelihood_kind, pixel_nll, score, surprise_map
 from .model import IGPT, PRESETS, ModelConfig, preset
 from .palette import Palette
 from .pretrained import (OPENAI_MODELS, OPENAI_STEPS, export_hf, find_imported, hub_offline, import_hf, import_once,
@@ -36,7 +36,7 @@ __all__ = [
     "CheckpointError", "ConfigError", "DatasetError", "IgptError", "ImageError", "RunError", "safe_name",
     "center_box", "center_square", "crop", "load_image", "painted_cells", "parse_pixel", "resize",
     "square_from_drag", "square_inside", "to_rgb",
-    "bits_per_dim", "likelihood_kind", "pixel_nll", "score", "surprise_map",
+    "bits_per_token", "likelihood_kind", "pixel_nll", "score", "surprise_map",
     "IGPT", "PRESETS", "ModelConfig", "preset", "Palette",
     "OPENAI_MODELS", "OPENAI_STEPS", "export_hf", "find_imported", "hub_offline", "import_hf", "import_once",
     "import_openai", "imported_label", "in_hub_cache",

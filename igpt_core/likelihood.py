@@ -1,8 +1,9 @@
-"""How well a model predicts images: nats per token, bits per dimension, per-pixel surprise.
+"""How well a model predicts images: nats per token, bits per token, per-pixel surprise.
 
-Bits/dim here are per *palette token* (and a third of that per RGB sub-pixel). The palette is lossy
-— it already threw away colour detail — so these numbers are not comparable with bits/dim that
-other models report on raw 8-bit pixels.
+One token is one palette colour, standing for a whole RGB pixel, so bits per token (nats / ln 2)
+are three times the bits per sub-pixel ("bits/dim") that other papers report; `summarize` gives
+both. The palette is lossy — it already threw away colour detail — so even the per-sub-pixel figure
+is not comparable with bits/dim that other models report on raw 8-bit pixels.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from .device import PRECISIONS, autocast, resolve_precision
 from .errors import IgptError
 from .model import IGPT, ModelConfig
 
-LOSSY_NOTE = ("bits/dim are per palette token (and /3 per RGB sub-pixel); the palette is lossy, so they are "
-              "not comparable with bits/dim on raw 8-bit pixels")
+LOSSY_NOTE = ("bits/token are per palette colour, i.e. per whole RGB pixel (/3 per sub-pixel); the palette is "
+              "lossy, so neither is comparable with bits/dim on raw 8-bit pixels")
 
 
 def masking_groups(config: ModelConfig, T: int, device=None) -> list[torch.Tensor]:
@@ -77,8 +78,9 @@ def _bert_groups(config: ModelConfig) -> int:
     return max(1, round(1 / config.mask_prob))
 
 
-def bits_per_dim(nats_per_token: float) -> float:
-    """Bits per palette token (nats / ln 2). Per RGB sub-pixel it is a third of this."""
+def bits_per_token(nats_per_token: float) -> float:
+    """Bits per palette token (nats / ln 2): one token is a whole RGB pixel, so per sub-pixel it is a
+    third of this."""
     return nats_per_token / math.log(2)
 
 
@@ -90,12 +92,13 @@ def likelihood_kind(config: ModelConfig) -> str:
 
 
 def summarize(nll: torch.Tensor, config: ModelConfig) -> dict:
+    """Mean of per-pixel NLLs (N, T) in nats/token, bits/token and bits/sub-pixel, with what was measured."""
     nats = float(nll.double().mean())
-    bits = bits_per_dim(nats)
+    bits = bits_per_token(nats)
     return {
         "nats_per_token": nats,
-        "bits_per_dim": bits,  # per palette token
-        "bits_per_subpixel": bits / 3,
+        "bits_per_token": bits,
+        "bits_per_subpixel": bits / 3,  # a token is an RGB pixel: three sub-pixels
         "images": int(nll.shape[0]),
         "objective": config.objective,
         "likelihood": likelihood_kind(config),
@@ -104,7 +107,7 @@ def summarize(nll: torch.Tensor, config: ModelConfig) -> dict:
 
 
 def score(model: IGPT, ids: torch.Tensor, batch_size: int = 64, precision: str = "fp32") -> dict:
-    """Mean likelihood of images given as ids (N, T), in nats/token and bits/dim. "precision" in the
+    """Mean likelihood of images given as ids (N, T), in nats/token and bits/token. "precision" in the
     result is the one that ran ("auto" resolved to "bf16" or "fp32")."""
     nll = pixel_nll(model, ids, batch_size, precision)
     if precision != "int8":

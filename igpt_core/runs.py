@@ -216,7 +216,7 @@ class Run:
             "colors": config.n_colors,
             "steps": max(self.checkpoints(), default=0),
             "best_val_loss": best,
-            "best_val_bpd": None if best is None else best / math.log(2),  # bits per palette token
+            "best_val_bits_per_token": None if best is None else best / math.log(2),  # nats / ln 2 per palette token
             "path": str(self.path.resolve()),
         }
 

@@ -28,7 +28,7 @@ def test_sampling_benchmark_runs_and_our_greedy_completion_equals_hf():
         assert tiny["batches"][batch]["int8_ratio"] > 0
     assert 0 <= tiny["int8_greedy_agreement"]["equal_fraction"] <= 1
     trained = report["int8_trained_run"]  # int8 against fp32 on a digits run the script trains
-    assert abs(trained["bits_per_dim"]["relative_difference"]) < 0.01
+    assert abs(trained["bits_per_token"]["relative_difference"]) < 0.01
 
 
 def test_quantize_benchmark_runs_and_gives_hf_ids():

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from igpt_core import cli
+from igpt_core.runs import Run
 
 IGPT = [sys.executable, "-m", "igpt_core.cli"]
 
@@ -67,8 +68,12 @@ def test_precision_is_chosen_on_the_commands_that_run_the_model(capsys):
 def test_train_writes_a_run_that_runs_lists(workdir):
     rows = json.loads(igpt("runs", "--json", cwd=workdir).stdout)
     assert [r["name"] for r in rows] == ["t"]
-    assert rows[0]["steps"] == 12 and rows[0]["objective"] == "ar" and rows[0]["best_val_bpd"] > 0
+    assert rows[0]["steps"] == 12 and rows[0]["objective"] == "ar" and rows[0]["best_val_bits_per_token"] > 0
+    assert rows[0]["label"] is None  # trained here, not imported
     assert "t " in igpt("runs", cwd=workdir).stdout
+    evals = [row for row in Run(workdir / "runs" / "t").metrics() if "val_loss" in row]
+    assert evals and evals[-1]["step"] == 12  # bits per palette token are logged beside each val loss
+    assert all(row["val_bits_per_token"] == pytest.approx(row["val_loss"] / np.log(2)) for row in evals)
 
 
 def test_runs_lists_an_unreadable_run_in_one_line(tmp_path):
@@ -109,7 +114,7 @@ def test_sample_score_surprise(workdir):
     igpt("sample", "t", "--unconditional", "-n", "2", "--out", "u.png", cwd=workdir)
     assert (workdir / "u.png").stat().st_size > 0
     result = json.loads(igpt("score", "t", "--limit", "20", "--json", cwd=workdir).stdout)
-    assert result["images"] == 20 and result["bits_per_dim"] == pytest.approx(result["nats_per_token"] / np.log(2))
+    assert result["images"] == 20 and result["bits_per_token"] == pytest.approx(result["nats_per_token"] / np.log(2))
     surprise = json.loads(igpt("surprise", "t", "--image", "digit.png", "--out", "s.png", "--json", cwd=workdir).stdout)
     assert np.array(surprise["nll"]).shape == (8, 8)
 
@@ -125,7 +130,7 @@ def test_sample_and_score_with_int8(workdir):
     int8 = json.loads(igpt("score", "t", "--limit", "20", "--int8", "--json", cwd=workdir).stdout)
     fp32 = json.loads(igpt("score", "t", "--limit", "20", "--precision", "fp32", "--json", cwd=workdir).stdout)
     assert int8["precision"] == "int8" and fp32["precision"] == "fp32"
-    assert int8["bits_per_dim"] == pytest.approx(fp32["bits_per_dim"], rel=0.01)
+    assert int8["bits_per_token"] == pytest.approx(fp32["bits_per_token"], rel=0.01)
     assert "--int8" in igpt("sample", "--help", cwd=workdir).stdout
 
 

@@ -58,7 +58,7 @@ def write_run(runs_dir: Path, name: str, *, objective="ar", n_layer=4, steps=(10
     for step in range(1, max(steps) + 1):
         row = {"step": step, "loss": round(2.5 - 0.4 * math.log10(step) + 0.05 * math.sin(step), 4), "lr": 0.003}
         if step in val_loss:
-            row.update(val_loss=val_loss[step], val_bpd=val_loss[step] / math.log(2))
+            row.update(val_loss=val_loss[step], val_bits_per_token=val_loss[step] / math.log(2))
         lines.append(json.dumps(row))
     (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     if probes:
@@ -334,6 +334,20 @@ def test_finetuning_bars_and_training_curves(fake_runs, app):
     assert "bert: val loss" in curves
     assert chart(at, "Training curves")["layout"]["yaxis"]["title"]["text"] == "loss (nats/token)"
     assert len(csv_of(at, "training")) == len(metrics) + len(Run(fake_runs / "bert").metrics())
+
+
+def test_training_table_in_bits_per_token_also_from_old_val_bpd_logs(fake_runs, app):
+    # runs logged before the rename wrote bits/token under "val_bpd": their table column is still filled
+    path = fake_runs / "bert" / "metrics.jsonl"
+    path.write_text(path.read_text().replace('"val_bits_per_token"', '"val_bpd"'))
+    at = app(fake_runs)
+    no_exception(at)
+    table = csv_of(at, "training")
+    evals = table[table.val_loss.notna()]
+    assert {"ar", "bert"} <= set(evals.run)
+    assert evals.val_bits_per_token.to_numpy() == pytest.approx(evals.val_loss.to_numpy() / math.log(2))
+    assert "val_bpd" not in table.columns
+    assert "Bits per token" in texts(at.caption) and "lossy" in texts(at.caption)
 
 
 # -- no runs, no probes, where the runs are -----------------------------------------------------------------------

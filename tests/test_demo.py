@@ -175,7 +175,7 @@ def test_refresh_finds_a_run_made_after_start(runs, tmp_path, monkeypatch):
         (label, name), *openai = picker["choices"]
         assert [value for _, value in openai] == list(OPENAI_MODELS)
         assert name == "digits-ar" and all(fact in label for fact in ("digits", "AR", "tiny", "8×8", "20 steps",
-                                                                       "bits/dim"))
+                                                                       "bits/token"))
     finally:
         demo.close()
 
@@ -194,7 +194,7 @@ def test_choose_run_shows_its_facts(app, tmp_path):
     c = client(app, tmp_path)
     facts, step, gallery, keep_rows = c.predict("digits-bert", api_name="/choose_run")
     assert "digits-bert" in facts and "digits" in facts and "BERT" in facts and "8×8" in facts
-    assert "bits/dim" in facts and "20 training steps" in facts
+    assert "bits/token" in facts and "20 training steps" in facts
     assert step["value"] == 20 and [value for _, value in step["choices"]][-1] == 20  # updates: the latest step
     assert keep_rows["value"] == SIZE // 2 and keep_rows["maximum"] == SIZE  # keep half by default
     examples = gallery["value"]

@@ -60,7 +60,9 @@ def test_cli_imports_the_hub_id_from_the_cache_offline(hub_home, tmp_path):
     assert summary["resolution"] == SIZE and summary["colors"] == COLOURS
     listing = subprocess.run([sys.executable, "-m", "igpt_core.cli", "runs", "--runs-dir", str(runs)], env=env,
                              capture_output=True, text=True, timeout=120)
-    assert re.search(r"igpt-s\s+imported:opena", listing.stdout), listing.stdout  # the column is 14 wide
+    # labelled as the pre-trained model it is; its one checkpoint (step 0) is no training steps of ours
+    assert re.search(r"igpt-s\s+imported\s+ar\s+-\s+32\s+-\s+-\s+openai/imagegpt-small · pre-trained \(imported\)",
+                     listing.stdout), listing.stdout
     # a model that is not in the cache: one line, exit status 2, no run left behind
     missing = subprocess.run(command[:4] + ["openai/imagegpt-medium", "--name", "igpt-m", "--runs-dir", str(runs)],
                              env=env, capture_output=True, text=True, timeout=300)
@@ -102,7 +104,7 @@ def test_pick_openai_small_in_the_demo_offline_and_complete_a_photo(hub_home, tm
             assert len(page.inner_text("#facts").strip().splitlines()) == 1
 
             choose(page, "openai/imagegpt-small")
-            page.wait_for_function("() => document.querySelector('#facts').innerText.includes('iGPT-S')",
+            page.wait_for_function("() => document.querySelector('#facts').innerText.includes('(imported)')",
                                    timeout=120_000)
             assert (runs / "openai-imagegpt-small" / "run.json").is_file(), "imported once, into the runs folder"
             page.wait_for_function("() => document.querySelector('#run input').value.includes('imported as run')",

@@ -11,7 +11,7 @@ import pytest
 from gradio_client.exceptions import AppError
 
 from conftest import browser_page, keep_screenshot
-from igpt_core import bits_per_dim, complete, explain, load_dataset, open_run
+from igpt_core import bits_per_token, complete, explain, load_dataset, open_run
 from igpt_core.render import display_scale, grid
 from tests.test_demo import IDLE, SIZE, app, as_input, client, read_png, runs  # noqa: F401
 
@@ -51,7 +51,7 @@ def test_every_checkpoint_completes_the_square_with_the_same_seed(app, tmp_path,
     assert "done" in status and f"{len(steps)} of {len(steps)} checkpoints" in status
     assert len(panels) == len(steps), "one panel per checkpoint"
     for panel, step in zip(panels, steps):
-        assert panel["caption"] == f"step {step} · val {bits_per_dim(val[step]):.2f} bits/dim"
+        assert panel["caption"] == f"step {step} · val {bits_per_token(val[step]):.2f} bits/token"
         assert np.array_equal(panel_png(panel), expected_panel(run, step, ids, 4, 3, 5))
     assert len({panel_png(p).tobytes() for p in panels}) > 1, "training changes the completions"
     assert slider["value"] == slider["maximum"] == len(steps) and f"Checkpoint {len(steps)} of {len(steps)}" in stage_text

@@ -122,7 +122,7 @@ def test_int8_stays_close_to_fp32_on_a_trained_run(trained, attention, monkeypat
     assert (Decoder(model, 1, "int8")._wide is None) == (attention == torch.bfloat16)
     fp32, int8 = score(model, ids), score(model, ids, precision="int8")
     assert int8["precision"] == "int8" and fp32["precision"] == "fp32"
-    assert abs(int8["bits_per_dim"] / fp32["bits_per_dim"] - 1) < 0.01  # the bound: within 1%
+    assert abs(int8["bits_per_token"] / fp32["bits_per_token"] - 1) < 0.01  # the bound: within 1%
     with torch.inference_mode():
         logits, _ = model(ids)
         sos = torch.full_like(ids[:, :1], model.config.sos_id)

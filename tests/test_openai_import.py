@@ -21,6 +21,7 @@ import google_crc32c
 import numpy as np
 import pytest
 import torch
+from conftest import app_module
 from PIL import Image
 
 from igpt_core import cli
@@ -116,6 +117,36 @@ def test_sample_and_score_work_on_the_imported_run(imported, capsys, monkeypatch
     cli.main(["score", "tf", "--dataset", "digits", "--limit", "8", "--step", "1", *runs])
     result = json.loads(capsys.readouterr().out)
     assert result["images"] == 8 and 0 < result["nats_per_token"] < 20
+
+
+def test_imported_runs_are_labelled_in_igpt_runs_and_the_demo(imported, capsys):
+    """Not "0 steps · no val loss yet" but what the model is; steps only where they are OpenAI's."""
+    from igpt_core.pretrained.labels import imported_record
+    from igpt_core.runs import create_run
+
+    work, summary = imported
+    runs = work / "runs-labels"
+    shutil.copytree(work / "runs" / "tf", runs / "tf")
+    tf = open_run("tf", runs)
+    # an import that holds no OpenAI training steps, as a Hugging Face import (one checkpoint at step 0)
+    hub = create_run(runs, "hub", {"dataset": "imported:someone/igpt", "model_config": tf.info["model_config"],
+                                   "imported": imported_record("hf", "someone/igpt", "someone/igpt")}, tf.palette)
+    hub_label = imported_label(hub)
+    assert summary["label"] == imported_label(tf) and hub_label.startswith("someone/igpt · pre-trained (imported)")
+
+    cli.main(["runs", "--runs-dir", str(runs)])
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert lines["tf"].endswith(summary["label"]) and lines["tf"].split()[1:7] == ["imported", "ar", "-", "4", "2", "-"]
+    assert lines["hub"].endswith(hub_label) and lines["hub"].split()[1:7] == ["imported", "ar", "-", "4", "-", "-"]
+    cli.main(["runs", "--runs-dir", str(runs), "--json"])
+    assert [row["label"] for row in json.loads(capsys.readouterr().out)] == [hub_label, summary["label"]]
+
+    models = app_module("demo_models").Models(runs)
+    picker = dict((value, text) for text, value in models.refresh(None)[0].choices)
+    assert picker["tf"] == f"tf — {summary['label']} · 4×4 · 2 steps of OpenAI's training"
+    assert picker["hub"] == f"hub — {hub_label} · 4×4"
+    facts = models.choose_run("tf")[0]
+    assert summary["label"] in facts and "2 steps of OpenAI's training" in facts and "no val" not in facts
 
 
 def test_steps_choose_checkpoints(tmp_path, capsys):

@@ -100,8 +100,8 @@ def test_dataset_likelihood_is_the_mean_of_per_pixel_nll(model_and_ids):
     nll = pixel_nll(model, ids)
     result = score(model, ids, batch_size=3)
     assert result["nats_per_token"] == pytest.approx(float(nll.double().mean()), rel=1e-6)
-    assert result["bits_per_dim"] == pytest.approx(result["nats_per_token"] / math.log(2))
-    assert result["bits_per_subpixel"] == pytest.approx(result["bits_per_dim"] / 3)
+    assert result["bits_per_token"] == pytest.approx(result["nats_per_token"] / math.log(2))
+    assert result["bits_per_subpixel"] == pytest.approx(result["bits_per_token"] / 3)
     assert "lossy" in result["note"]
     _, loss = model(ids, targets=ids)
     assert result["nats_per_token"] == pytest.approx(loss.item(), rel=1e-5)

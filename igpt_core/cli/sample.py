@@ -51,7 +51,7 @@ def cmd_score(args) -> None:
     result = score(model, torch.from_numpy(ids), precision="int8" if args.int8 else args.precision)
     result.update(run=run.name, dataset=data.name, split=args.split)
     emit(args, result, f"{run.name} on {data.name} [{args.split}], {result['images']} images: "
-                       f"{result['nats_per_token']:.4f} nats/token = {result['bits_per_dim']:.4f} bits/dim "
+                       f"{result['nats_per_token']:.4f} nats/token = {result['bits_per_token']:.4f} bits/token "
                        f"({result['bits_per_subpixel']:.4f} per RGB sub-pixel)\nnote: {result['note']}")
 
 
@@ -128,7 +128,7 @@ def add_sample(sub) -> None:
 
 
 def add_score(sub) -> None:
-    p = command(sub, "score", cmd_score, "likelihood of a dataset split in nats/token and bits/dim")
+    p = command(sub, "score", cmd_score, "likelihood of a dataset split in nats/token and bits/token")
     add_model(p)
     p.add_argument("--dataset", help="dataset (default: the run's own); OpenAI's encoded openai:imagenet and "
                                      "openai:cifar10 are scored on their ids as they are, for runs with OpenAI's palette")

@@ -89,7 +89,7 @@ def cmd_train(args) -> None:
     if rank != 0:
         return
     text = (f"trained {run.name!r} in {summary['seconds']:.0f} s ({summary['tokens_per_second']:,.0f} tokens/s)\n"
-            f"  validation: {summary['val_loss']:.3f} nats/token = {summary['val_bpd']:.3f} bits/dim "
+            f"  validation: {summary['val_loss']:.3f} nats/token = {summary['val_bits_per_token']:.3f} bits/token "
             f"(colour-frequency baseline {summary['unigram_val_loss']:.3f} nats/token)\n"
             f"  checkpoints at steps {summary['checkpoints']}\n  run folder: {run.path}")
     emit(args, summary, text)

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ..files import append_jsonl
-from ..likelihood import bits_per_dim
+from ..likelihood import bits_per_token
 from ..model import ModelConfig
 from ..progress import progress_bar
 from .schedule import lr_at
@@ -72,7 +72,7 @@ class MetricsLog:
         first = upto - len(losses) + 1
         rows = [{"step": first + i, "loss": loss, "lr": lr_at(first + i, self.tc)} for i, loss in enumerate(losses)]
         if rows and self.last_eval == upto:
-            rows[-1].update(val_loss=self.last_val, val_bpd=bits_per_dim(self.last_val))
+            rows[-1].update(val_loss=self.last_val, val_bits_per_token=bits_per_token(self.last_val))
         if self.writer:
             append_jsonl(self.path, rows)
         self.pending = []

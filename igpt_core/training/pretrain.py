@@ -29,7 +29,7 @@ import torch.distributed.checkpoint as dcp
 from ..data import load_dataset
 from ..device import pick_device
 from ..errors import ConfigError, IgptError, RunError
-from ..likelihood import bits_per_dim
+from ..likelihood import bits_per_token
 from ..model import IGPT, ModelConfig, preset
 from ..palette import Palette
 from ..runs import Run, create_run, open_run, save_checkpoint
@@ -407,7 +407,7 @@ def _summary(p: TrainingProcess, log: MetricsLog, elapsed: float) -> dict:
         "path": str(run.path.resolve()),
         "steps": tc.steps,
         "val_loss": log.last_val,
-        "val_bpd": None if log.last_val is None else bits_per_dim(log.last_val),
+        "val_bits_per_token": None if log.last_val is None else bits_per_token(log.last_val),
         "unigram_val_loss": run.info.get("unigram_val_loss"),
         "tokens_per_second": tc.batch_size * p.model.config.n_positions * (tc.steps - p.start) / max(elapsed, 1e-9),
         "seconds": elapsed,
