@@ -29,13 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 TINY = dict(n_layer=2, n_embd=32, n_head=2)
 
 # The second tier (`make test` runs both; `make test-fast` only the first): files whose tests start real
-# servers, a browser, notebooks, scripts or benchmarks. Single tests elsewhere carry @pytest.mark.slow
+# servers, a browser, notebooks, scripts, benchmarks or a process per test. Single tests elsewhere carry @pytest.mark.slow
 # (torchrun).
 SLOW_FILES = {
     "test_dashboard.py", "test_dashboard_analysis.py", "test_dashboard_heads.py",  # Streamlit + Chromium
     "test_demo.py", "test_demo_hub.py", "test_demo_inside.py", "test_demo_watch.py", "test_soak.py",  # Gradio
     "test_notebooks.py", "test_site.py", "test_figures.py",  # notebooks, the docs site, make figures
     "test_benchmarks.py", "test_distributed.py",  # benchmark scripts, torchrun
+    "test_cli.py", "test_packaging.py",  # a fresh `igpt` process per test (~3-7 s each), a wheel built
 }
 
 
