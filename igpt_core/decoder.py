@@ -6,7 +6,7 @@ matrix-vector products and a few dozen small operations, so two costs dominate:
 
 - at iGPT-S sizes, reading the weights (288 MB per pixel in fp32). On CPUs a (batch, in) @ (in, out)
   product streams them faster than nn.Linear's (out, in) layout, so the weights are stored
-  transposed, or packed for oneDNN where that is faster still (`_use_onednn`);
+  transposed, or packed for oneDNN where that is faster still (`use_onednn`);
 - at small sizes, the number of operations per step (each costs microseconds of dispatch). Every
   constant that can be folded into a weight is: the norms' gains into the product that reads them,
   the attention's 1/√head_dim into the query weights, quick-GELU's 1.702 into the MLP's weights
@@ -45,7 +45,7 @@ from .errors import IgptError
 from .model import IGPT, QUICK_GELU, ModelConfig
 
 
-def _use_onednn(device: torch.device, batch_size: int, width: int, vendor: str | None = None) -> bool:
+def use_onednn(device: torch.device, batch_size: int, width: int, vendor: str | None = None) -> bool:
     """Whether oneDNN's pre-packed matrix products beat MKL's addmm for these decoding steps.
 
     Measured, not timed at run time, so that on a given machine and thread count the same seed always
@@ -98,14 +98,14 @@ class Int8Matrix(NamedTuple):
 
 
 def _int8_matrix(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Matrix:
-    """`weight` (in, out) quantised per output channel, with its float32 bias, if any, for `_int8_product`.
+    """`weight` (in, out) quantised per output channel, with its float32 bias, if any, for `int8_product`.
 
     The kernel is fbgemm's, through `torch.fbgemm_linear_int8_weight_fp32_activation`: the fastest
     int8 product measured on CPUs (faster than `quantized.linear_dynamic`, the same kernel behind a
     TorchScript weight object that costs ~15 us a call to hand over, and than oneDNN's, torchao's or
     `_weight_int8pack_mm`). These tensor-argument functions are deprecated yet still in PyTorch 2.13
     and warn once per process (`_silence_fbgemm_warnings`). If a PyTorch drops them, `_build` says
-    so, and this function and `_int8_product` are the one place to change.
+    so, and this function and `int8_product` are the one place to change.
     """
     w = weight.to(torch.float32)
     scale = w.abs().amax(dim=0).clamp(min=1e-30) / LEVELS
@@ -117,7 +117,7 @@ def _int8_matrix(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8
                       levels.sum(dim=1, dtype=torch.int32), scale, bias.contiguous())
 
 
-def _int8_product(x: torch.Tensor, matrix: Int8Matrix) -> torch.Tensor:
+def int8_product(x: torch.Tensor, matrix: Int8Matrix) -> torch.Tensor:
     """x @ weight (+ bias) in units of `matrix.scale` (the caller scales it, often within another operation);
     x float32 (rows, in), quantised to uint8 over the whole tensor."""
     return torch.fbgemm_linear_int8_weight_fp32_activation(
@@ -131,7 +131,7 @@ def _silence_fbgemm_warnings() -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*fbgemm.* is deprecated")
         levels = torch.zeros(1, 1, dtype=torch.int8)
-        _int8_product(torch.zeros(1, 1), Int8Matrix(torch.fbgemm_pack_quantized_matrix(levels), levels,
+        int8_product(torch.zeros(1, 1), Int8Matrix(torch.fbgemm_pack_quantized_matrix(levels), levels,
                                                     torch.zeros(1, dtype=torch.int32), torch.ones(1), torch.zeros(1)))
 
 
@@ -218,7 +218,7 @@ class Decoder:
                             "not the fbgemm functions it calls (use the default precision)")
         self.config, self.precision = config, precision
         self.device, self.dtype = device, dtype
-        self.onednn = self.dtype == torch.float32 and _use_onednn(self.device, batch_size, config.n_embd)
+        self.onednn = self.dtype == torch.float32 and use_onednn(self.device, batch_size, config.n_embd)
         d, self.n_head = config.n_embd, config.n_head
         self.head_dim = d // config.n_head
         # rms_norm(x) = x / √(mean(x²) + eps) = √d · x / √(‖x‖² + d·eps): the √d goes into the weights
@@ -285,7 +285,7 @@ class Decoder:
         """x @ weight (+ bias)."""
         if isinstance(weight, Int8Matrix):
             assert bias is None, "an int8 product's bias is held with its weight (_int8_matrix)"
-            return _int8_product(x, weight).mul_(weight.scale)
+            return int8_product(x, weight).mul_(weight.scale)
         if self.onednn:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return x @ weight if bias is None else torch.addmm(bias, x, weight)
@@ -293,7 +293,7 @@ class Decoder:
     def _add_product(self, out: torch.Tensor, x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> None:
         """out += x @ weight (+ bias), in place (int8: the scaling and the addition in one operation)."""
         if isinstance(weight, Int8Matrix):
-            out.addcmul_(_int8_product(x, weight), weight.scale)
+            out.addcmul_(int8_product(x, weight), weight.scale)
         else:
             out.add_(self._product(x, weight, bias))
 

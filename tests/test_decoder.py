@@ -92,7 +92,7 @@ def test_decoder_is_a_snapshot_and_refuses_what_it_cannot_do():
 
 @pytest.mark.parametrize("onednn", [False, True], ids=["plain-matrices", "onednn-packed"])
 def test_both_matrix_layouts_are_as_exact_as_the_forward_pass(monkeypatch, onednn):
-    monkeypatch.setattr(decoder_module, "_use_onednn", lambda device, batch_size, width: onednn)
+    monkeypatch.setattr(decoder_module, "use_onednn", lambda device, batch_size, width: onednn)
     model = randomized(SHAPES[1])
     ids = torch.randint(0, model.config.n_colors, (2, model.config.n_positions))
     ids[1, :7] = ids[0, :7]  # one prompt, two different continuations
@@ -110,7 +110,7 @@ def test_both_matrix_layouts_are_as_exact_as_the_forward_pass(monkeypatch, onedn
 
 def test_onednn_is_chosen_where_it_was_measured_faster(monkeypatch):
     cpu, amd = torch.device("cpu"), "AuthenticAMD"
-    use = decoder_module._use_onednn
+    use = decoder_module.use_onednn
     assert use(cpu, 8, 512, amd) and use(cpu, 2, 256, amd)
     assert not use(cpu, 8, 128, amd)  # small matrices: its call cost dominates
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)

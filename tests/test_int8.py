@@ -8,7 +8,7 @@ import torch
 
 import igpt_core.decoder as decoder_module
 from igpt_core.data import load_dataset
-from igpt_core.decoder import LEVELS, Decoder, Int8Matrix, _int8_product
+from igpt_core.decoder import LEVELS, Decoder, Int8Matrix, int8_product
 from igpt_core.device import cpu_has_amx
 from igpt_core.errors import IgptError
 from igpt_core.likelihood import pixel_nll, score
@@ -31,7 +31,7 @@ def test_int8_decoder_holds_per_channel_int8_weights_and_gives_float32_logits():
         scale = matrix.scale  # one per output channel
         assert scale.shape == (n_out,) and scale.dtype == torch.float32
         # the kernel itself, fed each unit vector, returns its weights: whole levels within ±63
-        rows = _int8_product(torch.eye(n_in), matrix) - matrix.bias
+        rows = int8_product(torch.eye(n_in), matrix) - matrix.bias
         levels = rows.round()
         assert (rows - levels).abs().max() < 1e-3 and levels.abs().max() <= LEVELS
         assert (levels.abs().amax(dim=0) == LEVELS).all()  # symmetric: each channel's largest weight uses every level
