@@ -36,7 +36,11 @@ if __package__:  # imported as the package igpt_apps
     from .dashboard_paper import paper_section
     from .dashboard_probing import TRAIN_COMMAND, compute_distances, compute_probes
     from .dashboard_analysis import inside_the_representations
-else:  # run by path (`streamlit run apps/dashboard.py`, as `igpt dashboard` does): this folder is on sys.path
+else:  # run by path (`streamlit run apps/dashboard.py`, as `igpt dashboard` does)
+    # Its folder goes on sys.path: Streamlit and Python put it there, but a worker process that re-runs this
+    # file as its __main__ (multiprocessing's forkserver does, e.g. for the probe's fits) may not have it.
+    if str(Path(__file__).resolve().parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
     from dashboard_charts import (best_by_checkpoint, depth_chart, distance_chart, distance_frame, finetune_chart,
                                   layer_chart, loss_vs_accuracy_chart, metrics_frame, probe_frame, training_chart)
     from dashboard_paper import paper_section

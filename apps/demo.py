@@ -24,6 +24,7 @@ import os
 import shutil
 import signal
 import sys
+from pathlib import Path
 import tempfile
 from types import SimpleNamespace
 
@@ -37,7 +38,11 @@ if __package__:  # imported as the package igpt_apps (installed, or by the tests
     from .demo_complete import Completion, stopped
     from .demo_models import Models, user_errors
     from .demo_picture import Pictures
-else:  # run by path (python apps/demo.py, as `igpt demo` does): this folder is on sys.path
+else:  # run by path (python apps/demo.py, as `igpt demo` does)
+    # Its folder goes on sys.path: Streamlit and Python put it there, but a worker process that re-runs this
+    # file as its __main__ (multiprocessing's forkserver does, e.g. for the probe's fits) may not have it.
+    if str(Path(__file__).resolve().parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
     import inside
     import watch
     from demo_complete import Completion, stopped
