@@ -25,7 +25,6 @@ exactly what our model does with SOS as token 512. The head count is read from t
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
@@ -33,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data import default_data_dir
+from ..data.openai import openai_url
 from ..errors import CheckpointError, IgptError, RunError
 from ..model import IGPT, ModelConfig
 from ..palette import Palette
@@ -42,7 +43,6 @@ from .download import download
 from .labels import OPENAI_SIZES, imported_record, openai_model_name
 from .tf_bundle import TensorBundle
 
-OPENAI_URL = "https://openaipublic.blob.core.windows.net/image-gpt"  # as in openai/image-gpt's download.py
 OPENAI_STEPS = (131000, 262000, 524000, 1000000)
 PALETTE_FILE = "kmeans_centers.npy"
 _INDEX = re.compile(r"model\.ckpt-(\d+)\.index$")
@@ -53,7 +53,7 @@ _INDEX = re.compile(r"model\.ckpt-(\d+)\.index$")
 
 def base_url(url: str | None = None) -> str:
     """The server holding OpenAI's files: `url`, else $IGPT_OPENAI_URL, else OpenAI's own."""
-    return (url or os.environ.get("IGPT_OPENAI_URL") or OPENAI_URL).rstrip("/")
+    return (url or openai_url()).rstrip("/")
 
 
 def checkpoint_url(base: str, size: str, step: int, filename: str) -> str:
@@ -66,8 +66,6 @@ def palette_url(base: str) -> str:
 
 def default_download_dir(size: str) -> Path:
     """Where downloads of iGPT-SIZE are kept (and resumed): DATA_DIR/openai/igpt-SIZE."""
-    from ..data import default_data_dir
-
     return default_data_dir() / "openai" / f"igpt-{size}"
 
 
