@@ -3,7 +3,8 @@
 - No module over 500 lines, no function over 60 (argparse builders included), in the library and the apps.
 - No private name (leading underscore) imported from another module.
 - The library's import graph has no cycle, counting what importing a package's __init__ pulls in, and its
-  ground floor (errors, files, progress, device) imports nothing of the package.
+  ground floor (errors, files, progress, device) imports nothing of the package; the one downloader
+  (download.py), which data/ and pretrained/ share, stands on that floor only.
 - The apps and the CLI use the public surface: `from igpt_core import NAME` with NAME in `__all__`, or
   the modules it exports whole (render, explain, analysis).
 """
@@ -16,6 +17,7 @@ import igpt_core
 ROOT = Path(__file__).resolve().parent.parent
 LIBRARY = ROOT / "igpt_core"
 GROUND_FLOOR = ("errors", "files", "progress", "device")
+ON_THE_GROUND_FLOOR = ("download",)  # modules that import the ground floor and nothing else
 PUBLIC_MODULES = ("render", "explain", "analysis")
 
 
@@ -105,6 +107,13 @@ def test_ground_floor_imports_nothing_of_the_package():
     graph = _graph()
     for leaf in GROUND_FLOOR:
         assert graph[f"igpt_core.{leaf}"] <= {"igpt_core"}, (leaf, graph[f"igpt_core.{leaf}"])
+
+
+def test_shared_helpers_import_only_the_ground_floor():
+    graph = _graph()
+    floor = {"igpt_core", *(f"igpt_core.{leaf}" for leaf in GROUND_FLOOR)}
+    for module in ON_THE_GROUND_FLOOR:
+        assert graph[f"igpt_core.{module}"] <= floor, (module, graph[f"igpt_core.{module}"] - floor)
 
 
 def test_apps_and_cli_use_the_public_surface():

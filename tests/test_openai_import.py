@@ -284,7 +284,7 @@ def test_missing_file_on_the_server_is_one_line(tmp_path, capsys):
     finally:
         server.shutdown()
         server.server_close()
-    assert f"could not download {url}/color-clusters/kmeans_centers.npy: HTTP 404" in err
+    assert f"the download of {url}/color-clusters/kmeans_centers.npy failed (HTTP 404" in err
 
 
 # -- the bundle reader ------------------------------------------------------------------------------

@@ -1,23 +1,20 @@
-"""Dataset files on disk: checking they are there, downloading them, extracting archives safely.
+"""Dataset files on disk: checking they are there, downloading archives, extracting them safely.
 
-Nothing here touches the network unless a loader was asked to with `download=True`. Every file is
-written to a temporary name and renamed into place, so a failed download leaves nothing behind.
+Nothing here touches the network unless a loader was asked to with `download=True`. Downloads go
+through igpt_core.download (resumable, md5-checked, renamed into place only when complete), so a
+failed one leaves no file under its real name.
 """
 
 from __future__ import annotations
 
-import hashlib
-import http.client
 import os
 import tarfile
 import tempfile
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from ..download import byte_bar, download, file_md5
 from ..errors import DatasetError
-from ..files import atomic_write
-from ..progress import progress_bar
 from .registry import Request
 
 
@@ -43,53 +40,14 @@ def ensure_files(folder: Path, names, title: str, source: str, request: Request,
         )
 
 
-def download(url: str, dest: Path, by_hand: str, *, md5: str | None = None, progress: bool = False) -> None:
-    """Fetch url to dest, verified by md5 when one is published, written to a temp file then renamed:
-    never half-written. `progress` shows a bar sized by the server's Content-Length."""
-
-    def fetch(tmp: str) -> None:
-        digest = hashlib.md5(usedforsecurity=False)  # the published checksums are MD5: integrity only
-        try:
-            with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-                size = _content_length(response)
-                bar = progress_bar(progress, total=size, desc=dest.name, unit="B", unit_scale=True, leave=False)
-                while chunk := response.read(1 << 20):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    if bar is not None:
-                        bar.update(len(chunk))
-                if bar is not None:
-                    bar.close()
-        except (OSError, http.client.HTTPException, ValueError) as err:  # URLError and timeouts are OSError
-            raise DatasetError(f"the download of {url} failed ({err}). {by_hand}") from None
-        if md5 is not None and digest.hexdigest() != md5:
-            raise DatasetError(
-                f"the download of {url} is corrupted (md5 {digest.hexdigest()}, expected {md5}). {by_hand}"
-            )
-
-    atomic_write(dest, fetch)
-
-
-def _content_length(response) -> int | None:
-    headers = getattr(response, "headers", None)
-    length = headers.get("Content-Length") if headers is not None else None
-    return int(length) if length and length.isdigit() else None
-
-
 def download_archive(url: str, md5: str, data_dir: Path, folder: str, names, by_hand: str) -> None:
     """Fetch a .tar.gz (unless a verified copy is there) and extract folder/<names> from it."""
     archive = data_dir / url.rsplit("/", 1)[1]
-    if not (archive.is_file() and file_md5(archive) == md5):
-        download(url, archive, by_hand, md5=md5)
+    if archive.is_file() and file_md5(archive) != md5:
+        archive.unlink()  # not the published archive (another version, or damaged): fetch it again
+    with byte_bar(True, f"downloading {archive.name}") as bar:
+        download(url, archive, md5=md5, bar=bar, advice=by_hand, error=DatasetError)
     extract_tar(archive, data_dir, folder, names)
-
-
-def file_md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def extract_tar(archive: Path, data_dir: Path, folder: str, names) -> None:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..download import download
 from ..errors import DatasetError
-from .download import download, ensure_files
+from .download import ensure_files
 from .registry import Request, register
 from .splits import check_labels, grey_to_rgb, take_split
 
@@ -123,4 +124,4 @@ def _download_idx(spec: _IdxSpec, folder: Path) -> None:
     by_hand = f"Download {', '.join(spec.md5)} from {spec.base_url} elsewhere and place them in {folder}."
     for gz_name, md5 in spec.md5.items():
         if _idx_path(folder, gz_name.removesuffix(".gz")) is None:
-            download(spec.base_url + gz_name, folder / gz_name, by_hand, md5=md5)
+            download(spec.base_url + gz_name, folder / gz_name, md5=md5, advice=by_hand, error=DatasetError)

@@ -20,10 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DatasetError
+from ..download import byte_bar, download
+from ..errors import DatasetError, IgptError
+from ..files import atomic_write_bytes
 from ..palette import Palette
 from .core import Dataset, DatasetStream, ImageRows
-from .download import download, ensure_files
+from .download import ensure_files
 from .registry import Request, register
 
 FOLDER = "openai"  # under the data folder
@@ -44,6 +46,44 @@ def openai_url() -> str:
 def openai_folder(data_dir: str | Path) -> Path:
     """The folder holding OpenAI's palette and one sub-folder per encoded dataset."""
     return Path(data_dir).expanduser() / FOLDER
+
+
+def palette_url(base: str | None = None) -> str:
+    """kmeans_centers.npy on the server `base` (default `openai_url()`), where OpenAI's download.py finds it."""
+    return f"{(base or openai_url()).rstrip('/')}/color-clusters/{CENTERS_FILE}"
+
+
+def fetch_openai_palette(folder: str | Path, openai_root: str | Path, *, base: str | None = None, bar=None,
+                         error: type[IgptError] = DatasetError) -> Path:
+    """Put OpenAI's palette (kmeans_centers.npy) in `folder`, downloading it at most once per OpenAI folder.
+
+    Two places want the same 6 KB file: the OpenAI folder (DATA_DIR/openai), beside the encoded
+    datasets, and each checkpoint folder in it (igpt-SIZE), which keeps OpenAI's own flat layout so
+    that `import-openai --from` can read it alone. Neither is sent to the other's place; instead a copy
+    already in `openai_root` or one of its igpt-* folders is reused: copied, not linked (6 KB; a copy
+    works on every file system and outlives the other folder). A file under its real name is complete
+    (the downloader renames only then) and is reused if it loads as (k, 3) colours. Otherwise it is
+    downloaded from `base` (default `openai_url()`); errors are raised as `error`.
+    """
+    target = Path(folder) / CENTERS_FILE
+    if target.is_file():
+        return target
+    root = Path(openai_root)
+    for known in [root / CENTERS_FILE, *sorted(root.glob(f"igpt-*/{CENTERS_FILE}"))]:
+        if known.is_file() and known != target and readable_palette(known.parent):
+            atomic_write_bytes(target, known.read_bytes())
+            return target
+    advice = f"Download it elsewhere and place it in {target.parent}"
+    return download(palette_url(base), target, bar=bar, advice=advice, error=error)
+
+
+def readable_palette(folder: Path) -> bool:
+    """Whether folder/kmeans_centers.npy loads as (k, 3) colours (`openai_palette_centers` would accept it)."""
+    try:
+        openai_palette_centers(folder)
+    except DatasetError:
+        return False
+    return True
 
 
 def openai_palette_centers(folder: str | Path) -> np.ndarray:
@@ -118,14 +158,15 @@ def _load_encoded(request: Request, name: str):
     root = openai_folder(request.data_dir)
     x_name, y_name = (f"{name}/{name}_{SPLIT_FILES[request.split]}{part}.npy" for part in ("X", "Y"))
     # Where each file lives in OpenAI's bucket (download.py): datasets/ and color-clusters/.
-    urls = {CENTERS_FILE: f"{openai_url()}/color-clusters/{CENTERS_FILE}",
-            x_name: f"{openai_url()}/datasets/{Path(x_name).name}", y_name: f"{openai_url()}/datasets/{Path(y_name).name}"}
+    urls = {CENTERS_FILE: palette_url(), x_name: f"{openai_url()}/datasets/{Path(x_name).name}",
+            y_name: f"{openai_url()}/datasets/{Path(y_name).name}"}
 
     def fetch():
         by_hand = f"Download {', '.join(urls.values())} elsewhere and place them in {root} as {', '.join(urls)}."
-        for file, url in urls.items():
-            if not (root / file).is_file():
-                download(url, root / file, by_hand, progress=True)
+        with byte_bar(True, f"downloading OpenAI's {name}") as bar:
+            fetch_openai_palette(root, root, bar=bar)
+            for file in (x_name, y_name):
+                download(urls[file], root / file, bar=bar, advice=by_hand, error=DatasetError)
 
     ensure_files(root, list(urls), f"OpenAI's encoded {name}", f"{openai_url()}/, as in openai/image-gpt's download.py",
                  request, fetch)

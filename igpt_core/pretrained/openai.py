@@ -33,18 +33,17 @@ import numpy as np
 import torch
 
 from ..data import default_data_dir
-from ..data.openai import openai_url
+from ..data.openai import CENTERS_FILE, fetch_openai_palette, openai_folder, openai_url
+from ..download import byte_bar, download
 from ..errors import CheckpointError, IgptError, RunError
 from ..model import IGPT, ModelConfig
 from ..palette import Palette
 from ..progress import progress_bar
 from ..runs import Run, create_run, runs_root, save_checkpoint
-from .download import download
 from .labels import OPENAI_SIZES, imported_record, openai_model_name
 from .tf_bundle import TensorBundle
 
 OPENAI_STEPS = (131000, 262000, 524000, 1000000)
-PALETTE_FILE = "kmeans_centers.npy"
 _INDEX = re.compile(r"model\.ckpt-(\d+)\.index$")
 
 
@@ -60,31 +59,29 @@ def checkpoint_url(base: str, size: str, step: int, filename: str) -> str:
     return f"{base}/checkpoints/igpt-{size}/{step}/{filename}"
 
 
-def palette_url(base: str) -> str:
-    return f"{base}/color-clusters/{PALETTE_FILE}"
-
-
 def default_download_dir(size: str) -> Path:
     """Where downloads of iGPT-SIZE are kept (and resumed): DATA_DIR/openai/igpt-SIZE."""
-    return default_data_dir() / "openai" / f"igpt-{size}"
+    return openai_folder(default_data_dir()) / f"igpt-{size}"
 
 
 def download_steps(size: str, steps, folder: Path, url: str | None, progress: bool) -> None:
-    """OpenAI's files for iGPT-SIZE at `steps` into folder (flat, as their download.py lays them out)."""
+    """OpenAI's files for iGPT-SIZE at `steps` into folder (flat, as their download.py lays them out).
+
+    The palette is reused from the folder above (DATA_DIR/openai by default) or a checkpoint folder
+    beside this one when it is there already (`fetch_openai_palette`)."""
     base = base_url(url)
-    bar = progress_bar(progress, desc=f"downloading iGPT-{size.upper()}", unit="B", unit_scale=True, total=0)
-    try:
-        download(palette_url(base), folder / PALETTE_FILE, bar)
+    advice = "Another server can be given with --url or $IGPT_OPENAI_URL"
+    with byte_bar(progress, f"downloading iGPT-{size.upper()}") as bar:
+        fetch_openai_palette(folder, folder.parent, base=base, bar=bar, error=CheckpointError)
         for step in steps:
             prefix = f"model.ckpt-{step}"
-            download(checkpoint_url(base, size, step, prefix + ".index"), folder / (prefix + ".index"), bar)
+            download(checkpoint_url(base, size, step, prefix + ".index"), folder / (prefix + ".index"), bar=bar,
+                     advice=advice, error=CheckpointError)
             bundle = TensorBundle(folder / prefix)  # the index says how many shards there are
             for shard in range(bundle.num_shards):
                 name = bundle.shard_path(shard).name
-                download(checkpoint_url(base, size, step, name), folder / name, bar)
-    finally:
-        if bar is not None:
-            bar.close()
+                download(checkpoint_url(base, size, step, name), folder / name, bar=bar, advice=advice,
+                         error=CheckpointError)
 
 
 def local_steps(folder: Path) -> list[int]:
@@ -164,7 +161,7 @@ def state_dict_from_bundle(bundle: TensorBundle, config: ModelConfig) -> dict[st
 
 def read_palette(folder: Path, n_colors: int) -> Palette:
     """kmeans_centers.npy: the colours in [-1, 1] (RGB = rint(127.5 · (c + 1)))."""
-    path = folder / PALETTE_FILE
+    path = folder / CENTERS_FILE
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: OpenAI's palette comes with the checkpoints; download or copy it")
     try:
@@ -201,7 +198,7 @@ def folder_steps(source_dir, steps) -> tuple[Path, list[int]]:
     folder = Path(source_dir).expanduser()
     if not folder.is_dir():
         raise CheckpointError(f"there is no folder {folder}; pass the folder holding model.ckpt-STEP.index, "
-                              f"its .data-* shards and {PALETTE_FILE}")
+                              f"its .data-* shards and {CENTERS_FILE}")
     found = local_steps(folder)
     steps = sorted(set(steps)) if steps else found
     missing = [step for step in steps if step not in found]
