@@ -1,7 +1,8 @@
 """Shared fixtures: tiny trained runs on the embedded digits data, made once per test session;
-the Chromium that browser tests drive."""
+the Chromium that browser tests drive; a local HTTP server for downloads."""
 
 import contextlib
+import http.server
 import importlib
 import importlib.util
 import os
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -196,3 +198,66 @@ def stop_process(server: subprocess.Popen) -> None:
     if server.poll() is None:
         os.killpg(server.pid, signal.SIGTERM)
     server.wait(timeout=30)
+
+
+class FileServer(http.server.ThreadingHTTPServer):
+    """Serves `files` ({URL path: bytes}) on 127.0.0.1 as a file server would: honours Range requests
+    (unless `ranges` is set False: then it always sends the whole file), cuts the first transfer of the
+    path `cut` halfway (the connection closes), and records (path, Range header) of every request in
+    `requests`."""
+
+    def __init__(self, files: dict[str, bytes], cut: str | None = None):
+        super().__init__(("127.0.0.1", 0), FileHandler)
+        self.files, self.cut, self.requests, self.ranges = files, cut, [], True
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+    def fetched(self, path: str) -> int:
+        """How many times `path` was asked for."""
+        return sum(asked == path for asked, _ in self.requests)
+
+
+class FileHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (the name http.server calls)
+        server = self.server
+        server.requests.append((self.path, self.headers.get("Range")))
+        data = server.files.get(self.path)
+        if data is None:
+            self.send_error(404)
+            return
+        asked = self.headers.get("Range") if server.ranges else None
+        start = int(asked.removeprefix("bytes=").rstrip("-")) if asked else 0
+        if start >= len(data) > 0:
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(data)}")
+            self.end_headers()
+            return
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        if self.path == server.cut:
+            server.cut = None
+            self.wfile.write(data[: len(data) // 2])  # then the connection closes: a cut download
+            return
+        self.wfile.write(data[start:])
+
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+
+@pytest.fixture
+def serve_files():
+    """start(files, cut=None) -> a running `FileServer`; every server started is stopped after the test."""
+    servers = []
+
+    def start(files: dict[str, bytes], cut: str | None = None) -> FileServer:
+        server = FileServer(files, cut)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()

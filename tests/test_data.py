@@ -1,7 +1,8 @@
 """Tests for igpt_core.data (the package): every source is exercised on tiny files written here in the real format.
 
 Nothing touches the network: an autouse fixture makes urllib fail loudly, and the download tests
-replace it with fakes that serve bytes made in the test.
+replace it with fakes that serve bytes made in the test, or with urllib itself talking to a local
+HTTP server started by the test (`local_server`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ from igpt_core.errors import DatasetError
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 KNOWN_YX, KNOWN_RGB = (2, 5), (200, 100, 50)
+
+
+REAL_URLOPEN = urllib.request.urlopen
 
 
 @pytest.fixture(autouse=True)
@@ -606,6 +610,64 @@ def test_download_idx_verified_then_loaded(tmp_path, monkeypatch):
     assert sorted(p.name for p in files_under(target)) == sorted(served)
     load_dataset("fashion-mnist", "test", data_dir=target, download=True)
     assert len(urls) == 4  # present files are not fetched again
+
+
+@pytest.fixture
+def fashion_server(tmp_path, monkeypatch, serve_files):
+    """start(cut=None) -> (server, {file name: bytes}): a local stand-in for Fashion-MNIST's site (gzipped
+    IDX files, their md5s published in the spec), reached with the real urllib."""
+    served = {p.name: p.read_bytes() for p in make_idx(tmp_path / "made", "fashion-mnist", gz=True).iterdir()}
+    monkeypatch.setattr(urllib.request, "urlopen", REAL_URLOPEN)
+
+    def start(cut: str | None = None):
+        server = serve_files({f"/{name}": blob for name, blob in served.items()}, cut=cut and f"/{cut}")
+        spec = idx_source.IDX_SPECS["fashion-mnist"]  # its md5s in the order the files are fetched
+        spec = replace(spec, base_url=server.url + "/", md5={name: hashlib.md5(served[name]).hexdigest() for name in spec.md5})
+        monkeypatch.setitem(idx_source.IDX_SPECS, "fashion-mnist", spec)
+        return server, served
+
+    return start
+
+
+CUT = "train-images-idx3-ubyte.gz"  # the largest file, and the first fetched
+
+
+def test_a_cut_download_resumes_and_is_md5_checked(tmp_path, fashion_server):
+    server, served = fashion_server(cut=CUT)
+    target = tmp_path / "data"
+    with pytest.raises(DatasetError) as err:
+        load_dataset("fashion-mnist", "test", data_dir=target, download=True)
+    half = len(served[CUT]) // 2
+    assert f"the download of {server.url}/{CUT} stopped after {half} of {2 * half} bytes" in str(err.value)
+    assert "run the same command again to resume it" in str(err.value) and "\n" not in str(err.value)
+    assert [p.name for p in files_under(target)] == [CUT + ".part"]  # nothing under a real name
+
+    ds = load_dataset("fashion-mnist", "test", data_dir=target, download=True)
+    assert ds.images[:, 0, 0, 0].tolist() == [101, 102, 103, 104, 105]
+    assert (f"/{CUT}", f"bytes={half}-") in server.requests and server.fetched(f"/{CUT}") == 2  # resumed
+    assert sorted(p.name for p in files_under(target)) == sorted(served)
+    assert all((target / "fashion-mnist" / name).read_bytes() == blob for name, blob in served.items())
+
+
+def test_a_resumed_file_failing_its_md5_is_removed(tmp_path, fashion_server):
+    """The md5 covers the whole file, the bytes kept from before the cut too."""
+    server, served = fashion_server(cut=CUT)
+    target = tmp_path / "data"
+    with pytest.raises(DatasetError, match="stopped after"):
+        load_dataset("fashion-mnist", "test", data_dir=target, download=True)
+    part = target / "fashion-mnist" / (CUT + ".part")
+    damaged = bytearray(part.read_bytes())
+    damaged[0] ^= 0xFF
+    part.write_bytes(bytes(damaged))
+    with pytest.raises(DatasetError) as err:
+        load_dataset("fashion-mnist", "test", data_dir=target, download=True)
+    message = str(err.value)
+    assert f"the download of {server.url}/{CUT} is corrupted (md5 " in message and "\n" not in message
+    assert f"expected {hashlib.md5(served[CUT]).hexdigest()}) and was removed" in message
+    assert str(target / "fashion-mnist") in message  # where to place the files by hand
+    assert files_under(target) == []
+    ds = load_dataset("fashion-mnist", "test", data_dir=target, download=True)  # the same command again
+    assert len(ds) == 5 and (target / "fashion-mnist" / CUT).read_bytes() == served[CUT]
 
 
 def make_tar(members: dict[str, bytes]) -> bytes:

@@ -8,13 +8,12 @@ local HTTP server in a thread.
 
 from __future__ import annotations
 
-import http.server
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import google_crc32c
@@ -25,6 +24,7 @@ from conftest import app_module
 from PIL import Image
 
 from igpt_core import cli
+from igpt_core.data import load_dataset
 from igpt_core.errors import CheckpointError
 from igpt_core.model import preset
 from igpt_core.pretrained import imported_label
@@ -208,63 +208,31 @@ def test_size_or_folder_is_required(tmp_path, capsys):
 # -- downloads --------------------------------------------------------------------------------------
 
 
-class FixtureServer(http.server.ThreadingHTTPServer):
-    """Serves the fixtures in OpenAI's URL layout (as igpt-s); cuts the first transfer of one shard
-    halfway; honours Range requests; records (path, Range header) of every request."""
-
-    def __init__(self, files: dict[str, bytes], cut: str):
-        super().__init__(("127.0.0.1", 0), FixtureHandler)
-        self.files, self.cut, self.requests = files, cut, []
-
-
-class FixtureHandler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 (the name http.server calls)
-        server = self.server
-        server.requests.append((self.path, self.headers.get("Range")))
-        data = server.files.get(self.path)
-        if data is None:
-            self.send_error(404)
-            return
-        start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-")) if self.headers.get("Range") else 0
-        self.send_response(206 if start else 200)
-        if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.send_header("Content-Length", str(len(data) - start))
-        self.end_headers()
-        if self.path == server.cut:
-            server.cut = None
-            self.wfile.write(data[: len(data) // 2])  # then the connection closes: a cut download
-            return
-        self.wfile.write(data[start:])
-
-    def log_message(self, *args):  # keep the test output clean
-        pass
-
-
-def test_download_resumes_after_a_cut_connection(tmp_path, capsys):
+def checkpoint_files(steps=STEPS) -> dict[str, bytes]:
+    """The fixtures as OpenAI's server lays out iGPT-S: {URL path: bytes}, with the palette."""
     files = {"/color-clusters/kmeans_centers.npy": (FIXTURES / "kmeans_centers.npy").read_bytes()}
-    for step in STEPS:
+    for step in steps:
         for name in [f"model.ckpt-{step}.index"] + [s for s in SHARDS if s.startswith(f"model.ckpt-{step}.")]:
             files[f"/checkpoints/igpt-s/{step}/{name}"] = (FIXTURES / name).read_bytes()
+    return files
+
+
+def test_download_resumes_after_a_cut_connection(tmp_path, capsys, serve_files):
+    files = checkpoint_files()
     cut_name = "model.ckpt-2.data-00001-of-00003"
-    server = FixtureServer(files, cut=f"/checkpoints/igpt-s/2/{cut_name}")
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
+    server = serve_files(files, cut=f"/checkpoints/igpt-s/2/{cut_name}")
+    url = server.url
     args = ["import-openai", "s", "--name", "dl", "--steps", "1,2", "--url", url, "--download-dir",
             str(tmp_path / "dl"), "--runs-dir", str(tmp_path / "runs"), "--json"]
-    try:
-        err = igpt_error(capsys, *args)
-        half = len(files[server.requests[-1][0]]) // 2
-        assert f"the download of {url}/checkpoints/igpt-s/2/{cut_name} stopped after {half} of {2 * half} bytes" in err
-        assert "run the same command again to resume it" in err
-        assert (tmp_path / "dl" / (cut_name + ".part")).stat().st_size == half
-        assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []
+    err = igpt_error(capsys, *args)
+    half = len(files[server.requests[-1][0]]) // 2
+    assert f"the download of {url}/checkpoints/igpt-s/2/{cut_name} stopped after {half} of {2 * half} bytes" in err
+    assert "run the same command again to resume it" in err
+    assert (tmp_path / "dl" / (cut_name + ".part")).stat().st_size == half
+    assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []
 
-        cli.main(args)
-        summary = json.loads(capsys.readouterr().out)
-    finally:
-        server.shutdown()
-        server.server_close()
+    cli.main(args)
+    summary = json.loads(capsys.readouterr().out)
     assert (f"/checkpoints/igpt-s/2/{cut_name}", f"bytes={half}-") in server.requests  # resumed, not restarted
     assert sum(path.endswith(".index") for path, _ in server.requests) == 2  # finished files are not fetched again
     for name in ["kmeans_centers.npy", "model.ckpt-1.index", "model.ckpt-2.index", *SHARDS]:
@@ -274,17 +242,50 @@ def test_download_resumes_after_a_cut_connection(tmp_path, capsys):
     assert open_run("dl", tmp_path / "runs").info["imported"]["from"] == f"{url}/checkpoints/igpt-s"
 
 
-def test_missing_file_on_the_server_is_one_line(tmp_path, capsys):
-    server = FixtureServer({}, cut=None)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        err = igpt_error(capsys, "import-openai", "m", "--name", "x", "--url", url, "--download-dir",
-                         tmp_path / "dl", "--runs-dir", tmp_path / "runs")
-    finally:
-        server.shutdown()
-        server.server_close()
+def test_missing_file_on_the_server_is_one_line(tmp_path, capsys, serve_files):
+    url = serve_files({}).url
+    err = igpt_error(capsys, "import-openai", "m", "--name", "x", "--url", url, "--download-dir",
+                     tmp_path / "dl", "--runs-dir", tmp_path / "runs")
     assert f"the download of {url}/color-clusters/kmeans_centers.npy failed (HTTP 404" in err
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("dataset_first", [True, False], ids=["dataset-first", "checkpoint-first"])
+def test_the_palette_is_fetched_once_for_datasets_and_checkpoints(tmp_path, capsys, monkeypatch, serve_files,
+                                                                   dataset_first):
+    """openai:cifar10 and iGPT-S set up in one data folder, in either order: one palette download."""
+    ids = np.random.default_rng(0).integers(0, 16, size=(3, 1024)).astype(np.uint16)  # the fixtures' 16 colours
+    files = {**checkpoint_files([1]), "/datasets/cifar10_teX.npy": npy_bytes(ids),
+             "/datasets/cifar10_teY.npy": npy_bytes(np.eye(10, dtype=np.float32)[[4, 0, 9]])}
+    server = serve_files(files)
+    data = tmp_path / "data"
+    monkeypatch.setenv("IGPT_DATA_DIR", str(data))
+    monkeypatch.setenv("IGPT_OPENAI_URL", server.url)
+
+    def set_up_dataset():
+        return load_dataset("openai:cifar10", "test", download=True)
+
+    def set_up_checkpoint():
+        cli.main(["import-openai", "s", "--name", "s", "--steps", "1", "--runs-dir", str(tmp_path / "runs"), "--json"])
+        return json.loads(capsys.readouterr().out)
+
+    if dataset_first:
+        dataset, summary = set_up_dataset(), set_up_checkpoint()
+    else:
+        summary, dataset = set_up_checkpoint(), set_up_dataset()
+    assert server.fetched("/color-clusters/kmeans_centers.npy") == 1
+    assert server.fetched("/checkpoints/igpt-s/1/model.ckpt-1.index") == 1
+    palette = (FIXTURES / "kmeans_centers.npy").read_bytes()
+    for copy in (data / "openai" / "kmeans_centers.npy", data / "openai" / "igpt-s" / "kmeans_centers.npy"):
+        assert copy.read_bytes() == palette, copy
+    assert np.array_equal(dataset.token_ids, ids) and dataset.labels.tolist() == [4, 0, 9]
+    run = open_run("s", tmp_path / "runs")
+    assert summary["checkpoints"] == [1] and np.array_equal(run.palette.colors, dataset.palette.colors)
 
 
 # -- the bundle reader ------------------------------------------------------------------------------
