@@ -91,7 +91,7 @@ def openai_palette_centers(folder: str | Path) -> np.ndarray:
     path = Path(folder).expanduser() / CENTERS_FILE
     if not path.is_file():
         raise DatasetError(f"OpenAI's palette is missing: no {path}. Download it from "
-                           f"{openai_url()}/color-clusters/{CENTERS_FILE}, or pass download=True (CLI --download)")
+                           f"{palette_url()}, or pass download=True (CLI --download)")
     try:
         centers = np.load(path)
     except (OSError, ValueError, EOFError) as err:
