@@ -209,6 +209,12 @@ class IGPT(nn.Module):
             return torch.cat([sos, ids[:, :-1]], dim=1)
         return ids
 
+    def embed(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The residual stream before block 0, (B, T, n_embd): colour plus position embeddings of the
+        network's inputs for palette ids (B, T) (AR: SOS, then pixels 1..T-1; BERT: the pixels, with
+        the colour of masked positions zeroed)."""
+        return self._embed(self._inputs(ids), mask)
+
     def _embed(self, tokens, mask: torch.Tensor | None = None):
         T = tokens.shape[1]
         if T > self.config.n_positions:
@@ -246,7 +252,7 @@ class IGPT(nn.Module):
             mask = torch.rand(ids.shape, device=ids.device) < self.config.mask_prob
         if self.config.objective == "ar" and mask is not None:
             raise ValueError("masks are for BERT-objective models; AR models see only the past anyway")
-        x = self._embed(self._inputs(ids), mask)
+        x = self.embed(ids, mask)
         x, _ = self._blocks(x)
         logits = self.readout(x)  # (B, T, n_colors)
         loss = None
@@ -274,7 +280,7 @@ class IGPT(nn.Module):
         bad = [layer for layer in layers if not 0 <= layer <= n]
         if bad:
             raise ValueError(f"layer {bad[0]} is out of range: this model has layers 0..{n}")
-        x = self._embed(self._inputs(ids), mask)
+        x = self.embed(ids, mask)
         _, collected = self._blocks(x, stop=min(max(layers) + 1, n), collect=set(layers))  # block l's input norm needs blocks < l
         return torch.stack([collected[layer].mean(dim=1) for layer in layers])
 
@@ -291,7 +297,7 @@ class IGPT(nn.Module):
         one gives forward()'s logits, of an earlier one the "logit lens" reading of that layer.
         """
         causal = self.config.objective == "ar"
-        x = self._embed(self._inputs(ids), mask)
+        x = self.embed(ids, mask)
         streams = [x]
         for block in self.h:
             x = block(x, causal)
@@ -303,7 +309,7 @@ class IGPT(nn.Module):
         key 0 is SOS, key j is pixel j - 1). One layer at a time, as T² per head adds up fast.
         """
         causal = self.config.objective == "ar"
-        x = self._embed(self._inputs(ids), mask)
+        x = self.embed(ids, mask)
         for block in self.h:
             yield block.attn.probabilities(block.ln_1(x), causal)
             x = block(x, causal)

@@ -11,6 +11,7 @@ import torch
 
 from ..device import PRECISIONS, autocast, resolve_precision
 from ..errors import IgptError
+from ..feature_pass import FeaturePass
 from ..model import IGPT
 from ..progress import progress_bar
 
@@ -61,6 +62,8 @@ def extract_features(model: IGPT, ids, layers, *, batch_size: int = 256, bert_ma
     for rng in rngs:
         rng.bit_generator.advance(offset * T)  # one 64-bit draw per uniform double: skip `offset` images
     per_call = max(1, batch_size // (k + 1))
+    # On a CPU, bf16 runs through FeaturePass (weights laid out once for bf16); elsewhere autocast suffices.
+    features = FeaturePass(model) if precision == "bf16" and device.type == "cpu" else model.features
     out = np.empty((len(layers), N, model.config.n_embd), dtype=np.float32)
     bar = progress_bar(progress, total=N, desc=desc, unit="img", leave=False)
     try:
@@ -68,7 +71,7 @@ def extract_features(model: IGPT, ids, layers, *, batch_size: int = 256, bert_ma
             batch = ids[start : start + per_call].to(device)
             b = len(batch)
             with autocast(device, precision):
-                feats = _batch_features(model, batch, layers, rngs)
+                feats = _batch_features(features, model.config, batch, layers, rngs)
             out[:, start : start + b] = feats.float().cpu().numpy()
             if bar is not None:
                 bar.update(b)
@@ -79,14 +82,15 @@ def extract_features(model: IGPT, ids, layers, *, batch_size: int = 256, bert_ma
     return out
 
 
-def _batch_features(model: IGPT, batch: torch.Tensor, layers: list[int], rngs: list) -> torch.Tensor:
-    """(len(layers), b, d) features of one batch; with BERT mask streams `rngs`, the mean over the
-    unmasked input and one random mask per stream, all in one forward call."""
+def _batch_features(features, config, batch: torch.Tensor, layers: list[int], rngs: list) -> torch.Tensor:
+    """(len(layers), b, d) features of one batch through `features` (IGPT.features or a FeaturePass);
+    with BERT mask streams `rngs`, the mean over the unmasked input and one random mask per stream,
+    all in one forward call."""
     if not rngs:
-        return model.features(batch, layers)
+        return features(batch, layers)
     b, T = batch.shape
     k = len(rngs)
-    masks = [np.zeros((b, T), dtype=bool)] + [rng.random((b, T)) < model.config.mask_prob for rng in rngs]
+    masks = [np.zeros((b, T), dtype=bool)] + [rng.random((b, T)) < config.mask_prob for rng in rngs]
     mask = torch.from_numpy(np.concatenate(masks)).to(batch.device)
-    feats = model.features(batch.repeat(k + 1, 1), layers, mask)  # (L, (k+1)·b, d)
+    feats = features(batch.repeat(k + 1, 1), layers, mask)  # (L, (k+1)·b, d)
     return feats.view(len(layers), k + 1, b, -1).mean(dim=1)

@@ -1,0 +1,160 @@
+"""Probe features in bf16 on a CPU: the network of model.py, its weights laid out once for this one job.
+
+`IGPT.features` under torch.autocast gives the same numbers to bf16's precision, but on a CPU it
+leaves most of the hardware's bf16 speed unused (measured at iGPT-S's shapes on a 2-core AMD EPYC with
+AVX512-BF16, docs/performance.md): autocast casts every weight again for every batch; `F.linear`
+first copies its bias into the output; PyTorch's fused CPU attention kernel runs no faster in bf16
+than in fp32; and each elementwise step is a pass over memory of its own. This pass, used by
+`probe.extract_features` whenever features are computed in bf16 on a CPU:
+
+- casts the weights to bf16 once, packed for oneDNN (PyTorch's CPU matrix library) with the bias
+  added inside the product, and quick-GELU done there too: x·σ(1.702x) = silu(1.702x) / 1.702, so
+  c_fc's weights carry the 1.702 and c_proj's the 1/1.702, and the product ends in oneDNN's "swish";
+- folds each norm's gain g into the product that reads the norm: W·(g ⊙ n) = (W·diag(g))·n, so a
+  norm is one pass (x / rms(x), written straight into bf16); a probe feature, the mean over
+  positions of g ⊙ x / rms(x), is g ⊙ (the mean of x / rms(x)), taken in fp32;
+- computes attention in blocks of query rows, each block against only the keys it may see (causal:
+  about half the products of the full T × T scores), in reused buffers. The scores come out of the
+  product rounded to bf16 (the fused kernel keeps them in fp32); the softmax itself runs in fp32.
+
+The residual stream stays fp32 throughout, as under autocast. tests/test_feature_pass.py checks the
+result against fp32 `IGPT.features` and against autocast's, for AR and BERT models.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .model import IGPT, QUICK_GELU
+
+ROWS = 4096  # positions per forward pass (4 images of 32 × 32): larger batches spill the caches and run slower
+QUERY_BLOCK = 128  # query rows per attention block: the block's scores stay small, and causal blocks skip most masked keys
+
+
+def onednn_available() -> bool:
+    """Whether this PyTorch exposes oneDNN's packed linear products (x86 and most ARM CPU builds)."""
+    return torch.backends.mkldnn.is_available() and all(
+        hasattr(torch.ops.mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise"))
+
+
+def query_block(T: int) -> int:
+    """Query rows per attention block: the largest divisor of T up to QUERY_BLOCK, or all of T when
+    that divisor is too small to be worth a block (T = p² for a prime p)."""
+    block = max(c for c in range(1, min(T, QUERY_BLOCK) + 1) if T % c == 0)
+    return block if block >= 32 or block == T else T
+
+
+class Product:
+    """y = x @ W.T + b in bf16, optionally followed by silu, with W packed once (oneDNN where present)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, rows: int, silu: bool = False, onednn: bool = True):
+        self.silu = silu
+        self.bias = bias.detach().to(torch.bfloat16)
+        weight = weight.detach().to(torch.bfloat16).contiguous()
+        self.onednn = onednn
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows) if self.onednn else weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "swish" if self.silu else "none", [], "")
+        y = F.linear(x, self.weight, self.bias)
+        return F.silu(y, inplace=True) if self.silu else y
+
+
+class FeaturePass:
+    """Probe features of an IGPT in bf16 on a CPU: `FeaturePass(model)(ids, layers, mask)` gives what
+    `model.features(ids, layers, mask)` gives, (len(layers), B, n_embd) fp32, to bf16's precision.
+
+    Built once per feature extraction: it holds a bf16 copy of the weights (half the fp32 model's size).
+    `onednn`: pack the weights for oneDNN (default: where this PyTorch has it), else plain `F.linear`.
+    """
+
+    def __init__(self, model: IGPT, onednn: bool | None = None):
+        self.model = model
+        onednn = onednn_available() if onednn is None else onednn
+        config = model.config
+        self.causal = config.objective == "ar"
+        self.n_head = config.n_head
+        self.eps = config.layer_norm_epsilon
+        rows = max(1, ROWS // config.n_positions) * config.n_positions
+        self.blocks = []
+        with torch.no_grad():
+            for block in model.h:
+                g1, g2 = block.ln_1.weight.float(), block.ln_2.weight.float()
+                attn, mlp = block.attn, block.mlp
+                self.blocks.append(dict(
+                    gain=g1.clone(),
+                    qkv=Product(attn.c_attn.weight * g1, attn.c_attn.bias, rows, onednn=onednn),
+                    proj=Product(attn.c_proj.weight, attn.c_proj.bias, rows, onednn=onednn),
+                    fc=Product(mlp.c_fc.weight * g2 * QUICK_GELU, mlp.c_fc.bias * QUICK_GELU, rows, silu=True, onednn=onednn),
+                    out=Product(mlp.c_proj.weight / QUICK_GELU, mlp.c_proj.bias, rows, onednn=onednn),
+                ))
+            self.final_gain = model.ln_f.weight.float().clone()
+
+    def __call__(self, ids: torch.Tensor, layers, mask: torch.Tensor | None = None) -> torch.Tensor:
+        per_pass = max(1, ROWS // ids.shape[1])
+        with torch.autocast("cpu", enabled=False):  # the number formats are chosen here, op by op
+            parts = [self.run(ids[i : i + per_pass], layers, None if mask is None else mask[i : i + per_pass])
+                     for i in range(0, len(ids), per_pass)]
+        return torch.cat(parts, dim=1)
+
+    def run(self, ids: torch.Tensor, layers, mask: torch.Tensor | None) -> torch.Tensor:
+        """Features of one forward pass: blocks up to the deepest layer asked for."""
+        layers = [int(layer) for layer in layers]
+        n = len(self.blocks)
+        x = self.model.embed(ids, mask).float()  # (B, T, C): the fp32 residual stream
+        B, T, C = x.shape
+        x = x.view(B * T, C)
+        normed = torch.empty(B * T, C, dtype=torch.bfloat16)  # each norm's output, reused
+        found = {}
+        for i, w in enumerate(self.blocks[: min(max(layers) + 1, n)]):
+            mean = self.norm(x, normed, B, T)
+            if i in layers:
+                found[i] = mean * w["gain"]
+            if i == max(layers):
+                break
+            x += w["proj"](self.attention(w["qkv"](normed).view(B, T, 3 * C)))
+            self.norm(x, normed, B, T)
+            x += w["out"](w["fc"](normed))
+        if n in layers:
+            found[n] = self.norm(x, normed, B, T) * self.final_gain
+        return torch.stack([found[layer] for layer in layers])
+
+    def norm(self, x: torch.Tensor, out: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """out = x / rms(x) in bf16 (the norm without its gain, which the next product holds); returns
+        the fp32 mean of x / rms(x) over each image's positions, (B, C)."""
+        C = x.shape[1]
+        inv_rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(C).add_(self.eps).rsqrt_()
+        torch.mul(x, inv_rms, out=out)
+        return torch.bmm(inv_rms.view(B, 1, T), x.view(B, T, C)).view(B, C) / T
+
+    def attention(self, qkv: torch.Tensor) -> torch.Tensor:
+        """softmax(q·kᵀ/√hs)·v for every head, (B, T, 3C) → (B·T, C), by blocks of query rows."""
+        B, T, three_c = qkv.shape
+        C = three_c // 3
+        H, hs = self.n_head, C // self.n_head
+        c = query_block(T)
+        nb = T // c
+        # Laid out so that every block's operands are plain matrices: q (B, blocks, H, c, hs), kᵀ (B, H, hs, T), v (B, H, T, hs).
+        parts = qkv.view(B, T, 3, H, hs)
+        q = parts[:, :, 0].reshape(B, nb, c, H, hs).permute(0, 1, 3, 2, 4).mul(1 / math.sqrt(hs)).contiguous()
+        k_t = parts[:, :, 1].permute(0, 2, 3, 1).contiguous()
+        v = parts[:, :, 2].permute(0, 2, 1, 3).contiguous()
+        out = torch.empty(B, nb, H, c, hs, dtype=qkv.dtype)
+        scores = torch.empty(H * c * T, dtype=qkv.dtype)
+        probs = torch.empty_like(scores)
+        future = torch.ones(c, c, dtype=torch.bool).triu(1)  # within the diagonal block: keys after the query
+        for b in range(B):
+            for j in range(nb):
+                seen = (j + 1) * c if self.causal else T  # keys this block of queries may attend to
+                s = scores[: H * c * seen].view(H, c, seen)
+                p = probs[: H * c * seen].view(H, c, seen)
+                torch.matmul(q[b, j], k_t[b, :, :, :seen], out=s)
+                if self.causal:
+                    s[:, :, j * c : seen].masked_fill_(future, float("-inf"))
+                torch.softmax(s, -1, out=p)
+                torch.matmul(p, v[b, :, :seen], out=out[b, j])
+        return out.permute(0, 1, 3, 2, 4).reshape(B * T, C)
