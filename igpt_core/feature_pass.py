@@ -109,26 +109,27 @@ class FeaturePass:
         B, T, C = x.shape
         x = x.view(B * T, C)
         normed = torch.empty(B * T, C, dtype=torch.bfloat16)  # each norm's output, reused
+        scratch = torch.empty(B * T, C)  # the norm in fp32 before its one rounding: faster than writing bf16 directly
         found = {}
         for i, w in enumerate(self.blocks[: min(max(layers) + 1, n)]):
-            mean = self.norm(x, normed, B, T)
+            mean = self.norm(x, normed, scratch, B, T)
             if i in layers:
                 found[i] = mean * w["gain"]
             if i == max(layers):
                 break
             x += w["proj"](self.attention(w["qkv"](normed).view(B, T, 3 * C)))
-            self.norm(x, normed, B, T)
+            self.norm(x, normed, scratch, B, T)
             x += w["out"](w["fc"](normed))
         if n in layers:
-            found[n] = self.norm(x, normed, B, T) * self.final_gain
+            found[n] = self.norm(x, normed, scratch, B, T) * self.final_gain
         return torch.stack([found[layer] for layer in layers])
 
-    def norm(self, x: torch.Tensor, out: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    def norm(self, x: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor, B: int, T: int) -> torch.Tensor:
         """out = x / rms(x) in bf16 (the norm without its gain, which the next product holds); returns
         the fp32 mean of x / rms(x) over each image's positions, (B, C)."""
         C = x.shape[1]
         inv_rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(C).add_(self.eps).rsqrt_()
-        torch.mul(x, inv_rms, out=out)
+        out.copy_(torch.mul(x, inv_rms, out=scratch))
         return torch.bmm(inv_rms.view(B, 1, T), x.view(B, T, C)).view(B, C) / T
 
     def attention(self, qkv: torch.Tensor) -> torch.Tensor:
@@ -146,7 +147,8 @@ class FeaturePass:
         out = torch.empty(B, nb, H, c, hs, dtype=qkv.dtype)
         scores = torch.empty(H * c * T, dtype=qkv.dtype)
         probs = torch.empty_like(scores)
-        future = torch.ones(c, c, dtype=torch.bool).triu(1)  # within the diagonal block: keys after the query
+        # Within the diagonal block, keys after the query get -inf (added: faster than masked_fill on a strided view).
+        future = torch.zeros(c, c, dtype=qkv.dtype).masked_fill_(torch.ones(c, c, dtype=torch.bool).triu(1), float("-inf"))
         for b in range(B):
             for j in range(nb):
                 seen = (j + 1) * c if self.causal else T  # keys this block of queries may attend to
@@ -154,7 +156,7 @@ class FeaturePass:
                 p = probs[: H * c * seen].view(H, c, seen)
                 torch.matmul(q[b, j], k_t[b, :, :, :seen], out=s)
                 if self.causal:
-                    s[:, :, j * c : seen].masked_fill_(future, float("-inf"))
+                    s[:, :, j * c : seen].add_(future)
                 torch.softmax(s, -1, out=p)
                 torch.matmul(p, v[b, :, :seen], out=out[b, j])
         return out.permute(0, 1, 3, 2, 4).reshape(B * T, C)

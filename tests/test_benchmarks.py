@@ -64,3 +64,16 @@ def test_concurrency_benchmark_serves_every_request():
     report = run("concurrency.py", "--quick", "--rounds", "2")
     assert report["requests_answered"] == {"complete": 2, "inside": 1}  # the rounds after each user's warm-up
     assert report["rss_mb"]["end"] > 0 and report["temp_files"]["end"] >= report["temp_files"]["after_warm_up"]
+
+
+def test_precision_benchmark_compares_bf16_with_fp32_and_with_noise_of_the_same_size(tiny_run, runs_dir):
+    report = run("precision.py", tiny_run.name, "--runs-dir", str(runs_dir), "--checkpoints", "2")
+    (measured,) = report["runs"]
+    rows = measured["rows"]
+    assert measured["checkpoints"] == 2 and len(rows) == 2 * measured["layers"]
+    for row in rows:
+        assert all(0 <= row[kind] <= 100 for kind in ("fp32", "bf16", "noise", "bf16_at_fp32_C"))
+        assert 0 <= row["feature_relative_error_mean"] < 2e-2  # bf16's own error: small, and never zero past layer 0
+        assert row["feature_relative_error_mean"] > 0 or row["layer"] == 0
+    for kind in ("bf16", "noise", "bf16_at_fp32_C"):
+        assert measured["change_vs_fp32"][kind]["max_points"] >= measured["change_vs_fp32"][kind]["mean_points"] >= 0
