@@ -13,9 +13,10 @@ fits tell what the difference means:
   changes that come only from the validation split choosing another C.
 
 Prints JSON: per checkpoint and layer the four test accuracies, then per run the largest and mean
-absolute change of each kind, in points. Run from the repository root:
+absolute change of each kind, in points. After `make default-run` (and `make probe-demo` for the
+translated digits), from the repository root:
 
-    python benchmarks/precision.py digits digits-moved --runs-dir runs
+    python benchmarks/precision.py digits digits-moved
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from machine import machine_facts  # benchmarks/machine.py (scripts run from this folder)
 
+from igpt_core.errors import IgptError
 from igpt_core.probe.features import extract_features
 from igpt_core.probe.fit import DEFAULT_CS, fit_probes
 from igpt_core.probe.run import probe_inputs
@@ -125,7 +127,8 @@ def summary(name: str, dataset: str, run, inputs, rows: list, timings: dict, che
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="RUN or RUN:DATASET (default dataset: the run's own)")
+    parser.add_argument("runs", nargs="*", default=["digits"],
+                        help="RUN or RUN:DATASET (default dataset: the run's own); default: digits, the default run")
     parser.add_argument("--runs-dir", default="runs")
     parser.add_argument("--seed", type=int, default=0, help="the probe's seed, as igpt probe --seed")
     parser.add_argument("--checkpoints", type=int, default=0, help="measure only the last K checkpoints (default: all)")
@@ -134,7 +137,10 @@ def main() -> None:
     reports = []
     for spec in args.runs:
         name, _, dataset = spec.partition(":")
-        reports.append(measure_run(name, dataset or None, args.runs_dir, args.seed, args.checkpoints))
+        try:
+            reports.append(measure_run(name, dataset or None, args.runs_dir, args.seed, args.checkpoints))
+        except IgptError as err:  # e.g. no such run: `make default-run` trains the default one
+            raise SystemExit(f"precision.py: {err}")
     print(json.dumps({"task": "probe accuracy with bf16 features against fp32", "machine": machine_facts(),
                       "runs": reports}, indent=1))
 

@@ -11,9 +11,11 @@ from pathlib import Path
 import torch
 
 PRECISIONS = ("auto", "fp32", "bf16")
-# "auto" keeps models narrower than this in fp32. bf16 keeps 8 bits of mantissa: on the default digits run
-# (width 128) it moved probe accuracy by up to 3.1 points in a layer (fp32 against bf16, 6 checkpoints ×
-# 5 layers), and at such widths it buys little time. From iGPT-S's width (512) its speed pays.
+# "auto" keeps models narrower than this in fp32: there features take seconds either way, and probe tables
+# stay comparable with fp32 ones. bf16 moves features by ~5e-4 of their norm, and probe accuracy by ~1 point
+# a layer on average (up to 4-9), as much as random noise of that size or less: the probes are that
+# sensitive (benchmarks/precision.py, docs/performance.md). From iGPT-S's width (512) its speed pays:
+# 4.5x fp32 for iGPT-S's features on a CPU with AVX512-BF16.
 BF16_MIN_WIDTH = 512
 
 
