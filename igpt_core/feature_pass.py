@@ -28,6 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .device import cpu_computes_bf16
 from .model import IGPT, QUICK_GELU
 
 ROWS = 4096  # positions per forward pass (4 images of 32 × 32): larger batches spill the caches and run slower
@@ -69,12 +70,13 @@ class FeaturePass:
     `model.features(ids, layers, mask)` gives, (len(layers), B, n_embd) fp32, to bf16's precision.
 
     Built once per feature extraction: it holds a bf16 copy of the weights (half the fp32 model's size).
-    `onednn`: pack the weights for oneDNN (default: where this PyTorch has it), else plain `F.linear`.
+    `onednn`: pack the weights for oneDNN (default: where this PyTorch has it and the CPU computes bf16
+    natively; oneDNN's bf16 products need AVX-512 or AMX), else plain `F.linear`.
     """
 
     def __init__(self, model: IGPT, onednn: bool | None = None):
         self.model = model
-        onednn = onednn_available() if onednn is None else onednn
+        onednn = onednn_available() and cpu_computes_bf16() if onednn is None else onednn
         config = model.config
         self.causal = config.objective == "ar"
         self.n_head = config.n_head
