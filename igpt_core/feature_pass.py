@@ -99,11 +99,11 @@ class FeaturePass:
     def __call__(self, ids: torch.Tensor, layers, mask: torch.Tensor | None = None) -> torch.Tensor:
         per_pass = max(1, ROWS // ids.shape[1])
         with torch.autocast("cpu", enabled=False):  # the number formats are chosen here, op by op
-            parts = [self.run(ids[i : i + per_pass], layers, None if mask is None else mask[i : i + per_pass])
+            parts = [self.one_pass(ids[i : i + per_pass], layers, None if mask is None else mask[i : i + per_pass])
                      for i in range(0, len(ids), per_pass)]
         return torch.cat(parts, dim=1)
 
-    def run(self, ids: torch.Tensor, layers, mask: torch.Tensor | None) -> torch.Tensor:
+    def one_pass(self, ids: torch.Tensor, layers, mask: torch.Tensor | None) -> torch.Tensor:
         """Features of one forward pass: blocks up to the deepest layer asked for."""
         layers = [int(layer) for layer in layers]
         n = len(self.blocks)
