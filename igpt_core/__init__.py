@@ -10,7 +10,7 @@ from .data import (DATASETS, SPLITS, Dataset, DatasetStream, Shards, builtin_pho
                    load_dataset, open_dataset, open_shards, palette_ids, shards_path)
 from .decoder import Decoder
 from .device import pick_device, resolve_precision
-from .errors import CheckpointError, ConfigError, DatasetError, IgptError, ImageError, RunError
+from .errors import CheckpointError, ConfigError, DatasetError, IgptError, ImageError, LostPeersError, RunError
 from .files import safe_name
 from .images import (center_box, center_square, crop, load_image, painted_cells, parse_pixel, resize, square_from_drag,
                      square_inside, to_rgb)
@@ -33,7 +33,7 @@ __all__ = [
     "DATASETS", "SPLITS", "Dataset", "DatasetStream", "Shards", "builtin_photos", "check_token_palette",
     "load_dataset", "open_dataset", "open_shards", "palette_ids", "shards_path",
     "Decoder", "pick_device", "resolve_precision",
-    "CheckpointError", "ConfigError", "DatasetError", "IgptError", "ImageError", "RunError", "safe_name",
+    "CheckpointError", "ConfigError", "DatasetError", "IgptError", "ImageError", "LostPeersError", "RunError", "safe_name",
     "center_box", "center_square", "crop", "load_image", "painted_cells", "parse_pixel", "resize",
     "square_from_drag", "square_inside", "to_rgb",
     "bits_per_token", "likelihood_kind", "pixel_nll", "score", "surprise_map",

@@ -30,6 +30,11 @@ class ConfigError(IgptError):
     """An unknown preset, a bad override, or a resume whose config differs from the run's."""
 
 
+class LostPeersError(IgptError):
+    """A process of a torchrun job lost contact with the others (one died or went silent); its
+    resumable state is saved. The message says how to continue."""
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an exception's message (its type name if it has none): enough to say what
     went wrong in one line, without a wrapped library's traceback-sized text."""

@@ -8,9 +8,10 @@ input are printed as one line (`error: ...`) with exit status 2, never a traceba
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from igpt_core import IgptError
+from igpt_core import IgptError, LostPeersError
 
 from . import apps, data, pretrained, probe, runs, sample, train
 
@@ -38,4 +39,11 @@ def main(argv=None) -> None:
         args.func(args)
     except IgptError as err:
         print(f"error: {err}", file=sys.stderr)
+        if isinstance(err, LostPeersError):
+            # The process group's threads still wait on the lost process: a normal interpreter exit runs
+            # their destructors and can abort (SIGABRT) instead of exiting with status 2. Everything is
+            # saved and closed by now, so leave at once.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         raise SystemExit(2) from None

@@ -28,7 +28,7 @@ import torch.distributed.checkpoint as dcp
 
 from ..data import load_dataset
 from ..device import pick_device
-from ..errors import ConfigError, IgptError, RunError
+from ..errors import ConfigError, IgptError, LostPeersError, RunError
 from ..likelihood import bits_per_token
 from ..model import IGPT, ModelConfig, preset
 from ..palette import Palette
@@ -366,7 +366,7 @@ def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None
 
     on_step(step, loss) is called after every optimizer step (rank 0; loss is a device tensor);
     raising KeyboardInterrupt from it, pressing Ctrl-C or sending SIGTERM saves a resumable state
-    and stops (KeyboardInterrupt propagates). Under torchrun, a lost process raises `IgptError`.
+    and stops (KeyboardInterrupt propagates). Under torchrun, a lost process raises `LostPeersError` (an `IgptError`).
     Besides every checkpoint, the resume state is saved every `save_every` (steps or wall time).
     runtime: take the RUNTIME_SETTINGS from this config instead of the run's (e.g. on --resume).
     """
@@ -393,7 +393,7 @@ def train(run: Run, *, resume: bool = False, progress: bool = True, on_step=None
                 keeper.save_alone(trainer)
             except Exception:  # noqa: BLE001 - the lost process matters more
                 pass
-            raise IgptError(lost_peers_message(err, p.rank, trainer.completed + 1, p.saved, run.checkpoints())) from err
+            raise LostPeersError(lost_peers_message(err, p.rank, trainer.completed + 1, p.saved, run.checkpoints())) from err
         finally:
             keeper.close()
     return _summary(p, keeper.log, time.perf_counter() - t0)
