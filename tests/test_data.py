@@ -13,9 +13,9 @@ import io
 import json
 import os
 import pickle
+import socket
 import struct
 import tarfile
-import urllib.error
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
@@ -558,58 +558,44 @@ def test_split_indices_partition():
 # ----------------------------------------------------------------------------------- download
 
 
-class FakeResponse(io.BytesIO):
-    pass
+def closed_port_url() -> str:
+    """An http:// address on this machine where nothing listens: connecting is refused at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"
 
 
 def test_download_network_failure_leaves_nothing(tmp_path, monkeypatch):
-    def fail(url, timeout=None):
-        raise urllib.error.URLError("no route to host")
-
-    monkeypatch.setattr(urllib.request, "urlopen", fail)
+    monkeypatch.setattr(urllib.request, "urlopen", REAL_URLOPEN)
+    spec = replace(idx_source.IDX_SPECS["mnist"], base_url=closed_port_url())
+    monkeypatch.setitem(idx_source.IDX_SPECS, "mnist", spec)
     with pytest.raises(DatasetError) as err:
         load_dataset("mnist", data_dir=tmp_path, download=True)
     message = str(err.value)
-    assert "failed" in message and "no route to host" in message
-    assert str(tmp_path / "mnist") in message and "train-images-idx3-ubyte.gz" in message
+    assert f"the download of {spec.base_url}train-images-idx3-ubyte.gz failed" in message and "refused" in message
+    assert str(tmp_path / "mnist") in message and "\n" not in message  # where to place the files by hand
     assert files_under(tmp_path) == []
 
 
-def test_download_corrupt_bytes_leaves_nothing(tmp_path, monkeypatch):
-    urls = []
+def cifar_server(monkeypatch, serve_files, archive: bytes, md5: str):
+    """A local stand-in for CIFAR-10's site serving `archive` under the real file name, with `md5` published."""
+    monkeypatch.setattr(urllib.request, "urlopen", REAL_URLOPEN)
+    spec = cifar_source.CIFAR_SPECS["cifar10"]
+    name = spec.url.rsplit("/", 1)[1]
+    server = serve_files({f"/{name}": archive})
+    monkeypatch.setitem(cifar_source.CIFAR_SPECS, "cifar10", replace(spec, url=f"{server.url}/{name}", md5=md5))
+    return server, name
 
-    def corrupt(url, timeout=None):
-        urls.append(url)
-        return FakeResponse(b"<html>not the archive</html>" * 1000)
 
-    monkeypatch.setattr(urllib.request, "urlopen", corrupt)
+def test_download_corrupt_bytes_leaves_nothing(tmp_path, monkeypatch, serve_files):
+    page = b"<html>not the archive</html>" * 1000  # what a captive portal or a moved site sends
+    server, name = cifar_server(monkeypatch, serve_files, page, md5=cifar_source.CIFAR_SPECS["cifar10"].md5)
     with pytest.raises(DatasetError, match="corrupted") as err:
         load_dataset("cifar10", data_dir=tmp_path, download=True)
-    assert urls == ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"]
+    assert server.requests == [(f"/{name}", None)]
     assert str(tmp_path) in str(err.value)
     assert files_under(tmp_path) == []
-
-
-def test_download_idx_verified_then_loaded(tmp_path, monkeypatch):
-    source = make_idx(tmp_path / "server", "fashion-mnist", gz=True)
-    served = {p.name: p.read_bytes() for p in source.iterdir()}
-    md5s = {name: hashlib.md5(blob).hexdigest() for name, blob in served.items()}
-    spec = idx_source.IDX_SPECS["fashion-mnist"]
-    monkeypatch.setitem(idx_source.IDX_SPECS, "fashion-mnist", replace(spec, md5=md5s))
-    urls = []
-
-    def serve(url, timeout=None):
-        urls.append(url)
-        return FakeResponse(served[url.rsplit("/", 1)[1]])
-
-    monkeypatch.setattr(urllib.request, "urlopen", serve)
-    target = tmp_path / "data"
-    ds = load_dataset("fashion-mnist", "test", data_dir=target, download=True)
-    assert ds.images[:, 0, 0, 0].tolist() == [101, 102, 103, 104, 105]
-    assert sorted(urls) == sorted(spec.base_url + name for name in served)
-    assert sorted(p.name for p in files_under(target)) == sorted(served)
-    load_dataset("fashion-mnist", "test", data_dir=target, download=True)
-    assert len(urls) == 4  # present files are not fetched again
 
 
 @pytest.fixture
@@ -647,6 +633,9 @@ def test_a_cut_download_resumes_and_is_md5_checked(tmp_path, fashion_server):
     assert (f"/{CUT}", f"bytes={half}-") in server.requests and server.fetched(f"/{CUT}") == 2  # resumed
     assert sorted(p.name for p in files_under(target)) == sorted(served)
     assert all((target / "fashion-mnist" / name).read_bytes() == blob for name, blob in served.items())
+    asked = len(server.requests)
+    load_dataset("fashion-mnist", "test", data_dir=target, download=True)
+    assert len(server.requests) == asked  # present files are not fetched again
 
 
 def test_a_resumed_file_failing_its_md5_is_removed(tmp_path, fashion_server):
@@ -680,25 +669,24 @@ def make_tar(members: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-def test_download_cifar_archive_extracted(tmp_path, monkeypatch):
+def test_download_cifar_archive_extracted(tmp_path, monkeypatch, serve_files):
     folder = make_cifar10(tmp_path / "server")
     archive = make_tar({f"cifar-10-batches-py/{p.name}": p.read_bytes() for p in folder.iterdir()})
     spec = cifar_source.CIFAR_SPECS["cifar10"]
-    monkeypatch.setitem(cifar_source.CIFAR_SPECS, "cifar10", replace(spec, md5=hashlib.md5(archive).hexdigest()))
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: FakeResponse(archive))
+    server, name = cifar_server(monkeypatch, serve_files, archive, md5=hashlib.md5(archive).hexdigest())
     target = tmp_path / "data"
     ds = load_dataset("cifar10", "test", data_dir=target, download=True)
     assert ds.images[:, 0, 0, 0].tolist() == [101, 102, 103] and ds.classes == CIFAR10_NAMES
     assert (target / "cifar-10-python.tar.gz").read_bytes() == archive
     assert sorted(p.name for p in (target / "cifar-10-batches-py").iterdir()) == sorted(spec.files)
     assert not any(p.name.startswith(".") for p in target.iterdir())  # no temp folders left
+    load_dataset("cifar10", "test", data_dir=target, download=True)
+    assert server.fetched(f"/{name}") == 1  # present files are not fetched again
 
 
-def test_download_rejects_escaping_tar_members(tmp_path, monkeypatch):
+def test_download_rejects_escaping_tar_members(tmp_path, monkeypatch, serve_files):
     archive = make_tar({"cifar-10-batches-py/batches.meta": b"x", "../../escaped": b"evil"})
-    spec = cifar_source.CIFAR_SPECS["cifar10"]
-    monkeypatch.setitem(cifar_source.CIFAR_SPECS, "cifar10", replace(spec, md5=hashlib.md5(archive).hexdigest()))
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: FakeResponse(archive))
+    cifar_server(monkeypatch, serve_files, archive, md5=hashlib.md5(archive).hexdigest())
     target = tmp_path / "deep" / "data"
     with pytest.raises(DatasetError, match="escaped"):
         load_dataset("cifar10", data_dir=target, download=True)
@@ -797,13 +785,15 @@ def test_stl10_bad_labels_and_missing_files(tmp_path):
     assert str(folder / "unlabeled_X.bin") in str(err.value)
 
 
-def test_download_stl10_archive_extracted(tmp_path, monkeypatch):
+def test_download_stl10_archive_extracted(tmp_path, monkeypatch, serve_files):
     source = make_stl10(tmp_path / "made")
     blob = io.BytesIO()
     with tarfile.open(fileobj=blob, mode="w:gz") as tar:
         tar.add(source, arcname="stl10_binary")
+    server = serve_files({"/stl10_binary.tar.gz": blob.getvalue()})  # a local stand-in for Stanford's site
+    monkeypatch.setattr(urllib.request, "urlopen", REAL_URLOPEN)
+    monkeypatch.setattr(stl10_source, "STL10_URL", f"{server.url}/stl10_binary.tar.gz")
     monkeypatch.setattr(stl10_source, "STL10_MD5", hashlib.md5(blob.getvalue()).hexdigest())
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(blob.getvalue()))
     root = tmp_path / "data"
     test = load_dataset("stl10", "test", data_dir=root, download=True)
     assert test.images[:, 0, 0, 0].tolist() == list(range(101, 111))
