@@ -35,7 +35,7 @@ if __package__:  # imported as the package igpt_apps
                                    layer_chart, loss_vs_accuracy_chart, metrics_frame, probe_frame, training_chart)
     from .dashboard_paper import paper_section
     from .dashboard_probing import TRAIN_COMMAND, compute_distances, compute_probes
-    from .dashboard_analysis import inside_the_representations
+    from .dashboard_analysis import file_stamps, inside_the_representations
 else:  # run by path (`streamlit run apps/dashboard.py`, as `igpt dashboard` does)
     # Its folder goes on sys.path: Streamlit and Python put it there, but a worker process that re-runs this
     # file as its __main__ (multiprocessing's forkserver does, e.g. for the probe's fits) may not have it.
@@ -45,7 +45,7 @@ else:  # run by path (`streamlit run apps/dashboard.py`, as `igpt dashboard` doe
                                   layer_chart, loss_vs_accuracy_chart, metrics_frame, probe_frame, training_chart)
     from dashboard_paper import paper_section
     from dashboard_probing import TRAIN_COMMAND, compute_distances, compute_probes
-    from dashboard_analysis import inside_the_representations
+    from dashboard_analysis import file_stamps, inside_the_representations
 
 PROBE_COMMAND = "igpt probe digits"
 PLOTLY_CONFIG = {"displaylogo": False}
@@ -68,16 +68,8 @@ def runs_dir_from_args(argv: list[str]) -> Path:
 
 
 def run_stamp(path: Path) -> tuple:
-    """Names, sizes and mtimes of the files the page reads from a run folder."""
-    files = [path / "run.json", path / "metrics.jsonl", *sorted((path / "probes").glob("*.json"))]
-    out = []
-    for f in files:
-        try:
-            s = f.stat()
-            out.append((f.name, s.st_size, s.st_mtime_ns))
-        except OSError:
-            out.append((f.name, None, None))
-    return tuple(out)
+    """The stamps (names, sizes, mtimes) of the files the page reads from a run folder."""
+    return file_stamps([path / "run.json", path / "metrics.jsonl", *sorted((path / "probes").glob("*.json"))])
 
 
 @st.cache_data(show_spinner=False, max_entries=256)

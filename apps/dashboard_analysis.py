@@ -168,17 +168,22 @@ def projection_chart(title: str, frames: dict[int, np.ndarray], labels: np.ndarr
 # -- cached computations (keyed by the run's probe files, so new results show up) -----------------------------
 
 
-def probe_stamp(path: Path) -> tuple:
-    """Names, sizes and mtimes of what the analyses read: probe tables, cached features, checkpoints."""
-    files = sorted([*path.glob("probes/*.json"), *path.glob("probes/features/*.npz"), *path.glob("checkpoints/*")])
+def file_stamps(files) -> tuple:
+    """Names, sizes and mtimes of `files`: a cache key that changes when the CLI writes new results."""
     out = []
     for f in files:
         try:
             s = f.stat()
             out.append((f.name, s.st_size, s.st_mtime_ns))
-        except OSError:  # deleted while we looked
+        except OSError:  # missing, or deleted while we looked
             out.append((f.name, None, None))
     return tuple(out)
+
+
+def probe_stamp(path: Path) -> tuple:
+    """The stamps of what the analyses read: probe tables, cached features, checkpoints."""
+    return file_stamps(sorted([*path.glob("probes/*.json"), *path.glob("probes/features/*.npz"),
+                               *path.glob("checkpoints/*")]))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
