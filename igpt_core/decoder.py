@@ -40,7 +40,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .device import cpu_has_amx, cpu_vendor
+from .device import cpu_has_amx, cpu_vendor, onednn_available
 from .errors import IgptError
 from .model import IGPT, QUICK_GELU, ModelConfig
 
@@ -53,10 +53,8 @@ def use_onednn(device: torch.device, batch_size: int, width: int, vendor: str | 
     only with 2+ threads at width >= 512; small matrices lose to its call cost. On Intel CPUs MKL,
     tuned for them, is as fast or faster, so the weights stay plain. `vendor` defaults to this CPU's.
     """
-    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    if device.type != "cpu" or not onednn_available():
         return False
-    if not all(hasattr(torch.ops.mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise")):
-        return False  # a PyTorch build without these (they serve torch.compile's CPU backend)
     if (cpu_vendor() if vendor is None else vendor) == "GenuineIntel":
         return False
     return (batch_size >= 2 and width >= 256) or (torch.get_num_threads() >= 2 and width >= 512)

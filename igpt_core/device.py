@@ -53,6 +53,13 @@ def cpu_has_amx() -> bool:
     return bool(supported and supported())
 
 
+def onednn_available() -> bool:
+    """Whether this PyTorch exposes oneDNN's packed linear products (`torch.ops.mkldnn._reorder_linear_weight`
+    and `_linear_pointwise`, which serve torch.compile's CPU backend; x86 and most ARM CPU builds have them)."""
+    return torch.backends.mkldnn.is_available() and all(
+        hasattr(torch.ops.mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise"))
+
+
 def cpu_computes_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX), so that bf16 matrix
     products run several times faster than fp32 rather than being emulated more slowly."""

@@ -28,17 +28,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .device import cpu_computes_bf16
+from .device import cpu_computes_bf16, onednn_available
 from .model import IGPT, QUICK_GELU
 
 ROWS = 4096  # positions per forward pass (4 images of 32 × 32): larger batches spill the caches and run slower
 QUERY_BLOCK = 128  # query rows per attention block: the block's scores stay small, and causal blocks skip most masked keys
-
-
-def onednn_available() -> bool:
-    """Whether this PyTorch exposes oneDNN's packed linear products (x86 and most ARM CPU builds)."""
-    return torch.backends.mkldnn.is_available() and all(
-        hasattr(torch.ops.mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise"))
 
 
 def query_block(T: int) -> int:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from igpt_core.device import cpu_computes_bf16
-from igpt_core.feature_pass import FeaturePass, onednn_available, query_block
+from igpt_core.device import cpu_computes_bf16, onednn_available
+from igpt_core.feature_pass import FeaturePass, query_block
 from igpt_core.model import IGPT, preset
 from igpt_core.probe.features import extract_features
 
