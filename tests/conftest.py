@@ -8,6 +8,7 @@ import importlib.util
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -173,6 +174,13 @@ def keep_screenshot(path: Path) -> None:
 
 
 # -- apps served by their own process -------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server to start on, or to be refused by)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def serve_process(command: list, port: int, seconds: float = 180, **popen) -> tuple[subprocess.Popen, str]:

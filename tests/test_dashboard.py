@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import browser_page, keep_screenshot
+from conftest import browser_page, free_port, keep_screenshot
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
@@ -501,12 +501,6 @@ def test_compute_missing_probes_from_the_page(tmp_path, app, one_torch_thread):
 
 
 # -- the real server in a real browser -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_page_renders_in_chromium(fake_runs, tmp_path, chromium):

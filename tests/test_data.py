@@ -13,7 +13,6 @@ import io
 import json
 import os
 import pickle
-import socket
 import struct
 import tarfile
 import urllib.request
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port
 from PIL import Image
 
 from igpt_core import data
@@ -558,17 +558,9 @@ def test_split_indices_partition():
 # ----------------------------------------------------------------------------------- download
 
 
-def closed_port_url() -> str:
-    """An http:// address on this machine where nothing listens: connecting is refused at once."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
-
-
 def test_download_network_failure_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", REAL_URLOPEN)
-    spec = replace(idx_source.IDX_SPECS["mnist"], base_url=closed_port_url())
+    spec = replace(idx_source.IDX_SPECS["mnist"], base_url=f"http://127.0.0.1:{free_port()}/")  # nothing listens: refused
     monkeypatch.setitem(idx_source.IDX_SPECS, "mnist", spec)
     with pytest.raises(DatasetError) as err:
         load_dataset("mnist", data_dir=tmp_path, download=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import socket
 import struct
 import threading
 import time
@@ -23,7 +22,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import app_module, browser_page, keep_screenshot, make_run
+from conftest import app_module, browser_page, free_port, keep_screenshot, make_run
 from PIL import Image
 
 from igpt_core import load_dataset, open_run, surprise_map
@@ -46,12 +45,6 @@ WHOLE = ("",)  # the square the model sees, "x, y, side"; empty = the picture's 
 def load_app():
     """apps/demo.py as the installed package's igpt_apps.demo; importing it must do nothing by itself."""
     return app_module("demo")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def files_under(folder: Path) -> dict[str, int]:
