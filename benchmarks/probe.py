@@ -32,9 +32,10 @@ would not equal the CPU probe's.
 And an iGPT-S row (random weights at iGPT-S's shapes: 24 layers × 512, 8 heads, 32×32, all 25
 layers' features of --s-images images): ours in fp32, ours with precision "auto" (bf16 where the
 hardware computes it natively: CUDA, CPUs with AVX512-BF16 or AMX), and HF's output_hidden_states
-(fp32, as a user would call it) on identical inputs, with how close auto's features are to fp32's.
+(fp32, as a user would call it) on identical inputs, with how close auto's features are to fp32's; the
+median of --s-rounds rounds, all four methods in turn in each round.
 
-    OMP_NUM_THREADS=1 python benchmarks/probe.py [--images 256] [--batch 16] [--naive-images 16] [--s-images 8]
+    OMP_NUM_THREADS=1 python benchmarks/probe.py [--images 256] [--batch 16] [--naive-images 16] [--s-images 16]
 
 Prints one JSON object. The main comparison, in fp32, defaults to n_layer=8, n_embd=256, 32×32.
 """
@@ -105,22 +106,38 @@ def s_row(args) -> dict:
     ids = torch.randint(0, config.n_colors, (args.s_images, config.n_positions),
                         generator=torch.Generator().manual_seed(2))
     layers = list(range(config.n_layer + 1))
-    for precision in ("fp32", "auto"):  # warm-up: first calls allocate and pick kernels
-        extract_features(model, ids[:1], layers, precision=precision)
-    hf_features(hf, ids[:1], config.sos_id, 1)
-    t_fp32, fp32 = timed(lambda: extract_features(model, ids, layers, batch_size=args.s_batch, precision="fp32"))
-    t_auto, auto = timed(lambda: extract_features(model, ids, layers, batch_size=args.s_batch, precision="auto"))
-    t_autocast, _ = timed(lambda: autocast_features(model, ids, layers, args.s_batch))
-    t_hf, theirs = timed(lambda: hf_features(hf, ids, config.sos_id, args.s_batch))
+    methods = {
+        "ours_fp32": lambda: extract_features(model, ids, layers, batch_size=args.s_batch, precision="fp32"),
+        "ours_auto": lambda: extract_features(model, ids, layers, batch_size=args.s_batch, precision="auto"),
+        "ours_plain_autocast_bf16": lambda: autocast_features(model, ids, layers, args.s_batch),
+        "hf_fp32": lambda: hf_features(hf, ids, config.sos_id, args.s_batch),
+    }
+    # Warm-up on one batch each: first calls allocate and pick kernels (for every thread a method runs on).
+    extract_features(model, ids[: args.s_batch], layers, batch_size=args.s_batch, precision="fp32")
+    extract_features(model, ids[: args.s_batch], layers, batch_size=args.s_batch, precision="auto")
+    autocast_features(model, ids[: args.s_batch], layers, args.s_batch)
+    hf_features(hf, ids[: args.s_batch], config.sos_id, args.s_batch)
+    # Rounds of all four in turn: this machine's speed drifts by 10-20% within minutes, so each method's
+    # median over the rounds is reported, and the ratios are of medians taken side by side.
+    seconds = {name: [] for name in methods}
+    values = {}
+    for _ in range(args.s_rounds):
+        for name, method in methods.items():
+            t, values[name] = timed(method)
+            seconds[name].append(t)
+    t_fp32, t_auto, t_autocast, t_hf = (float(np.median(seconds[name])) for name in methods)
+    fp32, auto, theirs = values["ours_fp32"], values["ours_auto"], values["hf_fp32"]
     cosine = (auto * fp32).sum(-1) / (np.linalg.norm(auto, axis=-1) * np.linalg.norm(fp32, axis=-1))
     return {
         "shapes": {"n_layer": config.n_layer, "n_embd": config.n_embd, "n_head": config.n_head,
                    "image": f"{size}x{size}", "images": args.s_images, "batch": args.s_batch,
                    "layers_extracted": len(layers)},
         "auto_resolves_to": feature_precision("auto", "cpu", width),
+        "rounds": args.s_rounds,
         "images_per_second": {"ours_fp32": round(args.s_images / t_fp32, 3), "ours_auto": round(args.s_images / t_auto, 3),
                               "ours_plain_autocast_bf16": round(args.s_images / t_autocast, 3),
                               "hf_fp32": round(args.s_images / t_hf, 3)},
+        "images_per_second_each_round": {name: [round(args.s_images / t, 3) for t in ts] for name, ts in seconds.items()},
         "ratios": {"hf_over_ours_fp32": round(t_hf / t_fp32, 3), "hf_over_ours_auto": round(t_hf / t_auto, 3),
                    "fp32_over_auto": round(t_fp32 / t_auto, 3), "plain_autocast_over_auto": round(t_autocast / t_auto, 3)},
         "agreement": {"fp32_max_abs_diff_vs_hf": float(np.abs(fp32 - theirs).max()),
@@ -236,6 +253,7 @@ def main() -> None:
     parser.add_argument("--paper-iters", type=int, default=10, help="L-BFGS iterations timed at paper size")
     parser.add_argument("--s-images", type=int, default=16, help="iGPT-S row: images (0: leave the row out)")
     parser.add_argument("--s-batch", type=int, default=8, help="iGPT-S row: images per forward pass")
+    parser.add_argument("--s-rounds", type=int, default=3, help="iGPT-S row: rounds of all methods (the median is reported)")
     parser.add_argument("--s-shape", default="24,512,8,32", help="iGPT-S row: layers,width,heads,image side")
     args = parser.parse_args()
 

@@ -39,10 +39,11 @@ def test_quantize_benchmark_runs_and_gives_hf_ids():
 def test_probe_benchmark_runs_and_its_features_equal_hf_hidden_states():
     report = run("probe.py", "--layers", "2", "--width", "64", "--heads", "4", "--size", "16", "--grid-checkpoints", "1",
                  "--grid-layers", "2", "--grid-width", "16", "--paper-rows", "2000", "--paper-width", "32",
-                 "--paper-iters", "3", "--s-shape", "2,64,4,16", "--s-images", "4", "--s-batch", "2")
+                 "--paper-iters", "3", "--s-shape", "2,64,4,16", "--s-images", "4", "--s-batch", "2", "--s-rounds", "2")
     assert report["agreement"]["allclose_atol_1e-4"] and report["agreement"]["naive_equals_one_pass"]
     s_row = report["igpt_s"]  # at a small shape here: the fp32 path equals HF's, "auto" stays close to it
     assert s_row["agreement"]["fp32_max_abs_diff_vs_hf"] < 1e-4 and s_row["agreement"]["auto_min_cosine_vs_fp32"] > 0.99
+    assert all(len(rates) == 2 for rates in s_row["images_per_second_each_round"].values())
     grid = report["probe_grid"]
     assert grid["fits"] == 5 and grid["workers_equal_one_process"]  # raw pixels + 2 models × 2 layers
     assert report["paper_sized"]["seconds_per_lbfgs_iteration"]["1_thread"] > 0

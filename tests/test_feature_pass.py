@@ -1,5 +1,7 @@
 """FeaturePass (bf16 probe features on a CPU) against the model's own fp32 features and against autocast."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -97,3 +99,32 @@ def test_extract_features_in_bf16_stays_close_to_fp32():
     bf16 = extract_features(model, ids, [0, 2, 4], batch_size=5, bert_masks=2, precision="bf16")
     assert bf16.dtype == np.float32 and bf16.shape == fp32.shape == (3, 12, 128)
     assert relative_error(torch.from_numpy(bf16), torch.from_numpy(fp32)) < 2e-2
+
+
+@torch.inference_mode()
+def test_passes_run_side_by_side_one_per_thread_and_the_callers_thread_count_stays():
+    model = peaky_model("ar", 256)
+    ids, _ = inputs(model, n=40)  # 40 images of 256 positions: passes of 16, 16 and 8 images
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        fast = FeaturePass(model)
+        ran_on = []
+        one_pass = fast.one_pass
+        fast.one_pass = lambda *args: (ran_on.append((threading.get_ident(), torch.get_num_threads())), one_pass(*args))[1]
+        side_by_side = fast(ids, range(5))
+        assert len(ran_on) == 3 and len({thread for thread, _ in ran_on}) == 2  # two streams
+        assert all(count == 1 for _, count in ran_on)  # each on one thread of its own
+        assert torch.get_num_threads() == 2
+        later = []
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert later == [2]  # threads started afterwards begin with the caller's count too
+        torch.set_num_threads(1)
+        ran_on.clear()
+        one_stream = fast(ids, range(5))
+        assert {thread for thread, _ in ran_on} == {threading.get_ident()}
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(side_by_side, one_stream, rtol=0, atol=0)  # the same passes, in order
