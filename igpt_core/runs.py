@@ -317,7 +317,8 @@ class ModelCache:
     is never released, so when every held model is pinned a new one is loaded beyond the budget
     (at most the budget plus the models in use), and the excess is released as leases end.
     Each palette's colour lookup table is built before it is handed out, so threads only ever read
-    it. Safe to call from several threads.
+    it. Safe to call from several threads: a model being loaded holds up only the users of that same
+    checkpoint, who then share the one load.
     """
 
     def __init__(self, device="cpu", max_bytes: int | None = None):
@@ -328,7 +329,9 @@ class ModelCache:
         self.max_bytes = int(max_bytes)
         self._models: OrderedDict[Path, _Entry] = OrderedDict()  # least recently used first
         self._palettes: dict[Path, tuple[int, Palette]] = {}
-        self._lock = threading.Lock()  # two users asking for the same model load it once
+        self._lock = threading.Lock()  # guards the tables above; held for moments, never during a load
+        self._loading: dict[Path, threading.Lock] = {}  # a lock per file being loaded: two users load it once
+        self._reserved = 0  # bytes of the models being loaded now, made room for before they arrive
 
     @property
     def held_bytes(self) -> int:
@@ -358,20 +361,47 @@ class ModelCache:
         step = run.resolve_step(step)
         path = run.checkpoint_path(step)
         stamp = path.stat().st_mtime_ns
+        entry = self._held(path, stamp, pin)
+        if entry is None:
+            with self._lock:
+                loading = self._loading.setdefault(path, threading.Lock())
+            # Only users of this same file wait for its load (iGPT-L takes seconds); the first loads it,
+            # the others then find it held.
+            with loading:
+                entry = self._held(path, stamp, pin) or self._load(path, stamp, pin)
+            with self._lock:
+                self._loading.pop(path, None)
+        return step, path, entry
+
+    def _held(self, path: Path, stamp: int, pin: bool) -> _Entry | None:
+        """The model of `path` if held and loaded from this version of the file, marked as just used."""
         with self._lock:
             entry = self._models.get(path)
             if entry is None or entry.stamp != stamp:
-                if entry is not None and entry.leases == 0:
-                    del self._models[path]  # a re-trained file: the old weights go first
-                # the file's size is the model's float32 bytes (plus a small header): room is made first
-                self._release_over(self.max_bytes - path.stat().st_size)
-                model, palette, _ = load_checkpoint(path, self.device)
-                palette.quantize(np.zeros((1, 3), np.uint8))  # builds the lookup table
-                nbytes = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
-                entry = self._models[path] = _Entry(stamp, model, palette, nbytes)
+                return None
             self._models.move_to_end(path)
             entry.leases += pin
-        return step, path, entry
+            return entry
+
+    def _load(self, path: Path, stamp: int, pin: bool) -> _Entry:
+        size = path.stat().st_size  # the model's float32 bytes (plus a small header): room is made first
+        with self._lock:
+            old = self._models.get(path)
+            if old is not None and old.leases == 0:
+                del self._models[path]  # a re-trained file: the old weights go first
+            self._release_over(self.max_bytes - self._reserved - size)
+            self._reserved += size
+        try:
+            model, palette, _ = load_checkpoint(path, self.device)
+            palette.quantize(np.zeros((1, 3), np.uint8))  # builds the lookup table
+        finally:
+            with self._lock:
+                self._reserved -= size
+        nbytes = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
+        with self._lock:
+            entry = self._models[path] = _Entry(stamp, model, palette, nbytes)
+            entry.leases += pin
+        return entry
 
     def _release_over(self, limit: int) -> None:
         """Release the least recently used models not in use until the rest take at most `limit` bytes.

@@ -144,3 +144,32 @@ def test_bad_memory_sizes_get_one_line(text):
     with pytest.raises(IgptError, match="model memory") as err:
         parse_memory(text)
     assert "\n" not in str(err.value)
+
+
+def test_a_slow_load_holds_up_only_the_users_of_that_checkpoint(tmp_path, monkeypatch):
+    """While one user's model loads (iGPT-L takes seconds), a user of a model already held is answered."""
+    import igpt_core.runs as runs
+
+    run = make_run(tmp_path / "runs", SMALL, steps=[1, 2])
+    cache = ModelCache()
+    held = cache.load(run, 1)[0]
+    release, loading = threading.Event(), threading.Event()
+    real_load = runs.load_checkpoint
+
+    def gated_load(path, device):  # the real load, started only when the test lets it
+        loading.set()
+        assert release.wait(30)
+        return real_load(path, device)
+
+    monkeypatch.setattr(runs, "load_checkpoint", gated_load)
+    results = {}
+    slow = threading.Thread(target=lambda: results.update(slow=cache.load(run, 2)[0]))
+    slow.start()
+    assert loading.wait(10)
+    fast = threading.Thread(target=lambda: results.update(fast=cache.load(run, 1)[0]))
+    fast.start()
+    fast.join(10)
+    assert results.get("fast") is held and "slow" not in results  # answered while step 2 still loads
+    release.set()
+    slow.join(30)
+    assert isinstance(results["slow"], IGPT) and cache.load(run, 2)[0] is results["slow"]
