@@ -15,7 +15,8 @@ than in fp32; and each elementwise step is a pass over memory of its own. This p
   positions of g ⊙ x / rms(x), is g ⊙ (the mean of x / rms(x)), taken in fp32;
 - computes attention in blocks of query rows, each block against only the keys it may see (causal:
   about half the products of the full T × T scores), in reused buffers. The scores come out of the
-  product rounded to bf16 (the fused kernel keeps them in fp32); the softmax itself runs in fp32;
+  product rounded to bf16 (the fused kernel keeps them in fp32), in powers of 2 (the query's weights
+  carry log2 e), and the softmax is 2^s / Σ 2^s, each computed in fp32 and rounded to bf16;
 - runs independent passes of ROWS positions side by side, one per core, instead of spreading each
   pass over all cores.
 
@@ -35,6 +36,9 @@ from .device import cpu_computes_bf16, onednn_available
 from .model import IGPT, QUICK_GELU
 
 ROWS = 4096  # positions per forward pass (4 images of 32 × 32): larger batches spill the caches and run slower
+# A block whose rows' Σ 2^s fall outside this range takes the safe softmax: below it, the scores may have
+# lost precision to underflow; above it, the sum or the output might overflow.
+SUMS = (2.0**-64, 2.0**100)
 QUERY_BLOCK = 128  # query rows per attention block: the block's scores stay small, and causal blocks skip most masked keys
 
 
@@ -84,9 +88,10 @@ class FeaturePass:
             for block in model.h:
                 g1, g2 = block.ln_1.weight.float(), block.ln_2.weight.float()
                 attn, mlp = block.attn, block.mlp
-                # Attention's 1/√hs scale rides in the query's weights (the first C outputs of c_attn).
+                # Attention's 1/√hs rides in the query's weights (the first C outputs of c_attn), and so does
+                # log2(e): the scores come out in powers of 2, for the softmax's exp2 (see Attention).
                 scale = torch.ones(3 * config.n_embd)
-                scale[: config.n_embd] = 1 / math.sqrt(config.n_embd // config.n_head)
+                scale[: config.n_embd] = math.log2(math.e) / math.sqrt(config.n_embd // config.n_head)
                 self.blocks.append(dict(
                     gain=g1.clone(),
                     qkv=Product(attn.c_attn.weight * g1 * scale[:, None], attn.c_attn.bias * scale, rows, onednn=onednn),
@@ -157,9 +162,17 @@ class FeaturePass:
 
 
 class Attention:
-    """softmax(q·kᵀ)·v for every head of one pass's (B, T, 3C) projections, q already scaled by 1/√hs, by
-    blocks of query rows, each block against only the keys it may see; in buffers made once per pass and
-    reused by every layer (fresh large tensors cost page faults of their own)."""
+    """softmax(q·kᵀ)·v for every head of one pass's (B, T, 3C) projections, q already scaled by
+    log2(e)/√hs, by blocks of query rows, each block against only the keys it may see; in buffers made
+    once per pass and reused by every layer (fresh large tensors cost page faults of their own).
+
+    The softmax is taken as 2^s / Σ 2^s without first subtracting each row's largest score, and the
+    division is done on the block's output (c × hs numbers) rather than on its probabilities (c × seen):
+    2^s in place and its sum take under half the time of torch.softmax (0.3 against 0.6 ns an element
+    on one core of the Zen 5, in bf16). The shift by the maximum only guards against leaving the
+    floating-point range (2^s beyond 2^127 or below 2^-126): where a row's sum falls outside SUMS, the
+    block is computed again with torch.softmax.
+    """
 
     def __init__(self, B: int, T: int, C: int, n_head: int, causal: bool):
         self.causal = causal
@@ -198,10 +211,19 @@ class Attention:
                 if seen < T:
                     k = self.seen_k[: H * seen * hs].view(H, seen, hs).copy_(k[:, :seen])
                     v = self.seen_v[: H * seen * hs].view(H, seen, hs).copy_(v[:, :seen])
+                out = self.out[b, j]
                 torch.matmul(self.q[b, j], k.transpose(1, 2), out=s)
                 if self.causal:
                     s[:, :, j * c : seen].add_(self.future)
-                torch.softmax(s, -1, out=p)
-                torch.matmul(p, v, out=self.out[b, j])
+                total = s.exp2_().sum(-1, keepdim=True)  # in bf16, summed in fp32 inside: a fp32 result would cost a copy of s
+                smallest, largest = torch.aminmax(total)
+                if SUMS[0] < smallest.item() and largest.item() < SUMS[1]:
+                    torch.matmul(s, v, out=out).div_(total)
+                else:  # the safe way: scores again, shifted by their maximum inside torch.softmax
+                    torch.matmul(self.q[b, j], k.transpose(1, 2), out=s)
+                    if self.causal:
+                        s[:, :, j * c : seen].add_(self.future)
+                    torch.softmax(s.mul_(math.log(2)), -1, out=p)  # 2^s = e^(s·ln 2)
+                    torch.matmul(p, v, out=out)
         self.merged.copy_(self.out.permute(0, 1, 3, 2, 4))
         return self.merged.view(B * T, H * hs)

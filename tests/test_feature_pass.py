@@ -1,5 +1,6 @@
 """FeaturePass (bf16 probe features on a CPU) against the model's own fp32 features and against autocast."""
 
+import math
 import threading
 
 import numpy as np
@@ -128,3 +129,25 @@ def test_passes_run_side_by_side_one_per_thread_and_the_callers_thread_count_sta
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(side_by_side, one_stream, rtol=0, atol=0)  # the same passes, in order
+
+
+@pytest.mark.parametrize("objective", ["ar", "bert"])
+@torch.inference_mode()
+def test_scores_beyond_the_range_of_2_to_the_s_take_the_safe_softmax(objective):
+    """Attention logits in the hundreds (2^s beyond bf16's range, 2^±127, in both directions) give
+    features as close to fp32's as autocast's: such blocks are computed again with the maximum shifted out."""
+    model = peaky_model(objective, 256)
+    for block in model.h:
+        block.attn.c_attn.weight[:256] *= 12  # q and k (the first 2 × 128 outputs): logits × 144
+    ids, mask = inputs(model)
+    x = model.h[0].ln_1(model.embed(ids, mask))
+    q, k, _ = model.h[0].attn.c_attn(x).split(128, dim=-1)
+    logits = q.view(6, 256, 4, 32)[:, :, 0] @ k.view(6, 256, 4, 32)[:, :, 0].transpose(1, 2) / math.sqrt(32)
+    assert logits.max() > 200 and logits.min() < -200  # in base 2: beyond 2^±127 (× log2(e) = 1.44)
+    layers = list(range(model.config.n_layer + 1))
+    expected = model.features(ids, layers, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = model.features(ids, layers, mask).float()
+    found = FeaturePass(model)(ids, layers, mask)
+    assert torch.isfinite(found).all()
+    assert relative_error(found, expected) < 3 * relative_error(autocast, expected)
