@@ -400,6 +400,7 @@ class ModelCache:
         nbytes = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
         with self._lock:
             entry = self._models[path] = _Entry(stamp, model, palette, nbytes)
+            self._models.move_to_end(path)  # a re-trained file's key may still stand where the old one was used
             entry.leases += pin
         return entry
 
