@@ -212,18 +212,20 @@ class Attention:
                     k = self.seen_k[: H * seen * hs].view(H, seen, hs).copy_(k[:, :seen])
                     v = self.seen_v[: H * seen * hs].view(H, seen, hs).copy_(v[:, :seen])
                 out = self.out[b, j]
-                torch.matmul(self.q[b, j], k.transpose(1, 2), out=s)
-                if self.causal:
-                    s[:, :, j * c : seen].add_(self.future)
-                total = s.exp2_().sum(-1, keepdim=True)  # in bf16, summed in fp32 inside: a fp32 result would cost a copy of s
+                total = self.scores_of(self.q[b, j], k, s, j).exp2_().sum(-1, keepdim=True)  # bf16, summed in fp32 inside
                 smallest, largest = torch.aminmax(total)
                 if SUMS[0] < smallest.item() and largest.item() < SUMS[1]:
                     torch.matmul(s, v, out=out).div_(total)
                 else:  # the safe way: scores again, shifted by their maximum inside torch.softmax
-                    torch.matmul(self.q[b, j], k.transpose(1, 2), out=s)
-                    if self.causal:
-                        s[:, :, j * c : seen].add_(self.future)
-                    torch.softmax(s.mul_(math.log(2)), -1, out=p)  # 2^s = e^(s·ln 2)
+                    torch.softmax(self.scores_of(self.q[b, j], k, s, j).mul_(math.log(2)), -1, out=p)  # 2^s = e^(s·ln 2)
                     torch.matmul(p, v, out=out)
         self.merged.copy_(self.out.permute(0, 1, 3, 2, 4))
         return self.merged.view(B * T, H * hs)
+
+    def scores_of(self, q: torch.Tensor, k: torch.Tensor, s: torch.Tensor, j: int) -> torch.Tensor:
+        """s = q·kᵀ (in powers of 2) for query block j, keys after each query at -inf if causal."""
+        torch.matmul(q, k.transpose(1, 2), out=s)
+        if self.causal:
+            c = self.future.shape[0]
+            s[:, :, j * c : (j + 1) * c].add_(self.future)
+        return s

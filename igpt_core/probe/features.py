@@ -62,16 +62,19 @@ def extract_features(model: IGPT, ids, layers, *, batch_size: int = 256, bert_ma
     for rng in rngs:
         rng.bit_generator.advance(offset * T)  # one 64-bit draw per uniform double: skip `offset` images
     per_call = max(1, batch_size // (k + 1))
-    # On a CPU, bf16 runs through FeaturePass (weights laid out once for bf16); elsewhere autocast suffices.
-    features = FeaturePass(model) if precision == "bf16" and device.type == "cpu" else model.features
+    if precision == "bf16" and device.type == "cpu":
+        features = FeaturePass(model)  # weights laid out once for bf16; it picks each operation's number format
+    else:  # fp32, or bf16 on a GPU, where autocast suffices
+        def features(ids, layers, mask=None):
+            with autocast(device, precision):
+                return model.features(ids, layers, mask)
     out = np.empty((len(layers), N, model.config.n_embd), dtype=np.float32)
     bar = progress_bar(progress, total=N, desc=desc, unit="img", leave=False)
     try:
         for start in range(0, N, per_call):
             batch = ids[start : start + per_call].to(device)
             b = len(batch)
-            with autocast(device, precision):
-                feats = _batch_features(features, model.config, batch, layers, rngs)
+            feats = _batch_features(features, model.config, batch, layers, rngs)
             out[:, start : start + b] = feats.float().cpu().numpy()
             if bar is not None:
                 bar.update(b)
@@ -83,7 +86,7 @@ def extract_features(model: IGPT, ids, layers, *, batch_size: int = 256, bert_ma
 
 
 def _batch_features(features, config, batch: torch.Tensor, layers: list[int], rngs: list) -> torch.Tensor:
-    """(len(layers), b, d) features of one batch through `features` (IGPT.features or a FeaturePass);
+    """(len(layers), b, d) features of one batch through `features` (IGPT.features under autocast, or a FeaturePass);
     with BERT mask streams `rngs`, the mean over the unmasked input and one random mask per stream,
     all in one forward call."""
     if not rngs:
