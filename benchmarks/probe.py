@@ -33,7 +33,8 @@ And an iGPT-S row (random weights at iGPT-S's shapes: 24 layers × 512, 8 heads,
 layers' features of --s-images images): ours in fp32, ours with precision "auto" (bf16 where the
 hardware computes it natively: CUDA, CPUs with AVX512-BF16 or AMX), and HF's output_hidden_states
 (fp32, as a user would call it) on identical inputs, with how close auto's features are to fp32's; the
-median of --s-rounds rounds, all four methods in turn in each round.
+median of --s-rounds rounds, all four methods in turn in each round (docs/performance.md quotes it with
+OMP_NUM_THREADS=2).
 
     OMP_NUM_THREADS=1 python benchmarks/probe.py [--images 256] [--batch 16] [--naive-images 16] [--s-images 16]
 
@@ -106,24 +107,21 @@ def s_row(args) -> dict:
     ids = torch.randint(0, config.n_colors, (args.s_images, config.n_positions),
                         generator=torch.Generator().manual_seed(2))
     layers = list(range(config.n_layer + 1))
-    methods = {
-        "ours_fp32": lambda: extract_features(model, ids, layers, batch_size=args.s_batch, precision="fp32"),
-        "ours_auto": lambda: extract_features(model, ids, layers, batch_size=args.s_batch, precision="auto"),
-        "ours_plain_autocast_bf16": lambda: autocast_features(model, ids, layers, args.s_batch),
-        "hf_fp32": lambda: hf_features(hf, ids, config.sos_id, args.s_batch),
+    methods = {  # each takes the images to extract the features of
+        "ours_fp32": lambda x: extract_features(model, x, layers, batch_size=args.s_batch, precision="fp32"),
+        "ours_auto": lambda x: extract_features(model, x, layers, batch_size=args.s_batch, precision="auto"),
+        "ours_plain_autocast_bf16": lambda x: autocast_features(model, x, layers, args.s_batch),
+        "hf_fp32": lambda x: hf_features(hf, x, config.sos_id, args.s_batch),
     }
-    # Warm-up on one batch each: first calls allocate and pick kernels (for every thread a method runs on).
-    extract_features(model, ids[: args.s_batch], layers, batch_size=args.s_batch, precision="fp32")
-    extract_features(model, ids[: args.s_batch], layers, batch_size=args.s_batch, precision="auto")
-    autocast_features(model, ids[: args.s_batch], layers, args.s_batch)
-    hf_features(hf, ids[: args.s_batch], config.sos_id, args.s_batch)
+    for method in methods.values():  # warm-up on one batch: first calls allocate and pick kernels (on every thread)
+        method(ids[: args.s_batch])
     # Rounds of all four in turn: this machine's speed drifts by 10-20% within minutes, so each method's
     # median over the rounds is reported, and the ratios are of medians taken side by side.
     seconds = {name: [] for name in methods}
     values = {}
     for _ in range(args.s_rounds):
         for name, method in methods.items():
-            t, values[name] = timed(method)
+            t, values[name] = timed(lambda: method(ids))
             seconds[name].append(t)
     t_fp32, t_auto, t_autocast, t_hf = (float(np.median(seconds[name])) for name in methods)
     fp32, auto, theirs = values["ours_fp32"], values["ours_auto"], values["hf_fp32"]
